@@ -1,0 +1,208 @@
+package broker
+
+import (
+	"sync"
+	"time"
+)
+
+// Windows are kept in buckets this wide. A charge is treated as expiring at
+// the end of its bucket plus the window, so the view errs towards "full".
+const bucketWidth = 250 * time.Millisecond
+
+// window is a sliding sum over a fixed span, bucketed.
+type window struct {
+	buckets []int64
+	last    int64 // absolute index of the newest bucket
+	total   int64
+}
+
+// newWindow keeps one bucket more than the span needs, so a charge made at
+// the very end of a bucket is held a full span (never expired early).
+func newWindow(span time.Duration) window {
+	return window{buckets: make([]int64, int(span/bucketWidth)+1)}
+}
+
+func bucketOf(t time.Time) int64 { return t.UnixNano() / int64(bucketWidth) }
+
+// advance expires buckets that have left the window by now.
+func (w *window) advance(now int64) {
+	if now <= w.last {
+		return
+	}
+	n := int64(len(w.buckets))
+	if now-w.last >= n {
+		clear(w.buckets)
+		w.total = 0
+	} else {
+		for b := w.last + 1; b <= now; b++ {
+			i := b % n
+			w.total -= w.buckets[i]
+			w.buckets[i] = 0
+		}
+	}
+	w.last = now
+}
+
+func (w *window) add(bucket, v int64) {
+	n := int64(len(w.buckets))
+	if bucket <= w.last-n || bucket > w.last {
+		return // already expired (or not yet current): nothing to adjust
+	}
+	w.buckets[bucket%n] += v
+	w.total += v
+}
+
+// freeAt returns the earliest time at which total will have fallen to at most
+// target, assuming nothing new arrives.
+func (w *window) freeAt(target int64) time.Time {
+	if w.total <= target {
+		return time.Time{}
+	}
+	n := int64(len(w.buckets))
+	left := w.total
+	for b := w.last - n + 1; b <= w.last; b++ {
+		left -= w.buckets[b%n]
+		if left <= target {
+			return time.Unix(0, (b+n)*int64(bucketWidth))
+		}
+	}
+	return time.Unix(0, (w.last+n)*int64(bucketWidth))
+}
+
+// Capacity is the one place that knows how full a deployment is. It charges
+// each call on arrival, as Azure does, over a sliding minute of tokens and a
+// 10-second window of requests (Azure enforces RPM/6 per 10 s), and it folds
+// in what the deployment itself reports.
+type Capacity struct {
+	mu           sync.Mutex
+	tokenLimit   int64
+	reqLimit     int64
+	tokens       window
+	reqs         window
+	blockedUntil time.Time
+}
+
+// NewCapacity builds the view for a deployment with the given limits.
+func NewCapacity(tpm, rpm int) *Capacity {
+	return &Capacity{
+		tokenLimit: int64(tpm),
+		reqLimit:   int64(max((rpm+5)/6, 1)),
+		tokens:     newWindow(time.Minute),
+		reqs:       newWindow(10 * time.Second),
+	}
+}
+
+// Reservation is one call's charge against a deployment.
+type Reservation struct {
+	c      *Capacity
+	bucket int64
+	tokens int64
+	done   bool
+}
+
+// Tokens is the charged estimate.
+func (r *Reservation) Tokens() int64 { return r.tokens }
+
+// Reserve charges est tokens and one request if both fit. When they do not, it
+// returns when they will (zero when est can never fit).
+func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Time) {
+	b := bucketOf(now)
+	e := int64(est)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tokens.advance(b)
+	c.reqs.advance(b)
+	if now.Before(c.blockedUntil) {
+		return nil, false, c.blockedUntil
+	}
+	if e > c.tokenLimit {
+		return nil, false, time.Time{}
+	}
+	if c.tokens.total+e > c.tokenLimit || c.reqs.total+1 > c.reqLimit {
+		at := c.tokens.freeAt(c.tokenLimit - e)
+		if rt := c.reqs.freeAt(c.reqLimit - 1); rt.After(at) {
+			at = rt
+		}
+		return nil, false, at
+	}
+	c.tokens.add(b, e)
+	c.reqs.add(b, 1)
+	return &Reservation{c: c, bucket: b, tokens: e}, true, time.Time{}
+}
+
+// Commit reconciles the charge with the tokens the call really used. A
+// deployment keeps what it charged on arrival, so the view never lowers a
+// charge; it raises it when the estimate fell short.
+func (r *Reservation) Commit(actual int) {
+	if r == nil || r.done {
+		return
+	}
+	r.done = true
+	if extra := int64(actual) - r.tokens; extra > 0 {
+		r.c.mu.Lock()
+		r.c.tokens.add(r.c.tokens.last, extra)
+		r.c.mu.Unlock()
+	}
+}
+
+// Release returns the charge of a call the deployment refused or never saw.
+func (r *Reservation) Release() {
+	if r == nil || r.done {
+		return
+	}
+	r.done = true
+	r.c.mu.Lock()
+	r.c.tokens.add(r.bucket, -r.tokens)
+	r.c.reqs.add(r.bucket, -1)
+	r.c.mu.Unlock()
+}
+
+// Observe folds in the deployment's own remaining counts (negative = absent).
+// The deployment's word is the truth: when it has less left than this view
+// believes (another gateway, a skewed estimate), the difference is charged now.
+// A larger remaining count is not trusted, since this view may hold charges
+// the deployment has not seen yet.
+func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int64) {
+	b := bucketOf(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tokens.advance(b)
+	c.reqs.advance(b)
+	if remainingTokens >= 0 {
+		if d := (c.tokenLimit - remainingTokens) - c.tokens.total; d > 0 {
+			c.tokens.add(b, d)
+		}
+	}
+	if remainingRequests >= 0 {
+		if d := (c.reqLimit - remainingRequests) - c.reqs.total; d > 0 {
+			c.reqs.add(b, d)
+		}
+	}
+}
+
+// Penalize marks the deployment full until now+d (a 429's retry-after).
+func (c *Capacity) Penalize(now time.Time, d time.Duration) {
+	until := now.Add(d)
+	c.mu.Lock()
+	if until.After(c.blockedUntil) {
+		c.blockedUntil = until
+	}
+	c.mu.Unlock()
+}
+
+// Headroom is what is left now: tokens in the minute and requests in the
+// 10-second window. A penalized deployment has none.
+func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
+	b := bucketOf(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tokens.advance(b)
+	c.reqs.advance(b)
+	if now.Before(c.blockedUntil) {
+		return 0, 0
+	}
+	return c.tokenLimit - c.tokens.total, c.reqLimit - c.reqs.total
+}
+
+// Limits returns the token limit per minute and the request limit per 10 s.
+func (c *Capacity) Limits() (tokens, requestsPer10s int64) { return c.tokenLimit, c.reqLimit }

@@ -1,0 +1,319 @@
+package broker
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"sync"
+
+	"github.com/tiktoken-go/tokenizer"
+)
+
+// Op is the kind of call, which decides how a body is estimated and which
+// upstream path it goes to.
+type Op int
+
+const (
+	OpChat Op = iota
+	OpCompletions
+	OpEmbeddings
+)
+
+// Path is the operation's path suffix, shared by every dialect.
+func (o Op) Path() string {
+	switch o {
+	case OpCompletions:
+		return "completions"
+	case OpEmbeddings:
+		return "embeddings"
+	default:
+		return "chat/completions"
+	}
+}
+
+func (o Op) String() string { return o.Path() }
+
+// OpFromPath maps a path suffix (as after /v1/ or /deployments/{d}/) to an Op.
+func OpFromPath(p string) (Op, bool) {
+	switch p {
+	case "chat/completions":
+		return OpChat, true
+	case "completions":
+		return OpCompletions, true
+	case "embeddings":
+		return OpEmbeddings, true
+	}
+	return 0, false
+}
+
+// Request is what Levee needs to know of a call's body: enough to route,
+// police and charge it. The body itself is forwarded as the client sent it.
+type Request struct {
+	Op    Op
+	Model string
+	// Stream is true for a server-sent-events call.
+	Stream bool
+	// IncludeUsage is whether the client itself asked for the usage chunk.
+	IncludeUsage bool
+	// MaxTokens is max_tokens or max_completion_tokens (0 when unset);
+	// MaxTokensParam says which one the client used, for error messages.
+	MaxTokens      int
+	MaxTokensParam string
+	N, BestOf      int
+
+	// Parsed but not yet counted: counting needs the deployment's encoding.
+	messages []chatMessage
+	texts    []string // prompt or input strings
+	rawToks  int      // token-id arrays counted as given
+	extra    int      // characters of tools/functions definitions
+}
+
+// BadRequestError is a body Levee cannot accept; Param names the field.
+type BadRequestError struct {
+	Param string
+	Msg   string
+}
+
+func (e *BadRequestError) Error() string { return e.Msg }
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Name    string          `json:"name"`
+	Content json.RawMessage `json:"content"`
+}
+
+type wireRequest struct {
+	Model               string          `json:"model"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *streamOptions  `json:"stream_options"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	N                   *int            `json:"n"`
+	BestOf              *int            `json:"best_of"`
+	Messages            []chatMessage   `json:"messages"`
+	Prompt              json.RawMessage `json:"prompt"`
+	Input               json.RawMessage `json:"input"`
+	Tools               json.RawMessage `json:"tools"`
+	Functions           json.RawMessage `json:"functions"`
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// ParseRequest reads the fields Levee acts on. It rejects what upstream would
+// reject anyway only where Levee must know the value to charge the call.
+func ParseRequest(op Op, body []byte) (*Request, error) {
+	var w wireRequest
+	if err := json.Unmarshal(body, &w); err != nil {
+		return nil, &BadRequestError{Msg: fmt.Sprintf("We could not parse the JSON body of your request: %v", err)}
+	}
+	r := &Request{Op: op, Model: w.Model, Stream: w.Stream, N: 1, BestOf: 1}
+	if w.StreamOptions != nil {
+		r.IncludeUsage = w.StreamOptions.IncludeUsage
+	}
+	if w.MaxTokens != nil {
+		r.MaxTokens, r.MaxTokensParam = *w.MaxTokens, "max_tokens"
+	}
+	if w.MaxCompletionTokens != nil && *w.MaxCompletionTokens > r.MaxTokens {
+		r.MaxTokens, r.MaxTokensParam = *w.MaxCompletionTokens, "max_completion_tokens"
+	}
+	if r.MaxTokens < 0 {
+		return nil, &BadRequestError{Param: r.MaxTokensParam, Msg: r.MaxTokensParam + " must be at least 1"}
+	}
+	if w.N != nil {
+		if *w.N < 1 {
+			return nil, &BadRequestError{Param: "n", Msg: "n must be at least 1"}
+		}
+		r.N = *w.N
+	}
+	if w.BestOf != nil {
+		if *w.BestOf < 1 {
+			return nil, &BadRequestError{Param: "best_of", Msg: "best_of must be at least 1"}
+		}
+		r.BestOf = *w.BestOf
+	}
+	r.extra = len(w.Tools) + len(w.Functions)
+	switch op {
+	case OpChat:
+		if len(w.Messages) == 0 {
+			return nil, &BadRequestError{Param: "messages", Msg: "messages is required and must not be empty"}
+		}
+		r.messages = w.Messages
+	case OpCompletions:
+		if err := r.addTexts("prompt", w.Prompt); err != nil {
+			return nil, err
+		}
+	case OpEmbeddings:
+		if len(w.Input) == 0 {
+			return nil, &BadRequestError{Param: "input", Msg: "input is required"}
+		}
+		if err := r.addTexts("input", w.Input); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// addTexts accepts the four shapes OpenAI takes for prompt/input: a string, an
+// array of strings, an array of token ids, or an array of such arrays.
+func (r *Request) addTexts(param string, raw json.RawMessage) error {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil
+	}
+	bad := &BadRequestError{Param: param, Msg: param + " must be a string, an array of strings, or an array of token arrays"}
+	switch raw[0] {
+	case '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return bad
+		}
+		r.texts = append(r.texts, s)
+		return nil
+	case '[':
+		var items []json.RawMessage
+		if err := json.Unmarshal(raw, &items); err != nil {
+			return bad
+		}
+		for _, it := range items {
+			it = bytes.TrimSpace(it)
+			switch {
+			case len(it) == 0:
+				return bad
+			case it[0] == '"':
+				var s string
+				if err := json.Unmarshal(it, &s); err != nil {
+					return bad
+				}
+				r.texts = append(r.texts, s)
+			case it[0] == '[':
+				var ids []int
+				if err := json.Unmarshal(it, &ids); err != nil {
+					return bad
+				}
+				r.rawToks += len(ids)
+			default:
+				r.rawToks++ // one token id of a flat id array
+			}
+		}
+		return nil
+	}
+	return bad
+}
+
+// Tokenizers holds one codec per encoding; building one parses its whole
+// vocabulary, so it is done once per process and shared.
+type Tokenizers struct {
+	mu     sync.Mutex
+	codecs map[string]tokenizer.Codec
+}
+
+// NewTokenizers returns an empty set; codecs load on first use.
+func NewTokenizers() *Tokenizers {
+	return &Tokenizers{codecs: map[string]tokenizer.Codec{}}
+}
+
+func (t *Tokenizers) codec(encoding string) (tokenizer.Codec, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if c, ok := t.codecs[encoding]; ok {
+		return c, nil
+	}
+	c, err := tokenizer.Get(tokenizer.Encoding(encoding))
+	if err != nil {
+		return nil, fmt.Errorf("tokenizer %s: %w", encoding, err)
+	}
+	t.codecs[encoding] = c
+	return c, nil
+}
+
+// Count returns the tokens of s under an encoding.
+func (t *Tokenizers) Count(encoding, s string) int {
+	if s == "" {
+		return 0
+	}
+	c, err := t.codec(encoding)
+	if err != nil {
+		return len(s)/4 + 1
+	}
+	n, err := c.Count(s)
+	if err != nil {
+		return len(s)/4 + 1
+	}
+	return n
+}
+
+// Image parts are charged as a high-detail 512px image (85 base + 4 tiles ×
+// 170): above a low-detail image, so estimates err on the safe side.
+const imageTokens = 765
+
+// PromptTokens counts a request's prompt the way OpenAI's cookbook does for
+// chat (3 per message + fields, +1 for name, +3 priming), and plainly for
+// prompts and inputs.
+func (t *Tokenizers) PromptTokens(encoding string, r *Request) int {
+	n := r.rawToks
+	for _, s := range r.texts {
+		n += t.Count(encoding, s)
+	}
+	if r.Op == OpChat {
+		for _, m := range r.messages {
+			n += 3 + t.Count(encoding, m.Role) + t.contentTokens(encoding, m.Content)
+			if m.Name != "" {
+				n += 1 + t.Count(encoding, m.Name)
+			}
+		}
+		n += 3
+	}
+	// Tool schemas are counted by characters: close enough, and cheap.
+	n += r.extra / 4
+	return n
+}
+
+type contentPart struct {
+	Type string `json:"type"`
+	Text string `json:"text"`
+}
+
+func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage) int {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return 0
+	}
+	if raw[0] == '"' {
+		var s string
+		if json.Unmarshal(raw, &s) == nil {
+			return t.Count(encoding, s)
+		}
+		return len(raw) / 4
+	}
+	var parts []contentPart
+	if json.Unmarshal(raw, &parts) != nil {
+		return len(raw) / 4
+	}
+	n := 0
+	for _, p := range parts {
+		switch p.Type {
+		case "text", "input_text":
+			n += t.Count(encoding, p.Text)
+		case "image_url", "input_image":
+			n += imageTokens
+		default:
+			n += len(p.Text)/4 + 1
+		}
+	}
+	return n
+}
+
+// Estimate is what a deployment charges on arrival (protocols.md §2): the
+// prompt plus the completion budget times the number of completions.
+func Estimate(prompt int, r *Request, defaultMaxTokens int) int {
+	if r.Op == OpEmbeddings {
+		return prompt
+	}
+	budget := r.MaxTokens
+	if budget == 0 {
+		budget = defaultMaxTokens
+	}
+	return prompt + budget*max(r.N, r.BestOf)
+}

@@ -1,0 +1,399 @@
+// Package broker owns everything between an accepted call and a deployment:
+// the deployments themselves, their capacity view (Capacity), their health
+// (a circuit breaker), the HTTP client that speaks to them (Client), and the
+// routing decision with its failover (Broker.Do). The synchronous proxy and the
+// queue workers both call deployments only through it.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/levee-gw/levee/config"
+)
+
+// Deployment is a configured deployment with its live state.
+type Deployment struct {
+	config.Deployment
+	Capacity *Capacity
+	circuit  *circuit
+}
+
+// Group is what a client names: an alias served by one or more deployments in
+// priority tiers, and the policy its calls must meet.
+type Group struct {
+	Name   string
+	Policy config.Model
+	tiers  [][]*Deployment
+}
+
+// Deployments lists the group's deployments in priority order.
+func (g *Group) Deployments() []*Deployment {
+	var out []*Deployment
+	for _, t := range g.tiers {
+		out = append(out, t...)
+	}
+	return out
+}
+
+// Check applies the group's policy to a parsed request.
+func (g *Group) Check(r *Request) error {
+	p := g.Policy
+	if p.MaxTokens > 0 && r.MaxTokens > p.MaxTokens {
+		return &BadRequestError{Param: r.MaxTokensParam, Msg: fmt.Sprintf("%s is %d, above the limit of %d for model %s", r.MaxTokensParam, r.MaxTokens, p.MaxTokens, g.Name)}
+	}
+	if r.N > p.MaxN {
+		return &BadRequestError{Param: "n", Msg: fmt.Sprintf("n is %d, above the limit of %d for model %s", r.N, p.MaxN, g.Name)}
+	}
+	if r.BestOf > p.MaxBestOf {
+		return &BadRequestError{Param: "best_of", Msg: fmt.Sprintf("best_of is %d, above the limit of %d for model %s", r.BestOf, p.MaxBestOf, g.Name)}
+	}
+	return nil
+}
+
+// Broker routes calls over deployments.
+type Broker struct {
+	deps    map[string]*Deployment
+	order   []*Deployment
+	groups  map[string]*Group
+	aliases []string
+	tok     *Tokenizers
+	client  *Client
+	log     *slog.Logger
+	now     func() time.Time
+	metrics *metrics
+}
+
+// New builds a Broker from validated config. reg may be nil.
+func New(cfg *config.Config, tok *Tokenizers, client *Client, reg prometheus.Registerer, log *slog.Logger) *Broker {
+	b := &Broker{
+		deps:   map[string]*Deployment{},
+		groups: map[string]*Group{},
+		tok:    tok,
+		client: client,
+		log:    log,
+		now:    time.Now,
+	}
+	for _, dc := range cfg.Deployments {
+		d := &Deployment{
+			Deployment: dc,
+			Capacity:   NewCapacity(dc.TPM, dc.RPM),
+			circuit:    newCircuit(cfg.Circuit.Failures, cfg.Circuit.OpenFor, cfg.Circuit.MaxOpenFor),
+		}
+		b.deps[d.Name] = d
+		b.order = append(b.order, d)
+	}
+	for _, m := range cfg.Models {
+		var ds []*Deployment
+		for _, n := range m.Deployments {
+			ds = append(ds, b.deps[n])
+		}
+		b.groups[m.Name] = newGroup(m.Name, m, ds)
+		b.aliases = append(b.aliases, m.Name)
+	}
+	sort.Strings(b.aliases)
+	b.metrics = newMetrics(reg, b.order)
+	return b
+}
+
+func newGroup(name string, p config.Model, ds []*Deployment) *Group {
+	ds = append([]*Deployment(nil), ds...)
+	// Provisioned capacity is paid for whether used or not, so at equal
+	// priority it is tried before standard.
+	sort.SliceStable(ds, func(i, j int) bool {
+		if ds[i].Priority != ds[j].Priority {
+			return ds[i].Priority < ds[j].Priority
+		}
+		return ds[i].Kind == config.Provisioned && ds[j].Kind != config.Provisioned
+	})
+	g := &Group{Name: name, Policy: p}
+	for i, d := range ds {
+		if i == 0 || d.Priority != ds[i-1].Priority || d.Kind != ds[i-1].Kind {
+			g.tiers = append(g.tiers, nil)
+		}
+		g.tiers[len(g.tiers)-1] = append(g.tiers[len(g.tiers)-1], d)
+	}
+	return g
+}
+
+// Resolve finds what a client named: a model alias routes over its group; a
+// deployment name pins the call to that one deployment, under the policy of
+// the first alias that includes it.
+func (b *Broker) Resolve(name string) (*Group, bool) {
+	if g, ok := b.groups[name]; ok {
+		return g, true
+	}
+	d, ok := b.deps[name]
+	if !ok {
+		return nil, false
+	}
+	p := config.Model{Name: name, DefaultMaxTokens: config.DefaultDefaultMaxTokens, MaxN: 1, MaxBestOf: 1}
+	for _, a := range b.aliases {
+		for _, gd := range b.groups[a].Deployments() {
+			if gd == d {
+				p = b.groups[a].Policy
+				p.Name = name
+				return newGroup(name, p, []*Deployment{d}), true
+			}
+		}
+	}
+	return newGroup(name, p, []*Deployment{d}), true
+}
+
+// Models lists the aliases clients may use.
+func (b *Broker) Models() []string { return b.aliases }
+
+// Deployment returns a deployment by name.
+func (b *Broker) Deployment(name string) (*Deployment, bool) {
+	d, ok := b.deps[name]
+	return d, ok
+}
+
+// Deployments lists every deployment in config order.
+func (b *Broker) Deployments() []*Deployment { return b.order }
+
+// Tokenizers returns the shared tokenizers.
+func (b *Broker) Tokenizers() *Tokenizers { return b.tok }
+
+// NoCapacityError means no deployment could take the call now; RetryAt is the
+// soonest one is expected to.
+type NoCapacityError struct {
+	RetryAt time.Time
+}
+
+func (e *NoCapacityError) Error() string {
+	return "no deployment has capacity for this request now"
+}
+
+// TooLargeError means the call's estimate exceeds every deployment's TPM, so
+// no amount of waiting helps.
+type TooLargeError struct {
+	Tokens int
+	Limit  int
+}
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("this request is estimated at %d tokens, more than any deployment serving the model allows per minute (%d)", e.Tokens, e.Limit)
+}
+
+// UpstreamError means every deployment tried failed (5xx, connect, timeout).
+type UpstreamError struct {
+	Last error
+}
+
+func (e *UpstreamError) Error() string {
+	return "every deployment able to serve this model failed; last error: " + e.Last.Error()
+}
+
+func (e *UpstreamError) Unwrap() error { return e.Last }
+
+// Call is one call to route.
+type Call struct {
+	Group  *Group
+	Req    *Request
+	Body   []byte
+	Header http.Header
+}
+
+// Result is an admitted call: the response is the deployment's, its body
+// unread. Finish must be called once the body has been consumed.
+type Result struct {
+	Resp        *http.Response
+	Deployment  *Deployment
+	Reservation *Reservation
+	Attempts    int
+	Estimate    int
+	Started     time.Time
+	probe       bool
+	b           *Broker
+}
+
+// Finish reconciles the call: usage (if known) commits the charge, and a body
+// that broke off counts against the deployment's health.
+func (r *Result) Finish(u *Usage, bodyErr error) {
+	if u != nil {
+		r.Reservation.Commit(u.TotalTokens)
+	} else {
+		r.Reservation.Commit(0)
+	}
+	switch {
+	case bodyErr == nil:
+		if r.Resp.StatusCode < 500 {
+			r.Deployment.circuit.success()
+		}
+	case errors.Is(bodyErr, context.Canceled):
+		r.Deployment.circuit.abandon(r.probe)
+	default:
+		r.Deployment.circuit.failure(r.b.now())
+	}
+	r.b.metrics.latency.WithLabelValues(r.Deployment.Name).Observe(time.Since(r.Started).Seconds())
+}
+
+// Do routes a call: lowest priority tier first, by weight within a tier, only
+// to deployments with room and a closed circuit. A 429 penalizes the
+// deployment for its retry-after and moves on at once; 5xx, connect errors and
+// timeouts count against the circuit and move on. Any other answer (2xx, or a
+// 4xx about the request itself) is returned to the caller.
+func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
+	var (
+		tried    []*Deployment
+		soonest  time.Time
+		lastErr  error
+		tooLarge = true
+		maxTPM   int
+		est      int
+		estEnc   string
+		attempts int
+	)
+	estimate := func(d *Deployment) int {
+		if d.Encoding != estEnc {
+			estEnc = d.Encoding
+			est = Estimate(b.tok.PromptTokens(d.Encoding, c.Req), c.Req, c.Group.Policy.DefaultMaxTokens)
+		}
+		return est
+	}
+	for {
+		d, res, probe, retryAt := b.pick(c.Group, tried, estimate)
+		if !retryAt.IsZero() && (soonest.IsZero() || retryAt.Before(soonest)) {
+			soonest = retryAt
+		}
+		for _, t := range c.Group.Deployments() {
+			maxTPM = max(maxTPM, t.TPM)
+			if estimate(t) <= t.TPM {
+				tooLarge = false
+			}
+		}
+		if d == nil {
+			break
+		}
+		tried = append(tried, d)
+		attempts++
+		start := b.now()
+		resp, err := b.client.Do(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
+		if err != nil {
+			res.Release()
+			if ctx.Err() != nil {
+				d.circuit.abandon(probe)
+				return nil, ctx.Err()
+			}
+			d.circuit.failure(b.now())
+			b.metrics.failovers.WithLabelValues(d.Name, "error").Inc()
+			b.log.Warn("deployment call failed", "deployment", d.Name, "err", err)
+			lastErr = err
+			continue
+		}
+		switch {
+		case resp.StatusCode == http.StatusTooManyRequests:
+			now := b.now()
+			ra := RetryAfter(resp.Header, now)
+			if ra <= 0 {
+				ra = time.Second
+			}
+			d.Capacity.Penalize(now, ra)
+			res.Release()
+			drain(resp)
+			d.circuit.success() // a 429 is a healthy deployment saying "full"
+			b.metrics.failovers.WithLabelValues(d.Name, "429").Inc()
+			if at := now.Add(ra); soonest.IsZero() || at.Before(soonest) {
+				soonest = at
+			}
+			continue
+		case resp.StatusCode >= 500:
+			res.Release()
+			drain(resp)
+			d.circuit.failure(b.now())
+			b.metrics.failovers.WithLabelValues(d.Name, "5xx").Inc()
+			lastErr = fmt.Errorf("deployment %s answered %d", d.Name, resp.StatusCode)
+			continue
+		}
+		rt, rr := Remaining(resp.Header)
+		if d.API == config.OpenAI {
+			rr = -1 // OpenAI's request count is per minute, not per 10 s
+		}
+		d.Capacity.Observe(b.now(), rt, rr)
+		return &Result{Resp: resp, Deployment: d, Reservation: res, Attempts: attempts, Estimate: estimate(d), Started: start, probe: probe, b: b}, nil
+	}
+	if lastErr != nil && soonest.IsZero() {
+		return nil, &UpstreamError{Last: lastErr}
+	}
+	if tooLarge && attempts == 0 {
+		return nil, &TooLargeError{Tokens: est, Limit: maxTPM}
+	}
+	if soonest.IsZero() {
+		soonest = b.now().Add(time.Second)
+	}
+	return nil, &NoCapacityError{RetryAt: soonest}
+}
+
+// pick chooses the next deployment: the first tier that has one with room,
+// weighted-randomly within the tier. It returns the reservation made, or the
+// soonest time any candidate expects room.
+func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) int) (*Deployment, *Reservation, bool, time.Time) {
+	now := b.now()
+	var soonest time.Time
+	var cands [8]*Deployment
+	for _, tier := range g.tiers {
+		cs := cands[:0]
+		total := 0
+		for _, d := range tier {
+			if contains(tried, d) {
+				continue
+			}
+			if !d.circuit.ready(now) {
+				continue
+			}
+			cs = append(cs, d)
+			total += d.Weight
+		}
+		for len(cs) > 0 {
+			i := 0
+			if len(cs) > 1 {
+				r := rand.IntN(total)
+				for ; r >= cs[i].Weight; i++ {
+					r -= cs[i].Weight
+				}
+			}
+			d := cs[i]
+			cs = append(cs[:i], cs[i+1:]...)
+			total -= d.Weight
+			res, ok, at := d.Capacity.Reserve(now, estimate(d))
+			if !ok {
+				if !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
+					soonest = at
+				}
+				continue
+			}
+			ok, probe := d.circuit.acquire(now)
+			if !ok {
+				res.Release()
+				continue
+			}
+			return d, res, probe, time.Time{}
+		}
+	}
+	return nil, nil, false, soonest
+}
+
+func contains(ds []*Deployment, d *Deployment) bool {
+	for _, x := range ds {
+		if x == d {
+			return true
+		}
+	}
+	return false
+}
+
+// drain reads a little of a discarded body so the connection can be reused.
+func drain(resp *http.Response) {
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+}

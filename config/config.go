@@ -1,0 +1,342 @@
+// Package config owns Levee's one typed configuration: it is read from a YAML
+// file (or built in code by `levee dev`), given defaults and validated once at
+// start-up, then passed down explicitly. Nothing else reads the environment.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Kind says how a deployment's capacity is bought.
+type Kind string
+
+const (
+	Provisioned Kind = "provisioned"
+	Standard    Kind = "standard"
+)
+
+// API says which wire dialect a deployment speaks.
+type API string
+
+const (
+	// Azure is Azure OpenAI's classic path: /openai/deployments/{name}/...?api-version=.
+	Azure API = "azure"
+	// OpenAI is any OpenAI-compatible endpoint: {endpoint}/v1/..., model in the body.
+	OpenAI API = "openai"
+)
+
+// Config is everything a Levee process needs.
+type Config struct {
+	Listen       string `yaml:"listen"`
+	DatabaseURL  string `yaml:"database_url"`
+	NATSURL      string `yaml:"nats_url"`
+	MaxBodyBytes int64  `yaml:"max_body_bytes"`
+	// ShutdownTimeout bounds how long a graceful stop waits for in-flight calls.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+
+	Usage       Usage        `yaml:"usage"`
+	Circuit     Circuit      `yaml:"circuit"`
+	Deployments []Deployment `yaml:"deployments"`
+	Models      []Model      `yaml:"models"`
+}
+
+// Usage tunes the ledger writer that takes usage rows off the request path.
+type Usage struct {
+	FlushInterval time.Duration `yaml:"flush_interval"`
+	BatchSize     int           `yaml:"batch_size"`
+	BufferSize    int           `yaml:"buffer_size"`
+}
+
+// Circuit tunes the per-deployment circuit breaker.
+type Circuit struct {
+	// Failures is how many consecutive failures open the circuit.
+	Failures int `yaml:"failures"`
+	// OpenFor is the first cool-down; it doubles on each failed probe up to MaxOpenFor.
+	OpenFor    time.Duration `yaml:"open_for"`
+	MaxOpenFor time.Duration `yaml:"max_open_for"`
+}
+
+// Deployment is one model deployment Levee may send calls to.
+type Deployment struct {
+	Name     string `yaml:"name"`
+	Model    string `yaml:"model"`
+	API      API    `yaml:"api"`
+	Endpoint string `yaml:"endpoint"`
+	// APIVersion is sent as ?api-version= on Azure deployments.
+	APIVersion string `yaml:"api_version"`
+	// UpstreamName is the deployment (Azure) or model (OpenAI) name upstream
+	// knows; it defaults to Name.
+	UpstreamName string `yaml:"upstream_name"`
+	// CredentialEnv names the environment variable holding the key. Keys are
+	// never written inline in a config file.
+	CredentialEnv string `yaml:"credential_env"`
+	// Credential is filled from CredentialEnv at load (or set by `levee dev`).
+	Credential string `yaml:"-"`
+
+	Kind     Kind   `yaml:"kind"`
+	TPM      int    `yaml:"tpm"`
+	RPM      int    `yaml:"rpm"`
+	Region   string `yaml:"region"`
+	Priority int    `yaml:"priority"`
+	Weight   int    `yaml:"weight"`
+	// Timeout bounds the wait for upstream response headers (time to first byte).
+	Timeout time.Duration `yaml:"timeout"`
+	// Encoding is the tokenizer used for estimates; derived from Model when empty.
+	Encoding string `yaml:"encoding"`
+}
+
+// Model is an alias clients use as `model` (or as the Azure deployment in the
+// path), the deployments that serve it, and the policy applied to its calls.
+type Model struct {
+	Name        string   `yaml:"name"`
+	Deployments []string `yaml:"deployments"`
+	// MaxTokens is the ceiling on max_tokens / max_completion_tokens; 0 = none.
+	MaxTokens int `yaml:"max_tokens"`
+	// DefaultMaxTokens is what a call that sets no max_tokens is charged for.
+	DefaultMaxTokens int `yaml:"default_max_tokens"`
+	// MaxN and MaxBestOf cap n and best_of; 0 means 1.
+	MaxN      int `yaml:"max_n"`
+	MaxBestOf int `yaml:"max_best_of"`
+}
+
+// Defaults used by Validate for zero fields.
+const (
+	DefaultListen           = "127.0.0.1:8080"
+	DefaultMaxBodyBytes     = 8 << 20
+	DefaultAPIVersion       = "2024-10-21"
+	DefaultDefaultMaxTokens = 1024
+)
+
+// Load reads a YAML file, fills credentials from the environment, applies
+// defaults and validates. Unknown fields are errors: a typo must not be silently
+// ignored in a file that controls money.
+func Load(path string, getenv func(string) string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(raw, getenv)
+}
+
+// Parse is Load for bytes already in memory.
+func Parse(raw []byte, getenv func(string) string) (*Config, error) {
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if c.DatabaseURL == "" {
+		c.DatabaseURL = getenv("DATABASE_URL")
+	}
+	if c.NATSURL == "" {
+		c.NATSURL = getenv("NATS_URL")
+	}
+	for i := range c.Deployments {
+		d := &c.Deployments[i]
+		if d.CredentialEnv != "" {
+			d.Credential = getenv(d.CredentialEnv)
+			if d.Credential == "" {
+				return nil, fmt.Errorf("config: deployments[%d].credential_env: environment variable %s is empty", i, d.CredentialEnv)
+			}
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// FieldError names the config field that is wrong.
+type FieldError struct {
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return "config: " + e.Field + ": " + e.Msg }
+
+// Validate fills defaults and checks every field, returning a *FieldError for
+// the first problem.
+func (c *Config) Validate() error {
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.MaxBodyBytes == 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if c.MaxBodyBytes < 1024 {
+		return &FieldError{"max_body_bytes", "must be at least 1024"}
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 30 * time.Second
+	}
+	if c.Usage.FlushInterval == 0 {
+		c.Usage.FlushInterval = 200 * time.Millisecond
+	}
+	if c.Usage.BatchSize == 0 {
+		c.Usage.BatchSize = 1000
+	}
+	if c.Usage.BufferSize == 0 {
+		c.Usage.BufferSize = 65536
+	}
+	if c.Circuit.Failures == 0 {
+		c.Circuit.Failures = 3
+	}
+	if c.Circuit.OpenFor == 0 {
+		c.Circuit.OpenFor = 500 * time.Millisecond
+	}
+	if c.Circuit.MaxOpenFor == 0 {
+		c.Circuit.MaxOpenFor = 30 * time.Second
+	}
+	if len(c.Deployments) == 0 {
+		return &FieldError{"deployments", "at least one deployment is required"}
+	}
+	names := map[string]int{}
+	for i := range c.Deployments {
+		d := &c.Deployments[i]
+		f := func(name string) string { return fmt.Sprintf("deployments[%d].%s", i, name) }
+		if d.Name == "" {
+			return &FieldError{f("name"), "required"}
+		}
+		if _, dup := names[d.Name]; dup {
+			return &FieldError{f("name"), fmt.Sprintf("%q is used twice", d.Name)}
+		}
+		names[d.Name] = i
+		if d.Model == "" {
+			return &FieldError{f("model"), "required"}
+		}
+		if d.API == "" {
+			d.API = Azure
+		}
+		if d.API != Azure && d.API != OpenAI {
+			return &FieldError{f("api"), fmt.Sprintf("%q: must be azure or openai", d.API)}
+		}
+		u, err := url.Parse(d.Endpoint)
+		if d.Endpoint == "" || err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return &FieldError{f("endpoint"), fmt.Sprintf("%q: must be an http(s) URL", d.Endpoint)}
+		}
+		d.Endpoint = strings.TrimRight(d.Endpoint, "/")
+		if d.APIVersion == "" {
+			d.APIVersion = DefaultAPIVersion
+		}
+		if d.UpstreamName == "" {
+			d.UpstreamName = d.Name
+		}
+		if d.Credential == "" {
+			return &FieldError{f("credential_env"), "required: name the environment variable holding the key"}
+		}
+		if d.Kind == "" {
+			d.Kind = Standard
+		}
+		if d.Kind != Provisioned && d.Kind != Standard {
+			return &FieldError{f("kind"), fmt.Sprintf("%q: must be provisioned or standard", d.Kind)}
+		}
+		if d.TPM <= 0 {
+			return &FieldError{f("tpm"), "must be > 0"}
+		}
+		if d.RPM == 0 {
+			// Azure grants 6 requests per minute per 1,000 TPM.
+			d.RPM = max(6*d.TPM/1000, 1)
+		}
+		if d.RPM < 0 {
+			return &FieldError{f("rpm"), "must be > 0"}
+		}
+		if d.Priority < 0 {
+			return &FieldError{f("priority"), "must be >= 0"}
+		}
+		if d.Weight == 0 {
+			d.Weight = 1
+		}
+		if d.Weight < 0 {
+			return &FieldError{f("weight"), "must be > 0"}
+		}
+		if d.Timeout == 0 {
+			d.Timeout = 60 * time.Second
+		}
+		if d.Encoding == "" {
+			d.Encoding = EncodingFor(d.Model)
+		}
+		if d.Encoding != "o200k_base" && d.Encoding != "cl100k_base" {
+			return &FieldError{f("encoding"), fmt.Sprintf("%q: must be o200k_base or cl100k_base", d.Encoding)}
+		}
+	}
+	// A model group per distinct deployment model is implied, so a config that
+	// lists only deployments still works with model names as aliases.
+	aliases := map[string]bool{}
+	for i := range c.Models {
+		m := &c.Models[i]
+		f := func(name string) string { return fmt.Sprintf("models[%d].%s", i, name) }
+		if m.Name == "" {
+			return &FieldError{f("name"), "required"}
+		}
+		if aliases[m.Name] {
+			return &FieldError{f("name"), fmt.Sprintf("%q is used twice", m.Name)}
+		}
+		aliases[m.Name] = true
+		if len(m.Deployments) == 0 {
+			return &FieldError{f("deployments"), "at least one deployment is required"}
+		}
+		for j, dn := range m.Deployments {
+			if _, ok := names[dn]; !ok {
+				return &FieldError{fmt.Sprintf("models[%d].deployments[%d]", i, j), fmt.Sprintf("unknown deployment %q", dn)}
+			}
+		}
+		if m.MaxTokens < 0 {
+			return &FieldError{f("max_tokens"), "must be >= 0"}
+		}
+		if m.DefaultMaxTokens == 0 {
+			m.DefaultMaxTokens = DefaultDefaultMaxTokens
+			if m.MaxTokens > 0 && m.MaxTokens < m.DefaultMaxTokens {
+				m.DefaultMaxTokens = m.MaxTokens
+			}
+		}
+		if m.MaxN == 0 {
+			m.MaxN = 1
+		}
+		if m.MaxBestOf == 0 {
+			m.MaxBestOf = 1
+		}
+		if m.MaxN < 0 || m.MaxBestOf < 0 || m.DefaultMaxTokens < 0 {
+			return &FieldError{f("max_n"), "limits must be >= 0"}
+		}
+	}
+	var implied []string
+	for _, d := range c.Deployments {
+		if !aliases[d.Model] {
+			implied = append(implied, d.Model)
+			aliases[d.Model] = true
+		}
+	}
+	sort.Strings(implied)
+	for _, name := range implied {
+		m := Model{Name: name, DefaultMaxTokens: DefaultDefaultMaxTokens, MaxN: 1, MaxBestOf: 1}
+		for _, d := range c.Deployments {
+			if d.Model == name {
+				m.Deployments = append(m.Deployments, d.Name)
+			}
+		}
+		c.Models = append(c.Models, m)
+	}
+	return nil
+}
+
+// EncodingFor maps a model name to its tokenizer encoding (protocols.md §7).
+func EncodingFor(model string) string {
+	m := strings.ToLower(model)
+	for _, p := range []string{"gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o"} {
+		if strings.HasPrefix(m, p) {
+			return "o200k_base"
+		}
+	}
+	return "cl100k_base"
+}
