@@ -1,0 +1,237 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// UsageEvent is one call's line in the ledger, success or failure.
+type UsageEvent struct {
+	At               time.Time
+	RequestID        string
+	TenantID         uuid.UUID
+	KeyID            uuid.UUID
+	Deployment       string
+	Model            string
+	Operation        string
+	Status           int
+	PromptTokens     int
+	CompletionTokens int
+	Latency          time.Duration
+	Priority         string
+	Attempts         int
+}
+
+// LedgerConfig tunes the writer.
+type LedgerConfig struct {
+	FlushInterval time.Duration
+	BatchSize     int
+	BufferSize    int
+}
+
+// Ledger takes usage events off the request path: Record only queues, and a
+// single goroutine writes batches with COPY plus one rollup upsert per
+// (tenant, day, model). A failed batch is retried, so a Postgres blip delays
+// usage rows but does not lose them; only a full buffer drops (and counts).
+type Ledger struct {
+	s       *Store
+	cfg     LedgerConfig
+	log     *slog.Logger
+	ch      chan UsageEvent
+	done    chan struct{}
+	flushed chan chan struct{}
+	dropped atomic.Int64
+	written atomic.Int64
+	once    sync.Once
+}
+
+// NewLedger starts the writer; Close flushes and stops it.
+func (s *Store) NewLedger(cfg LedgerConfig, log *slog.Logger) *Ledger {
+	l := &Ledger{s: s, cfg: cfg, log: log, ch: make(chan UsageEvent, cfg.BufferSize), done: make(chan struct{}), flushed: make(chan chan struct{})}
+	go l.run()
+	return l
+}
+
+// Record queues an event without blocking.
+func (l *Ledger) Record(e UsageEvent) {
+	select {
+	case l.ch <- e:
+	default:
+		if l.dropped.Add(1)%1000 == 1 {
+			l.log.Error("usage buffer full; dropping usage events", "dropped", l.dropped.Load())
+		}
+	}
+}
+
+// Dropped and Written are counters for metrics.
+func (l *Ledger) Dropped() int64 { return l.dropped.Load() }
+func (l *Ledger) Written() int64 { return l.written.Load() }
+
+// Flush waits until everything recorded before the call is written.
+func (l *Ledger) Flush(ctx context.Context) error {
+	ack := make(chan struct{})
+	select {
+	case l.flushed <- ack:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case <-ack:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close writes what is queued (bounded by ctx) and stops the writer.
+func (l *Ledger) Close(ctx context.Context) error {
+	var err error
+	l.once.Do(func() {
+		err = l.Flush(ctx)
+		close(l.done)
+	})
+	return err
+}
+
+func (l *Ledger) run() {
+	t := time.NewTicker(l.cfg.FlushInterval)
+	defer t.Stop()
+	batch := make([]UsageEvent, 0, l.cfg.BatchSize)
+	write := func() {
+		for len(batch) > 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := l.s.writeUsage(ctx, batch)
+			cancel()
+			if err == nil {
+				l.written.Add(int64(len(batch)))
+				batch = batch[:0]
+				return
+			}
+			l.log.Warn("writing usage failed; will retry", "rows", len(batch), "err", err)
+			select {
+			case <-time.After(500 * time.Millisecond):
+			case <-l.done:
+				return
+			}
+		}
+	}
+	for {
+		select {
+		case e := <-l.ch:
+			batch = append(batch, e)
+			if len(batch) >= l.cfg.BatchSize {
+				write()
+			}
+		case <-t.C:
+			write()
+		case ack := <-l.flushed:
+			for drained := false; !drained; {
+				select {
+				case e := <-l.ch:
+					batch = append(batch, e)
+					if len(batch) >= l.cfg.BatchSize {
+						write()
+					}
+				default:
+					drained = true
+				}
+			}
+			write()
+			close(ack)
+		case <-l.done:
+			return
+		}
+	}
+}
+
+var usageColumns = []string{"created_at", "request_id", "tenant_id", "key_id", "deployment", "model", "operation",
+	"status", "prompt_tokens", "completion_tokens", "latency_us", "priority", "attempts"}
+
+type rollupKey struct {
+	tenant uuid.UUID
+	day    time.Time
+	model  string
+}
+
+type rollup struct{ requests, errors, prompt, completion int64 }
+
+func (s *Store) writeUsage(ctx context.Context, events []UsageEvent) error {
+	sums := map[rollupKey]*rollup{}
+	rows := make([][]any, len(events))
+	for i, e := range events {
+		var key any
+		if e.KeyID != uuid.Nil {
+			key = e.KeyID
+		}
+		rows[i] = []any{e.At, e.RequestID, e.TenantID, key, e.Deployment, e.Model, e.Operation,
+			int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(), e.Priority, int32(max(e.Attempts, 1))}
+		k := rollupKey{e.TenantID, e.At.UTC().Truncate(24 * time.Hour), e.Model}
+		r := sums[k]
+		if r == nil {
+			r = &rollup{}
+			sums[k] = r
+		}
+		r.requests++
+		if e.Status >= 400 || e.Status == 0 {
+			r.errors++
+		}
+		r.prompt += int64(e.PromptTokens)
+		r.completion += int64(e.CompletionTokens)
+	}
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"usage_events"}, usageColumns, pgx.CopyFromRows(rows)); err != nil {
+			return fmt.Errorf("copy usage: %w", err)
+		}
+		b := &pgx.Batch{}
+		for k, r := range sums {
+			b.Queue(`INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens)
+				VALUES ($1, $2, $3, $4, $5, $6, $7)
+				ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+					requests = usage_daily.requests + EXCLUDED.requests,
+					errors = usage_daily.errors + EXCLUDED.errors,
+					prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
+					completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens`,
+				k.tenant, k.day, k.model, r.requests, r.errors, r.prompt, r.completion)
+		}
+		return tx.SendBatch(ctx, b).Close()
+	})
+}
+
+// UsageRow is one (day, model) line of a tenant's usage.
+type UsageRow struct {
+	Day              time.Time
+	Model            string
+	Requests         int64
+	Errors           int64
+	PromptTokens     int64
+	CompletionTokens int64
+}
+
+// UsageParams select a tenant's usage between two days, inclusive.
+type UsageParams struct {
+	TenantID uuid.UUID
+	From, To time.Time
+}
+
+// Usage reads the daily rollup, never the raw ledger.
+func (s *Store) Usage(ctx context.Context, p *UsageParams) ([]UsageRow, error) {
+	rows, err := s.pool.Query(ctx, `
+		SELECT day, model, requests, errors, prompt_tokens, completion_tokens
+		FROM usage_daily WHERE tenant_id = $1 AND day BETWEEN $2 AND $3
+		ORDER BY day, model`, p.TenantID, p.From, p.To)
+	if err != nil {
+		return nil, fmt.Errorf("store: usage: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (UsageRow, error) {
+		var u UsageRow
+		err := r.Scan(&u.Day, &u.Model, &u.Requests, &u.Errors, &u.PromptTokens, &u.CompletionTokens)
+		return u, err
+	})
+}
