@@ -1,0 +1,354 @@
+package api
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/store"
+)
+
+// maxUpstreamBody bounds a non-streamed response held in memory.
+const maxUpstreamBody = 64 << 20
+
+// readBody reads the request body within the configured limit.
+func (s *Server) readBody(c echo.Context) ([]byte, error) {
+	r := c.Request()
+	limit := s.cfg.MaxBodyBytes
+	tooLarge := &Error{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large",
+		Message: fmt.Sprintf("Request body is larger than the limit of %d bytes.", limit)}
+	if r.ContentLength > limit {
+		return nil, tooLarge
+	}
+	n := r.ContentLength
+	if n < 0 || n > 1<<20 {
+		n = 4096
+	}
+	buf := bytes.NewBuffer(make([]byte, 0, n+1))
+	_, err := buf.ReadFrom(http.MaxBytesReader(c.Response(), r.Body, limit))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return nil, tooLarge
+	}
+	if err != nil {
+		return nil, invalid("", "invalid_body", "Could not read the request body: %v", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// proxyAzure serves /openai/deployments/{deployment}/{op}: the deployment in
+// the path is an alias (routed over its group) or a deployment name (pinned).
+func (s *Server) proxyAzure(op broker.Op) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		name := c.Param("deployment")
+		g, ok := s.broker.Resolve(name)
+		if !ok {
+			return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "DeploymentNotFound",
+				Message: fmt.Sprintf("The API deployment %q does not exist or you do not have access to it.", name)}
+		}
+		return s.proxy(c, op, g)
+	}
+}
+
+// proxyOpenAI serves /v1/{op} and /openai/v1/{op}: the body's model names
+// the alias or deployment.
+func (s *Server) proxyOpenAI(op broker.Op) echo.HandlerFunc {
+	return func(c echo.Context) error { return s.proxy(c, op, nil) }
+}
+
+func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error) {
+	start := time.Now()
+	key := keyOf(c)
+	reqID := s.requestID()
+	c.Response().Header().Set("x-request-id", reqID)
+	// Every authenticated call becomes a ledger row, rejected ones included.
+	ev := store.UsageEvent{RequestID: reqID, TenantID: key.TenantID, KeyID: key.ID, Operation: op.String(), Priority: key.DefaultPriority}
+	if g != nil {
+		ev.Model = g.Name
+	}
+	defer func() {
+		var ae *Error
+		if errors.As(err, &ae) {
+			ev.Status = ae.Status
+		} else if err != nil {
+			ev.Status = http.StatusInternalServerError
+		}
+		ev.At, ev.Latency = start, time.Since(start)
+		s.ledger.Record(ev)
+		s.metrics.requests.WithLabelValues(metricModel(g), strconv.Itoa(ev.Status)).Inc()
+		s.metrics.duration.WithLabelValues(metricModel(g)).Observe(ev.Latency.Seconds())
+	}()
+	body, err := s.readBody(c)
+	if err != nil {
+		return err
+	}
+	req, err := broker.ParseRequest(op, body)
+	if err != nil {
+		return badRequest(err)
+	}
+	if g == nil {
+		ev.Model = req.Model
+		if req.Model == "" {
+			return invalid("model", "missing_model", "You must provide a model parameter.")
+		}
+		var ok bool
+		if g, ok = s.broker.Resolve(req.Model); !ok {
+			return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "model", Code: "model_not_found",
+				Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", req.Model)}
+		}
+	}
+	if err := g.Check(req); err != nil {
+		return badRequest(err)
+	}
+	if ev.Priority, err = priorityOf(c, key); err != nil {
+		return err
+	}
+	if body, err = broker.WithStreamUsage(body, req); err != nil {
+		return badRequest(err)
+	}
+
+	ctx := c.Request().Context()
+	res, err := s.broker.Do(ctx, &broker.Call{Group: g, Req: req, Body: body, Header: c.Request().Header})
+	if err != nil {
+		return routeError(ctx, err, g.Name)
+	}
+	ev.Deployment, ev.Attempts, ev.Status = res.Deployment.Name, res.Attempts, res.Resp.StatusCode
+	defer res.Resp.Body.Close()
+
+	h := c.Response().Header()
+	h.Set("x-levee-deployment", res.Deployment.Name)
+	if ct := res.Resp.Header.Get("Content-Type"); ct != "" {
+		h.Set("Content-Type", ct)
+	}
+	if id := res.Resp.Header.Get("x-request-id"); id != "" {
+		h.Set("x-upstream-request-id", id)
+	}
+	if req.Stream && bytes.HasPrefix([]byte(res.Resp.Header.Get("Content-Type")), []byte("text/event-stream")) {
+		u, streamErr := relaySSE(c.Response(), res.Resp, res.Resp.StatusCode, !req.IncludeUsage)
+		if u == nil {
+			// The stream broke before the usage chunk: charge what was seen.
+			est := &broker.Usage{PromptTokens: res.Estimate - estimateBudget(req, g), CompletionTokens: streamedTokens(streamErr)}
+			est.TotalTokens = est.PromptTokens + est.CompletionTokens
+			u = est
+		}
+		ev.PromptTokens, ev.CompletionTokens = u.PromptTokens, u.CompletionTokens
+		res.Finish(u, cause(streamErr))
+		if streamErr != nil && ctx.Err() != nil {
+			ev.Status = 499 // the client went away
+		}
+		return nil
+	}
+
+	raw, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, maxUpstreamBody))
+	if readErr != nil {
+		res.Finish(nil, readErr)
+		return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error",
+			Message: "The deployment's response broke off."}
+	}
+	var u *broker.Usage
+	if uu, ok := broker.ParseUsage(raw); ok {
+		u = &uu
+		ev.PromptTokens, ev.CompletionTokens = uu.PromptTokens, uu.CompletionTokens
+	}
+	res.Finish(u, nil)
+	h.Set("Content-Length", strconv.Itoa(len(raw)))
+	c.Response().WriteHeader(res.Resp.StatusCode)
+	_, _ = c.Response().Write(raw)
+	return nil
+}
+
+// metricModel keeps unknown model names out of metric labels.
+func metricModel(g *broker.Group) string {
+	if g == nil {
+		return "unknown"
+	}
+	return g.Name
+}
+
+// estimateBudget is the completion part of an estimate, so a broken stream
+// charges only its prompt plus what was streamed.
+func estimateBudget(r *broker.Request, g *broker.Group) int {
+	return broker.Estimate(0, r, g.Policy.DefaultMaxTokens)
+}
+
+func badRequest(err error) error {
+	var be *broker.BadRequestError
+	if errors.As(err, &be) {
+		return invalid(be.Param, "invalid_request", "%s", be.Msg)
+	}
+	return err
+}
+
+func routeError(ctx context.Context, err error, model string) *Error {
+	var nc *broker.NoCapacityError
+	var tl *broker.TooLargeError
+	var ue *broker.UpstreamError
+	switch {
+	case errors.As(err, &nc):
+		wait := max(time.Until(nc.RetryAt), time.Millisecond)
+		return &Error{Status: http.StatusTooManyRequests, Type: "tokens", Code: "rate_limit_exceeded", RetryAfter: wait,
+			Message: fmt.Sprintf("Every deployment serving %s is at its rate limit. Please retry after %.3f seconds.", model, wait.Seconds())}
+	case errors.As(err, &tl):
+		return &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "request_too_large", Param: "max_tokens",
+			Message: fmt.Sprintf("Request too large for %s: %s.", model, tl.Error())}
+	case errors.As(err, &ue):
+		return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unavailable",
+			Message: fmt.Sprintf("No deployment serving %s could complete the request; every one tried failed.", model)}
+	case ctx.Err() != nil:
+		return &Error{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Message: "The client closed the request."}
+	}
+	return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error", Message: "The request could not be routed."}
+}
+
+// priorityOf reads X-Levee-Priority, defaulting to the key's priority.
+func priorityOf(c echo.Context, k *store.Key) (string, error) {
+	p := c.Request().Header.Get("X-Levee-Priority")
+	if p == "" {
+		return k.DefaultPriority, nil
+	}
+	switch p {
+	case "high", "normal", "low":
+		return p, nil
+	}
+	return "", invalid("X-Levee-Priority", "invalid_priority", "X-Levee-Priority must be high, normal or low, not %q.", p)
+}
+
+// streamError carries how many content events were relayed before a stream
+// broke, for charging.
+type streamError struct {
+	err    error
+	events int
+}
+
+func (e *streamError) Error() string { return e.err.Error() }
+func (e *streamError) Unwrap() error { return e.err }
+
+func cause(err error) error {
+	var se *streamError
+	if errors.As(err, &se) {
+		return se.err
+	}
+	return err
+}
+
+func streamedTokens(err error) int {
+	var se *streamError
+	if errors.As(err, &se) {
+		return se.events
+	}
+	return 0
+}
+
+var (
+	dataPrefix = []byte("data:")
+	usageKey   = []byte(`"usage":`)
+	emptyList  = []byte(`"choices":[]`)
+)
+
+// relaySSE passes a server-sent-event stream through event by event, flushing
+// each, and captures the usage chunk. When Levee itself asked for usage
+// (dropUsage), that chunk is not passed on: the client did not ask for it.
+func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool) (*broker.Usage, error) {
+	w.Header().Del("Content-Length")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(status)
+	w.Flush()
+	br := bufio.NewReaderSize(resp.Body, 32<<10)
+	var (
+		event  []byte
+		usage  *broker.Usage
+		events int
+	)
+	for {
+		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			// A very long line: keep reading it whole.
+			event = append(event, line...)
+			continue
+		}
+		event = append(event, line...)
+		if err != nil {
+			if len(bytes.TrimSpace(event)) > 0 {
+				_, _ = w.Write(event)
+				w.Flush()
+			}
+			if errors.Is(err, io.EOF) {
+				if usage == nil {
+					return nil, &streamError{err: io.ErrUnexpectedEOF, events: events}
+				}
+				return usage, nil
+			}
+			return usage, &streamError{err: err, events: events}
+		}
+		if len(bytes.TrimRight(line, "\r\n")) > 0 {
+			continue // the event goes on
+		}
+		drop := false
+		if data := eventData(event); data != nil {
+			if u, ok := chunkUsage(data); ok {
+				usage = u
+				drop = dropUsage && bytes.Contains(compact(data), emptyList)
+			} else if !bytes.Equal(data, []byte("[DONE]")) {
+				events++
+			}
+		}
+		if !drop {
+			if _, werr := w.Write(event); werr != nil {
+				return usage, &streamError{err: werr, events: events}
+			}
+			w.Flush()
+		}
+		event = event[:0]
+	}
+}
+
+func eventData(event []byte) []byte {
+	for len(event) > 0 {
+		i := bytes.IndexByte(event, '\n')
+		line := event
+		if i >= 0 {
+			line, event = event[:i], event[i+1:]
+		} else {
+			event = nil
+		}
+		line = bytes.TrimRight(line, "\r")
+		if bytes.HasPrefix(line, dataPrefix) {
+			return bytes.TrimSpace(line[len(dataPrefix):])
+		}
+	}
+	return nil
+}
+
+// chunkUsage finds a non-null usage object in a chunk without decoding the
+// rest of it unless one is there.
+func chunkUsage(data []byte) (*broker.Usage, bool) {
+	i := bytes.Index(data, usageKey)
+	if i < 0 {
+		return nil, false
+	}
+	rest := bytes.TrimLeft(data[i+len(usageKey):], " \t")
+	if len(rest) == 0 || rest[0] != '{' {
+		return nil, false
+	}
+	u, ok := broker.ParseUsage(data)
+	if !ok {
+		return nil, false
+	}
+	return &u, true
+}
+
+func compact(b []byte) []byte {
+	if bytes.IndexByte(b, ' ') < 0 {
+		return b
+	}
+	return bytes.ReplaceAll(b, []byte(" "), nil)
+}

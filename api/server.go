@@ -1,0 +1,204 @@
+// Package api owns Levee's HTTP surface: the Echo routes in both the Azure
+// OpenAI and the OpenAI shapes, key authentication, request policy, the
+// OpenAI error envelope (one handler turns every error into it), and the
+// read-only endpoints (models, usage, health, metrics). It hands admitted
+// calls to broker and usage to store.
+package api
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/store"
+)
+
+// UsageRecorder takes usage events off the request path.
+type UsageRecorder interface {
+	Record(store.UsageEvent)
+}
+
+// UsageReader reads a tenant's usage rollup.
+type UsageReader interface {
+	Usage(ctx context.Context, p *store.UsageParams) ([]store.UsageRow, error)
+}
+
+// Pinger reports whether a dependency is reachable.
+type Pinger interface {
+	Ping(ctx context.Context) error
+}
+
+// Options are a Server's dependencies.
+type Options struct {
+	Config   *config.Config
+	Broker   *broker.Broker
+	Keys     KeyStore
+	Ledger   UsageRecorder
+	Usage    UsageReader
+	DB       Pinger
+	Registry *prometheus.Registry
+	Log      *slog.Logger
+}
+
+// Server is the HTTP API.
+type Server struct {
+	cfg     *config.Config
+	broker  *broker.Broker
+	keys    *keyCache
+	ledger  UsageRecorder
+	usage   UsageReader
+	db      Pinger
+	log     *slog.Logger
+	e       *echo.Echo
+	metrics *metrics
+	idBase  string
+	idSeq   atomic.Uint64
+}
+
+type metrics struct {
+	requests *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+}
+
+// New builds the API and its routes.
+func New(o Options) *Server {
+	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), ledger: o.Ledger, usage: o.Usage,
+		db: o.DB, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
+	s.metrics = &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
+		}, []string{"model", "status"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "levee_request_duration_seconds", Help: "Time Levee spent on a proxied call, end to end.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
+		}, []string{"model"}),
+	}
+	o.Registry.MustRegister(s.metrics.requests, s.metrics.duration)
+
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = s.errorHandler
+	s.e = e
+
+	e.GET("/healthz", func(c echo.Context) error { return c.JSON(http.StatusOK, map[string]string{"status": "ok"}) })
+	e.GET("/readyz", s.ready)
+	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(o.Registry, promhttp.HandlerOpts{})))
+
+	authed := e.Group("", s.authenticate)
+	for _, op := range []broker.Op{broker.OpChat, broker.OpCompletions, broker.OpEmbeddings} {
+		authed.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op))
+		authed.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op))
+		authed.POST("/v1/"+op.Path(), s.proxyOpenAI(op))
+	}
+	for _, p := range []string{"/v1/models", "/openai/v1/models", "/openai/models"} {
+		authed.GET(p, s.models)
+		authed.GET(p+"/:model", s.model)
+	}
+	authed.GET("/v1/usage", s.usageHandler)
+	return s
+}
+
+// Handler is the root http.Handler.
+func (s *Server) Handler() http.Handler { return s.e }
+
+func (s *Server) requestID() string {
+	return "req_" + s.idBase + strconv.FormatUint(s.idSeq.Add(1), 36)
+}
+
+func (s *Server) ready(c echo.Context) error {
+	ctx, cancel := context.WithTimeout(c.Request().Context(), 2*time.Second)
+	defer cancel()
+	if err := s.db.Ping(ctx); err != nil {
+		return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "Postgres is not reachable."}
+	}
+	return c.JSON(http.StatusOK, map[string]string{"status": "ready"})
+}
+
+type modelObject struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+func (s *Server) models(c echo.Context) error {
+	data := []modelObject{}
+	for _, m := range s.broker.Models() {
+		data = append(data, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
+	}
+	return c.JSON(http.StatusOK, map[string]any{"object": "list", "data": data})
+}
+
+func (s *Server) model(c echo.Context) error {
+	name := c.Param("model")
+	for _, m := range s.broker.Models() {
+		if m == name {
+			return c.JSON(http.StatusOK, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
+		}
+	}
+	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "model", Code: "model_not_found",
+		Message: "The model `" + name + "` does not exist or you do not have access to it."}
+}
+
+type usageLine struct {
+	Date             string `json:"date"`
+	Model            string `json:"model"`
+	Requests         int64  `json:"requests"`
+	Errors           int64  `json:"errors"`
+	PromptTokens     int64  `json:"prompt_tokens"`
+	CompletionTokens int64  `json:"completion_tokens"`
+	TotalTokens      int64  `json:"total_tokens"`
+}
+
+// usageHandler reports the caller's tenant's usage by day and model, from
+// start_date to end_date (YYYY-MM-DD, inclusive; default the last 30 days).
+func (s *Server) usageHandler(c echo.Context) error {
+	k := keyOf(c)
+	today := time.Now().UTC().Truncate(24 * time.Hour)
+	p := &store.UsageParams{TenantID: k.TenantID, From: today.AddDate(0, 0, -30), To: today}
+	for _, q := range []struct {
+		name string
+		dst  *time.Time
+	}{{"start_date", &p.From}, {"end_date", &p.To}} {
+		if v := c.QueryParam(q.name); v != "" {
+			t, err := time.Parse(time.DateOnly, v)
+			if err != nil {
+				return invalid(q.name, "invalid_date", "%s must be a date as YYYY-MM-DD, not %q.", q.name, v)
+			}
+			*q.dst = t
+		}
+	}
+	if p.To.Before(p.From) {
+		return invalid("end_date", "invalid_date", "end_date is before start_date.")
+	}
+	rows, err := s.usage.Usage(c.Request().Context(), p)
+	if err != nil {
+		return err
+	}
+	data := make([]usageLine, 0, len(rows))
+	var total usageLine
+	for _, r := range rows {
+		l := usageLine{Date: r.Day.Format(time.DateOnly), Model: r.Model, Requests: r.Requests, Errors: r.Errors,
+			PromptTokens: r.PromptTokens, CompletionTokens: r.CompletionTokens, TotalTokens: r.PromptTokens + r.CompletionTokens}
+		data = append(data, l)
+		total.Requests += l.Requests
+		total.Errors += l.Errors
+		total.PromptTokens += l.PromptTokens
+		total.CompletionTokens += l.CompletionTokens
+		total.TotalTokens += l.TotalTokens
+	}
+	return c.JSON(http.StatusOK, map[string]any{"object": "list", "tenant": k.TenantName,
+		"start_date": p.From.Format(time.DateOnly), "end_date": p.To.Format(time.DateOnly), "data": data,
+		"total": map[string]int64{"requests": total.Requests, "errors": total.Errors, "prompt_tokens": total.PromptTokens,
+			"completion_tokens": total.CompletionTokens, "total_tokens": total.TotalTokens}})
+}

@@ -1,0 +1,77 @@
+// Command levee is the Levee gateway: one binary whose subcommands run the
+// gateway (serve), the whole stack on embedded defaults (dev), the Azure
+// OpenAI simulator (sim), and the administration of tenants and keys.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `levee — an LLM gateway that never wastes paid capacity.
+
+Usage:
+  levee dev    [--listen ADDR] [--data-dir DIR] [--config FILE]   run everything on embedded defaults
+  levee serve  --config FILE                                      run the gateway
+  levee sim    [--listen ADDR] [--config FILE]                    run the Azure OpenAI simulator
+  levee migrate                 [--database-url URL]              apply database migrations
+  levee tenant create NAME      [--database-url URL]              create a tenant
+  levee key create --tenant NAME [--name LABEL] [--database-url URL]
+                                                                  create an API key (printed once)
+
+Environment: DATABASE_URL (else levee dev runs a private cluster), NATS_URL,
+LEVEE_DEV_API_KEY (fixes the key levee dev prints), LEVEE_LOG_LEVEL (debug|info|warn|error).
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Getenv); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "levee:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout io.Writer, getenv func(string) string) error {
+	if len(args) == 0 {
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	log := newLogger(getenv("LEVEE_LOG_LEVEL"))
+	switch args[0] {
+	case "serve":
+		return cmdServe(ctx, args[1:], log, getenv)
+	case "dev":
+		return cmdDev(ctx, args[1:], stdout, log, getenv)
+	case "sim":
+		return cmdSim(ctx, args[1:], stdout, log)
+	case "migrate":
+		return cmdMigrate(ctx, args[1:], stdout, getenv)
+	case "tenant":
+		return cmdTenant(ctx, args[1:], stdout, getenv)
+	case "key":
+		return cmdKey(ctx, args[1:], stdout, getenv)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q\n\n%s", args[0], usage)
+}
+
+func newLogger(level string) *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		l = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}

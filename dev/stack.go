@@ -1,0 +1,257 @@
+package dev
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/gateway"
+	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/test/sim"
+)
+
+// File is what `levee dev --config` reads: deployments (each with the
+// simulator's behaviour for it), model aliases, and gateway settings. The
+// endpoint and credential of every deployment are filled in by dev: they
+// point at the embedded simulator.
+type File struct {
+	Deployments []FileDeployment `yaml:"deployments"`
+	Models      []config.Model   `yaml:"models"`
+	Circuit     config.Circuit   `yaml:"circuit"`
+	Usage       config.Usage     `yaml:"usage"`
+}
+
+// FileDeployment is a gateway deployment plus how the simulator serves it.
+type FileDeployment struct {
+	Name     string        `yaml:"name"`
+	Model    string        `yaml:"model"`
+	Kind     config.Kind   `yaml:"kind"`
+	TPM      int           `yaml:"tpm"`
+	RPM      int           `yaml:"rpm"`
+	Region   string        `yaml:"region"`
+	Priority int           `yaml:"priority"`
+	Weight   int           `yaml:"weight"`
+	Timeout  time.Duration `yaml:"timeout"`
+	// Sim is the simulator's side; its TPM/RPM default to the deployment's.
+	Sim sim.Deployment `yaml:"sim"`
+}
+
+// DefaultFile is what `levee dev` runs without --config: a provisioned and a
+// standard gpt-4o deployment behind one alias, and an embeddings deployment.
+func DefaultFile() *File {
+	chat := sim.Deployment{TTFT: 150 * time.Millisecond, PerToken: 8 * time.Millisecond, Jitter: 0.3, CompletionTokens: 24}
+	return &File{
+		Deployments: []FileDeployment{
+			{Name: "gpt-4o-ptu", Model: "gpt-4o", Kind: config.Provisioned, TPM: 60_000, Region: "swedencentral", Priority: 0, Sim: chat},
+			{Name: "gpt-4o-standard", Model: "gpt-4o", Kind: config.Standard, TPM: 120_000, Region: "eastus2", Priority: 0, Sim: chat},
+			{Name: "text-embedding-3-small", Model: "text-embedding-3-small", Kind: config.Standard, TPM: 350_000, Region: "eastus2",
+				Sim: sim.Deployment{Embedding: 40 * time.Millisecond, Jitter: 0.3}},
+		},
+		Models: []config.Model{
+			{Name: "gpt-4o", Deployments: []string{"gpt-4o-ptu", "gpt-4o-standard"}, MaxTokens: 4096, MaxN: 4},
+			{Name: "text-embedding-3-small", Deployments: []string{"text-embedding-3-small"}},
+		},
+	}
+}
+
+// LoadFile reads a dev file; unknown fields are errors.
+func LoadFile(path string) (*File, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("dev: %w", err)
+	}
+	var f File
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil {
+		return nil, fmt.Errorf("dev: %s: %w", path, err)
+	}
+	return &f, nil
+}
+
+// StackOptions configure a whole embedded stack.
+type StackOptions struct {
+	// Listen is the gateway's address (":0"-style ports allowed).
+	Listen string
+	// DataDir holds the Postgres cluster, NATS storage and the dev key.
+	DataDir string
+	// DatabaseURL and NATSURL, when set, are used instead of embedded ones.
+	DatabaseURL, NATSURL string
+	File                 *File
+	// APIKey fixes the printed key (LEVEE_DEV_API_KEY).
+	APIKey string
+	// Ephemeral runs Postgres without fsync (tests, benchmarks).
+	Ephemeral bool
+	Log       *slog.Logger
+}
+
+// Stack is a running embedded stack.
+type Stack struct {
+	Gateway     *gateway.Gateway
+	Config      *config.Config
+	Store       *store.Store
+	Sim         *sim.Server
+	SimURL      string
+	BaseURL     string
+	APIKey      string
+	DatabaseURL string
+	NATSURL     string
+	Postgres    *Postgres
+	NATS        *NATS
+	simServer   *http.Server
+}
+
+// DevTenant is the tenant levee dev's key belongs to.
+const DevTenant = "dev"
+
+// StartStack starts Postgres (unless DatabaseURL is set), NATS (unless
+// NATSURL is set), the simulator, migrations and the gateway.
+func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
+	if o.File == nil {
+		o.File = DefaultFile()
+	}
+	if o.Listen == "" {
+		o.Listen = config.DefaultListen
+	}
+	s := &Stack{DatabaseURL: o.DatabaseURL, NATSURL: o.NATSURL}
+	defer func() {
+		if err != nil {
+			s.Stop(context.Background())
+		}
+	}()
+	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("dev: %w", err)
+	}
+	if s.DatabaseURL == "" {
+		if s.Postgres, err = StartPostgres(ctx, filepath.Join(o.DataDir, "pg"), PostgresOptions{Ephemeral: o.Ephemeral}); err != nil {
+			return nil, err
+		}
+		s.DatabaseURL = s.Postgres.URL
+	}
+	if s.NATSURL == "" {
+		if s.NATS, err = StartNATS(filepath.Join(o.DataDir, "nats"), 0); err != nil {
+			return nil, err
+		}
+		s.NATSURL = s.NATS.URL
+	}
+
+	simKey := store.NewSecret()
+	var simCfg sim.Config
+	simCfg.APIKey = simKey
+	for _, d := range o.File.Deployments {
+		sd := d.Sim
+		sd.Name, sd.Model, sd.Kind, sd.Region = d.Name, d.Model, string(d.Kind), d.Region
+		if sd.TPM == 0 {
+			sd.TPM = d.TPM
+		}
+		if sd.RPM == 0 {
+			sd.RPM = d.RPM
+		}
+		simCfg.Deployments = append(simCfg.Deployments, sd)
+	}
+	if s.Sim, err = sim.New(simCfg); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("dev: simulator: %w", err)
+	}
+	s.SimURL = "http://" + ln.Addr().String()
+	s.simServer = &http.Server{Handler: s.Sim, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = s.simServer.Serve(ln) }()
+
+	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
+		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, ShutdownTimeout: 10 * time.Second}
+	for _, d := range o.File.Deployments {
+		cfg.Deployments = append(cfg.Deployments, config.Deployment{
+			Name: d.Name, Model: d.Model, Kind: d.Kind, TPM: d.TPM, RPM: d.RPM, Region: d.Region,
+			Priority: d.Priority, Weight: d.Weight, Timeout: d.Timeout, API: config.Azure,
+			Endpoint: s.SimURL, Credential: simKey,
+		})
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s.Config = cfg
+
+	if s.Store, err = store.Open(ctx, s.DatabaseURL); err != nil {
+		return nil, err
+	}
+	if err := s.Store.Migrate(ctx); err != nil {
+		return nil, err
+	}
+	if s.APIKey, err = devKey(ctx, s.Store, o.DataDir, o.APIKey); err != nil {
+		return nil, err
+	}
+	log := o.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	if s.Gateway, err = gateway.Start(cfg, s.Store, log); err != nil {
+		return nil, err
+	}
+	s.BaseURL = "http://" + s.Gateway.Addr
+	return s, nil
+}
+
+// devKey returns a key of the dev tenant: the fixed one if given, else the
+// one kept in the data directory from an earlier run, else a new one.
+func devKey(ctx context.Context, st *store.Store, dataDir, fixed string) (string, error) {
+	if _, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: DevTenant}); err != nil && !errors.Is(err, store.ErrExists) {
+		return "", err
+	}
+	keyFile := filepath.Join(dataDir, "dev-api-key")
+	secret := fixed
+	if secret == "" {
+		if b, err := os.ReadFile(keyFile); err == nil {
+			secret = strings.TrimSpace(string(b))
+		}
+	}
+	if secret != "" {
+		if _, err := st.KeyBySecret(ctx, secret); err == nil {
+			return secret, nil
+		}
+	}
+	_, secret, err := st.CreateKey(ctx, &store.CreateKeyParams{TenantName: DevTenant, Name: "levee dev", Secret: secret})
+	if err != nil {
+		return "", err
+	}
+	if fixed == "" {
+		if err := os.WriteFile(keyFile, []byte(secret+"\n"), 0o600); err != nil {
+			return "", fmt.Errorf("dev: %w", err)
+		}
+	}
+	return secret, nil
+}
+
+// Stop stops everything it started, gateway first so usage is flushed.
+func (s *Stack) Stop(ctx context.Context) error {
+	var errs []error
+	if s.Gateway != nil {
+		errs = append(errs, s.Gateway.Shutdown(ctx))
+	}
+	if s.simServer != nil {
+		_ = s.simServer.Close()
+	}
+	if s.Store != nil {
+		s.Store.Close()
+	}
+	if s.NATS != nil {
+		s.NATS.Stop()
+	}
+	if s.Postgres != nil {
+		errs = append(errs, s.Postgres.Stop())
+	}
+	return errors.Join(errs...)
+}

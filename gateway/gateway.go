@@ -1,0 +1,93 @@
+// Package gateway assembles one running Levee gateway process from its
+// parts — broker, usage ledger, API, HTTP server — and owns its graceful
+// stop. `levee serve`, `levee dev`, the test harness and the benchmarks all
+// start gateways through it, so they run the same wiring.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/levee-gw/levee/api"
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/store"
+)
+
+// Gateway is a serving gateway.
+type Gateway struct {
+	// Addr is the address it listens on (useful when Listen had port 0).
+	Addr   string
+	Broker *broker.Broker
+	Ledger *store.Ledger
+	cfg    *config.Config
+	hs     *http.Server
+	errc   chan error
+	log    *slog.Logger
+}
+
+// Start listens on cfg.Listen and serves in the background. The store must
+// be migrated.
+func Start(cfg *config.Config, st *store.Store, log *slog.Logger) (*Gateway, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
+	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: cfg.Usage.FlushInterval, BatchSize: cfg.Usage.BatchSize, BufferSize: cfg.Usage.BufferSize}, log)
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_written_total", Help: "Usage rows written to Postgres."},
+		func() float64 { return float64(ledger.Written()) }))
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_dropped_total", Help: "Usage rows dropped because the buffer was full."},
+		func() float64 { return float64(ledger.Dropped()) }))
+	srv := api.New(api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log})
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		_ = ledger.Close(context.Background())
+		return nil, fmt.Errorf("gateway: listen %s: %w", cfg.Listen, err)
+	}
+	// Warm the tokenizers so the first call does not pay for loading them.
+	for _, d := range b.Deployments() {
+		b.Tokenizers().Count(d.Encoding, "warm")
+	}
+	g := &Gateway{Addr: ln.Addr().String(), Broker: b, Ledger: ledger, cfg: cfg, log: log, errc: make(chan error, 1),
+		hs: &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}}
+	go func() { g.errc <- g.hs.Serve(ln) }()
+	return g, nil
+}
+
+// Done reports a serving error (not a shutdown).
+func (g *Gateway) Done() <-chan error { return g.errc }
+
+// Shutdown stops accepting calls, lets in-flight ones finish (bounded by ctx
+// and the configured shutdown timeout) and flushes the usage ledger.
+func (g *Gateway) Shutdown(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, g.cfg.ShutdownTimeout)
+	defer cancel()
+	err := g.hs.Shutdown(ctx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	if lerr := g.Ledger.Close(ctx); lerr != nil {
+		g.log.Error("flushing usage", "err", lerr)
+		err = errors.Join(err, lerr)
+	}
+	return err
+}
+
+// Run serves until ctx ends, then shuts down.
+func (g *Gateway) Run(ctx context.Context) error {
+	select {
+	case err := <-g.errc:
+		return err
+	case <-ctx.Done():
+	}
+	g.log.Info("shutting down")
+	return g.Shutdown(context.Background())
+}
