@@ -94,17 +94,19 @@ func New(o Options) *Server {
 	e.GET("/readyz", s.ready)
 	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(o.Registry, promhttp.HandlerOpts{})))
 
-	authed := e.Group("", s.authenticate)
+	// Auth is attached per route, not with e.Group: a group with middleware
+	// registers a catch-all that would turn every 405 into a 404.
+	auth := s.authenticate
 	for _, op := range []broker.Op{broker.OpChat, broker.OpCompletions, broker.OpEmbeddings} {
-		authed.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op))
-		authed.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op))
-		authed.POST("/v1/"+op.Path(), s.proxyOpenAI(op))
+		e.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op), auth)
+		e.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op), auth)
+		e.POST("/v1/"+op.Path(), s.proxyOpenAI(op), auth)
 	}
 	for _, p := range []string{"/v1/models", "/openai/v1/models", "/openai/models"} {
-		authed.GET(p, s.models)
-		authed.GET(p+"/:model", s.model)
+		e.GET(p, s.models, auth)
+		e.GET(p+"/:model", s.model, auth)
 	}
-	authed.GET("/v1/usage", s.usageHandler)
+	e.GET("/v1/usage", s.usageHandler, auth)
 	return s
 }
 

@@ -196,7 +196,7 @@ func (c *Config) Validate() error {
 		c.Circuit.OpenFor = 500 * time.Millisecond
 	}
 	if c.Circuit.MaxOpenFor == 0 {
-		c.Circuit.MaxOpenFor = 30 * time.Second
+		c.Circuit.MaxOpenFor = 5 * time.Second
 	}
 	if len(c.Deployments) == 0 {
 		return &FieldError{"deployments", "at least one deployment is required"}

@@ -38,4 +38,3 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	log.Info("levee is serving", "addr", g.Addr, "deployments", len(cfg.Deployments))
 	return g.Run(ctx)
 }
-

@@ -101,6 +101,8 @@ type deployment struct {
 	faults Faults
 	reqLim int64
 
+	seen   []http.Header // the last few calls' headers, for tests
+
 	calls, admitted, refused, faulted, cancelled, tokensAdmitted atomic.Int64
 	peakTokens, peakDemand                                       int64
 }
@@ -181,6 +183,19 @@ func (s *Server) Stats() map[string]Stats {
 		out[name] = st
 	}
 	return out
+}
+
+const seenLimit = 64
+
+// Seen returns the headers of the last calls a deployment received.
+func (s *Server) Seen(name string) []http.Header {
+	d, ok := s.deps[name]
+	if !ok {
+		return nil
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]http.Header(nil), d.seen...)
 }
 
 // Reset clears counters, windows and faults.
@@ -277,6 +292,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		return
 	}
 	d.calls.Add(1)
+	d.mu.Lock()
+	if len(d.seen) == seenLimit {
+		d.seen = d.seen[1:]
+	}
+	d.seen = append(d.seen, r.Header.Clone())
+	d.mu.Unlock()
 	if !s.authorized(r) {
 		azureError(w, 401, "401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.")
 		return

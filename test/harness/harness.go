@@ -1,0 +1,164 @@
+// Package harness starts hermetic Levee stacks for integration tests: one
+// private Postgres cluster per test binary (or DATABASE_URL's server) with a
+// fresh database per stack, an embedded NATS JetStream server, the simulator
+// and the gateway, all on random loopback ports, through the same dev.Stack
+// that `levee dev` runs.
+package harness
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/store"
+)
+
+// cluster is the test binary's Postgres; set by Main.
+var (
+	cluster *dev.Postgres
+	baseURL string
+	dbSeq   atomic.Int64
+)
+
+// Main wraps a test binary's TestMain: it starts Postgres once unless
+// DATABASE_URL is set, runs the tests and stops it.
+func Main(m *testing.M) {
+	code := func() int {
+		baseURL = os.Getenv("DATABASE_URL")
+		if baseURL == "" {
+			dir, err := os.MkdirTemp("", "levee-test-pg-")
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "harness:", err)
+				return 1
+			}
+			defer os.RemoveAll(dir)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			cluster, err = dev.StartPostgres(ctx, dir+"/pg", dev.PostgresOptions{Ephemeral: true})
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "harness:", err)
+				return 1
+			}
+			defer cluster.Stop()
+			baseURL = cluster.URL
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+// NewDatabase creates an empty database for one test and returns its URL.
+func NewDatabase(t testing.TB) string {
+	t.Helper()
+	if baseURL == "" {
+		t.Fatal("harness: Main was not called from TestMain")
+	}
+	ctx := context.Background()
+	name := fmt.Sprintf("levee_test_%d_%d", os.Getpid(), dbSeq.Add(1))
+	conn, err := pgx.Connect(ctx, baseURL)
+	if err != nil {
+		t.Fatalf("harness: %v", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		t.Fatalf("harness: %v", err)
+	}
+	u, err := url.Parse(baseURL)
+	if err != nil {
+		t.Fatalf("harness: %v", err)
+	}
+	u.Path = "/" + name
+	return u.String()
+}
+
+// Env is a running stack for one test.
+type Env struct {
+	*dev.Stack
+	t testing.TB
+}
+
+// Start runs a stack with the given dev file (nil: levee dev's defaults,
+// with latency removed so tests are quick) and stops it at cleanup.
+func Start(t testing.TB, f *dev.File) *Env {
+	t.Helper()
+	if f == nil {
+		f = Fast(dev.DefaultFile())
+	}
+	dir := t.TempDir()
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s, err := dev.StartStack(context.Background(), dev.StackOptions{
+		Listen: "127.0.0.1:0", DataDir: dir, DatabaseURL: NewDatabase(t), NATSURL: os.Getenv("NATS_URL"),
+		File: f, Ephemeral: true, Log: log,
+	})
+	if err != nil {
+		t.Fatalf("harness: start stack: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := s.Stop(ctx); err != nil {
+			t.Logf("harness: stop: %v", err)
+		}
+	})
+	return &Env{Stack: s, t: t}
+}
+
+// Fast removes simulated latency from a dev file.
+func Fast(f *dev.File) *dev.File {
+	for i := range f.Deployments {
+		f.Deployments[i].Sim.TTFT, f.Deployments[i].Sim.PerToken, f.Deployments[i].Sim.Embedding = 0, 0, 0
+	}
+	return f
+}
+
+// NewKey creates a tenant (if needed) and a key for it.
+func (e *Env) NewKey(tenant string) string {
+	e.t.Helper()
+	ctx := context.Background()
+	if _, err := e.Store.CreateTenant(ctx, &store.CreateTenantParams{Name: tenant}); err != nil && !strings.Contains(err.Error(), "exists") {
+		e.t.Fatalf("harness: %v", err)
+	}
+	_, secret, err := e.Store.CreateKey(ctx, &store.CreateKeyParams{TenantName: tenant})
+	if err != nil {
+		e.t.Fatalf("harness: %v", err)
+	}
+	return secret
+}
+
+// FlushUsage waits until every usage row recorded so far is written.
+func (e *Env) FlushUsage() {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.Gateway.Ledger.Flush(ctx); err != nil {
+		e.t.Fatalf("harness: flush usage: %v", err)
+	}
+}
+
+// Eventually polls cond until it holds or the timeout passes.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
