@@ -1,0 +1,159 @@
+package broker
+
+import (
+	"net/http"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
+
+func TestCapacityChargesOnArrivalAndExpiresAfterAMinute(t *testing.T) {
+	c := NewCapacity(1000, 6000) // 1000 requests per 10 s: tokens bind
+	for i := 0; i < 4; i++ {
+		if _, ok, _ := c.Reserve(t0.Add(time.Duration(i)*time.Second), 250); !ok {
+			t.Fatalf("reservation %d refused", i)
+		}
+	}
+	_, ok, at := c.Reserve(t0.Add(5*time.Second), 1)
+	if ok {
+		t.Fatal("a full minute admitted more")
+	}
+	// The first charge (t0) frees at t0+60s, at the latest one bucket later.
+	if at.Before(t0.Add(time.Minute)) || at.After(t0.Add(time.Minute+bucketWidth)) {
+		t.Fatalf("retry at %v, want about t0+60s", at.Sub(t0))
+	}
+	if _, ok, _ := c.Reserve(t0.Add(59*time.Second), 1); ok {
+		t.Fatal("a charge expired before its minute was up")
+	}
+	if _, ok, _ := c.Reserve(at, 250); !ok {
+		t.Fatal("room not back at the promised time")
+	}
+}
+
+func TestCapacityRequestsPerTenSeconds(t *testing.T) {
+	c := NewCapacity(1_000_000, 60) // 60 RPM = 10 per 10 s
+	for i := 0; i < 10; i++ {
+		if _, ok, _ := c.Reserve(t0, 1); !ok {
+			t.Fatalf("request %d refused", i)
+		}
+	}
+	_, ok, at := c.Reserve(t0.Add(time.Second), 1)
+	if ok || at.Sub(t0) < 10*time.Second || at.Sub(t0) > 10*time.Second+bucketWidth {
+		t.Fatalf("ok=%v at=%v", ok, at.Sub(t0))
+	}
+}
+
+func TestCapacityReleaseCommitObservePenalize(t *testing.T) {
+	c := NewCapacity(1000, 60_000)
+	r, ok, _ := c.Reserve(t0, 600)
+	if !ok {
+		t.Fatal("refused")
+	}
+	r.Release()
+	r.Release() // idempotent
+	if tok, _ := c.Headroom(t0); tok != 1000 {
+		t.Fatalf("headroom after release %d", tok)
+	}
+	r, _, _ = c.Reserve(t0, 100)
+	r.Commit(300) // the estimate fell short: charge the difference
+	if tok, _ := c.Headroom(t0); tok != 700 {
+		t.Fatalf("headroom after commit above estimate %d", tok)
+	}
+	r, _, _ = c.Reserve(t0, 100)
+	r.Commit(10) // a deployment keeps what it charged on arrival
+	if tok, _ := c.Headroom(t0); tok != 600 {
+		t.Fatalf("headroom after commit below estimate %d", tok)
+	}
+	c.Observe(t0, 100, -1) // the deployment says only 100 left: believe it
+	if tok, _ := c.Headroom(t0); tok != 100 {
+		t.Fatalf("headroom after observing 100 left: %d", tok)
+	}
+	c.Observe(t0, 900, -1) // more left than we think: not trusted
+	if tok, _ := c.Headroom(t0); tok != 100 {
+		t.Fatalf("headroom after observing 900 left: %d", tok)
+	}
+	c2 := NewCapacity(1000, 60_000)
+	c2.Penalize(t0, 3*time.Second)
+	if _, ok, at := c2.Reserve(t0.Add(time.Second), 1); ok || !at.Equal(t0.Add(3*time.Second)) {
+		t.Fatalf("penalized deployment: ok=%v at=%v", ok, at)
+	}
+	if _, ok, _ := c2.Reserve(t0.Add(3*time.Second), 1); !ok {
+		t.Fatal("still blocked after the penalty")
+	}
+	if _, ok, at := c2.Reserve(t0.Add(4*time.Second), 1001); ok || !at.IsZero() {
+		t.Fatal("an estimate above TPM must never fit")
+	}
+}
+
+func TestRetryAfterAndRemainingHeaders(t *testing.T) {
+	now := t0
+	for _, tc := range []struct {
+		h    map[string]string
+		want time.Duration
+	}{
+		{map[string]string{"retry-after-ms": "1500", "retry-after": "9"}, 1500 * time.Millisecond},
+		{map[string]string{"retry-after": "6"}, 6 * time.Second},
+		{map[string]string{"retry-after": "0.5"}, 500 * time.Millisecond},
+		{map[string]string{"retry-after": now.Add(4 * time.Second).Format(http.TimeFormat)}, 4 * time.Second},
+		{map[string]string{"x-ratelimit-reset-tokens": "6m0s", "x-ratelimit-reset-requests": "12ms"}, 6 * time.Minute},
+		{map[string]string{"retry-after": "soon"}, 0},
+		{map[string]string{}, 0},
+	} {
+		h := http.Header{}
+		for k, v := range tc.h {
+			h.Set(k, v)
+		}
+		if got := RetryAfter(h, now); got != tc.want {
+			t.Errorf("%v: %v, want %v", tc.h, got, tc.want)
+		}
+	}
+	h := http.Header{}
+	h.Set("x-ratelimit-remaining-tokens", "1234")
+	h.Set("x-ratelimit-remaining-requests", "junk")
+	if tok, req := Remaining(h); tok != 1234 || req != -1 {
+		t.Fatalf("remaining %d %d", tok, req)
+	}
+}
+
+func TestCircuit(t *testing.T) {
+	c := newCircuit(3, time.Second, 4*time.Second)
+	for i := 0; i < 2; i++ {
+		c.failure(t0)
+	}
+	if ok, _ := c.acquire(t0); !ok {
+		t.Fatal("opened before the threshold")
+	}
+	c.failure(t0)
+	if c.ready(t0) || c.ready(t0.Add(999*time.Millisecond)) {
+		t.Fatal("not open after three failures")
+	}
+	ok, probe := c.acquire(t0.Add(time.Second))
+	if !ok || !probe {
+		t.Fatal("no probe after the cool-down")
+	}
+	if ok, _ := c.acquire(t0.Add(time.Second)); ok {
+		t.Fatal("a second call got through during the probe")
+	}
+	c.failure(t0.Add(time.Second)) // failed probe: cool-down doubles
+	if c.ready(t0.Add(2900 * time.Millisecond)) {
+		t.Fatal("cool-down did not double")
+	}
+	if _, probe := c.acquire(t0.Add(3 * time.Second)); !probe {
+		t.Fatal("no probe after the doubled cool-down")
+	}
+	c.success()
+	if ok, probe := c.acquire(t0.Add(3 * time.Second)); !ok || probe {
+		t.Fatal("not closed after a good probe")
+	}
+}
+
+func BenchmarkCapacityReserve(b *testing.B) {
+	c := NewCapacity(1<<40, 1<<40)
+	now := time.Now()
+	b.ReportAllocs()
+	for b.Loop() {
+		r, _, _ := c.Reserve(now, 100)
+		r.Commit(100)
+	}
+}

@@ -1,0 +1,162 @@
+package broker
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestParseRequest(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		op        Op
+		body      string
+		wantParam string // "" with wantErr false means success
+		wantErr   bool
+		check     func(t *testing.T, r *Request)
+	}{
+		{name: "chat", op: OpChat, body: `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"n":2}`,
+			check: func(t *testing.T, r *Request) {
+				if r.Model != "gpt-4o" || r.MaxTokens != 50 || r.MaxTokensParam != "max_tokens" || r.N != 2 || r.BestOf != 1 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "max_completion_tokens", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":70}`,
+			check: func(t *testing.T, r *Request) {
+				if r.MaxTokens != 70 || r.MaxTokensParam != "max_completion_tokens" {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "stream with usage", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}`,
+			check: func(t *testing.T, r *Request) {
+				if !r.Stream || !r.IncludeUsage {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "bad json", op: OpChat, body: `{"messages":`, wantErr: true},
+		{name: "no messages", op: OpChat, body: `{"model":"x"}`, wantErr: true, wantParam: "messages"},
+		{name: "n zero", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"n":0}`, wantErr: true, wantParam: "n"},
+		{name: "negative max_tokens", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":-5}`, wantErr: true, wantParam: "max_tokens"},
+		{name: "embeddings string", op: OpEmbeddings, body: `{"input":"hello world"}`,
+			check: func(t *testing.T, r *Request) {
+				if len(r.texts) != 1 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "embeddings token arrays", op: OpEmbeddings, body: `{"input":[[1,2,3],[4,5]]}`,
+			check: func(t *testing.T, r *Request) {
+				if r.rawToks != 5 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "embeddings flat ids", op: OpEmbeddings, body: `{"input":[1,2,3,4]}`,
+			check: func(t *testing.T, r *Request) {
+				if r.rawToks != 4 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		{name: "embeddings missing input", op: OpEmbeddings, body: `{}`, wantErr: true, wantParam: "input"},
+		{name: "embeddings bad input", op: OpEmbeddings, body: `{"input":{"a":1}}`, wantErr: true, wantParam: "input"},
+		{name: "completions prompt list", op: OpCompletions, body: `{"prompt":["a","b"],"best_of":3}`,
+			check: func(t *testing.T, r *Request) {
+				if len(r.texts) != 2 || r.BestOf != 3 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := ParseRequest(tc.op, []byte(tc.body))
+			if tc.wantErr {
+				var be *BadRequestError
+				if !errors.As(err, &be) {
+					t.Fatalf("want BadRequestError, got %v", err)
+				}
+				if be.Param != tc.wantParam {
+					t.Fatalf("param %q, want %q", be.Param, tc.wantParam)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, r)
+		})
+	}
+}
+
+func TestPromptTokensMatchOpenAICookbook(t *testing.T) {
+	tok := NewTokenizers()
+	// 3 per message + role + content, + 3 priming (OpenAI's cookbook).
+	r, err := ParseRequest(OpChat, []byte(`{"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Hello!"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// system(1) + "You are a helpful assistant."(6) + user(1) + "Hello!"(2) + 3*2 + 3 = 19
+	if got := tok.PromptTokens("cl100k_base", r); got != 19 {
+		t.Fatalf("cl100k prompt tokens %d, want 19", got)
+	}
+	if got := tok.PromptTokens("o200k_base", r); got < 17 || got > 21 {
+		t.Fatalf("o200k prompt tokens %d", got)
+	}
+	withName, _ := ParseRequest(OpChat, []byte(`{"messages":[{"role":"user","name":"bob","content":"Hello!"}]}`))
+	plain, _ := ParseRequest(OpChat, []byte(`{"messages":[{"role":"user","content":"Hello!"}]}`))
+	if d := tok.PromptTokens("cl100k_base", withName) - tok.PromptTokens("cl100k_base", plain); d != 2 {
+		t.Fatalf("a name adds %d tokens, want 2 (1 + the name)", d)
+	}
+	img, _ := ParseRequest(OpChat, []byte(`{"messages":[{"role":"user","content":[{"type":"text","text":"Hello!"},{"type":"image_url","image_url":{"url":"x"}}]}]}`))
+	if d := tok.PromptTokens("cl100k_base", img) - tok.PromptTokens("cl100k_base", plain); d != imageTokens {
+		t.Fatalf("an image adds %d tokens, want %d", d, imageTokens)
+	}
+}
+
+func TestEstimateChargesLikeAzure(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		op   Op
+		want int
+	}{
+		{`{"messages":[{"role":"user","content":"x"}],"max_tokens":100}`, OpChat, 10 + 100},
+		{`{"messages":[{"role":"user","content":"x"}],"max_tokens":100,"n":3}`, OpChat, 10 + 300},
+		{`{"prompt":"x","max_tokens":100,"n":2,"best_of":4}`, OpCompletions, 10 + 400},
+		{`{"messages":[{"role":"user","content":"x"}]}`, OpChat, 10 + 1024},
+		{`{"input":"x","max_tokens":100}`, OpEmbeddings, 10},
+	} {
+		r, err := ParseRequest(tc.op, []byte(tc.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := Estimate(10, r, 1024); got != tc.want {
+			t.Errorf("%s: %d, want %d", tc.body, got, tc.want)
+		}
+	}
+}
+
+func TestWithStreamUsage(t *testing.T) {
+	for _, tc := range []struct {
+		in            string
+		stream, asked bool
+		want          string
+	}{
+		{`{"stream":true,"messages":[]}`, true, false, `{"messages":[],"stream":true,"stream_options":{"include_usage":true}}`},
+		{`{"stream":true,"stream_options":{"include_usage":false},"messages":[]}`, true, false, `{"messages":[],"stream":true,"stream_options":{"include_usage":true}}`},
+		{`{"stream":true,"stream_options":{"include_usage":true}}`, true, true, `{"stream":true,"stream_options":{"include_usage":true}}`},
+		{`{"stream":false}`, false, false, `{"stream":false}`},
+	} {
+		out, err := WithStreamUsage([]byte(tc.in), &Request{Op: OpChat, Stream: tc.stream, IncludeUsage: tc.asked})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(out) != tc.want {
+			t.Errorf("%s → %s, want %s", tc.in, out, tc.want)
+		}
+	}
+}
+
+func BenchmarkParseAndEstimate(b *testing.B) {
+	tok := NewTokenizers()
+	body := []byte(`{"model":"gpt-4o","max_tokens":200,"messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},{"role":"user","content":"What is the capital of France, and why is it famous?"}]}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		r, _ := ParseRequest(OpChat, body)
+		_ = Estimate(tok.PromptTokens("o200k_base", r), r, 1024)
+	}
+}

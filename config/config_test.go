@@ -1,0 +1,86 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+const good = `
+listen: 127.0.0.1:9000
+database_url: postgres://x
+deployments:
+  - name: ptu
+    model: gpt-4o
+    endpoint: https://example.openai.azure.com/
+    credential_env: PTU_KEY
+    kind: provisioned
+    tpm: 60000
+  - name: std
+    model: gpt-4o
+    api: openai
+    endpoint: http://127.0.0.1:8000
+    credential_env: STD_KEY
+    tpm: 120000
+    rpm: 100
+    priority: 1
+models:
+  - name: gpt-4o
+    deployments: [ptu, std]
+    max_tokens: 4096
+`
+
+func TestParseGoodConfig(t *testing.T) {
+	c, err := Parse([]byte(good), env(map[string]string{"PTU_KEY": "k1", "STD_KEY": "k2"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ptu := c.Deployments[0]
+	if ptu.Credential != "k1" || ptu.RPM != 360 || ptu.Endpoint != "https://example.openai.azure.com" || ptu.Encoding != "o200k_base" || ptu.API != Azure {
+		t.Fatalf("defaults not applied: %+v", ptu)
+	}
+	if c.Deployments[1].RPM != 100 || c.Models[0].DefaultMaxTokens != 1024 || c.Models[0].MaxN != 1 {
+		t.Fatalf("%+v %+v", c.Deployments[1], c.Models[0])
+	}
+}
+
+func TestInvalidConfigNamesTheField(t *testing.T) {
+	keys := env(map[string]string{"PTU_KEY": "k1", "STD_KEY": "k2"})
+	for _, tc := range []struct {
+		name, from, to, field string
+	}{
+		{"tpm", "tpm: 60000", "tpm: 0", "deployments[0].tpm"},
+		{"kind", "kind: provisioned", "kind: reserved", "deployments[0].kind"},
+		{"endpoint", "https://example.openai.azure.com/", "ftp://x", "deployments[0].endpoint"},
+		{"api", "api: openai", "api: grpc", "deployments[1].api"},
+		{"duplicate", "name: std", "name: ptu", "deployments[1].name"},
+		{"unknown deployment in model", "[ptu, std]", "[ptu, nope]", "models[0].deployments[1]"},
+		{"missing env", "PTU_KEY", "NOT_SET", "deployments[0].credential_env"},
+		{"unknown field", "tpm: 120000", "tpms: 120000", "tpms"},
+		{"negative priority", "priority: 1", "priority: -1", "deployments[1].priority"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(strings.Replace(good, tc.from, tc.to, 1)), keys)
+			if err == nil || !strings.Contains(err.Error(), tc.field) {
+				t.Fatalf("error %v does not name %s", err, tc.field)
+			}
+		})
+	}
+	_, err := Parse([]byte("listen: x\n"), keys)
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Field != "deployments" {
+		t.Fatalf("empty config: %v", err)
+	}
+}
+
+func TestImpliedModelGroups(t *testing.T) {
+	c, err := Parse([]byte(strings.Replace(good, "models:\n  - name: gpt-4o\n    deployments: [ptu, std]\n    max_tokens: 4096\n", "", 1)), env(map[string]string{"PTU_KEY": "a", "STD_KEY": "b"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Models) != 1 || c.Models[0].Name != "gpt-4o" || len(c.Models[0].Deployments) != 2 {
+		t.Fatalf("implied groups %+v", c.Models)
+	}
+}
