@@ -101,7 +101,7 @@ type deployment struct {
 	faults Faults
 	reqLim int64
 
-	seen   []http.Header // the last few calls' headers, for tests
+	seen []http.Header // the last few calls' headers, for tests
 
 	calls, admitted, refused, faulted, cancelled, tokensAdmitted atomic.Int64
 	peakTokens, peakDemand                                       int64
