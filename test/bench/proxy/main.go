@@ -1,0 +1,285 @@
+// Command proxy is `make bench`: it measures what Levee adds to a call. It
+// builds levee, runs the simulator (zero latency, no limits) and a gateway as
+// separate processes, with a private Postgres for keys and usage, then drives
+// an open-loop load at a fixed rate, alternating rounds sent directly to the
+// simulator and through Levee, and reports per-round p50/p99 and their
+// medians. Last it ramps the rate to find the highest one each path sustains.
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/store"
+)
+
+func main() {
+	rate := flag.Int("rate", 1000, "requests per second for the latency rounds")
+	dur := flag.Duration("duration", 3*time.Second, "length of one round")
+	rounds := flag.Int("rounds", 5, "rounds per path (interleaved)")
+	ramp := flag.String("ramp", "1000,2000,3000,4000,5000", "rates to try for the sustained-rate search")
+	flag.Parse()
+	if err := run(*rate, *dur, *rounds, *ramp); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(rate int, dur time.Duration, rounds int, ramp string) error {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "levee-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	_ = os.Chmod(dir, 0o755)
+	bin := filepath.Join(dir, "levee")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/levee").CombinedOutput(); err != nil {
+		return fmt.Errorf("build: %v: %s", err, out)
+	}
+	pg, err := dev.StartPostgres(ctx, filepath.Join(dir, "pg"), dev.PostgresOptions{Ephemeral: true})
+	if err != nil {
+		return err
+	}
+	defer pg.Stop()
+
+	simAddr, gwAddr := freeAddr(), freeAddr()
+	simKey := store.NewSecret()
+	simCfg := fmt.Sprintf("api_key: %s\ndeployments:\n  - name: bench\n    model: gpt-4o\n    tpm: 0\n    completion_tokens: 16\n", simKey)
+	gwCfg := fmt.Sprintf(`listen: %s
+database_url: %s
+deployments:
+  - name: bench
+    model: gpt-4o
+    endpoint: http://%s
+    credential_env: BENCH_SIM_KEY
+    kind: provisioned
+    tpm: 1000000000000
+    rpm: 1000000000000
+models:
+  - name: gpt-4o
+    deployments: [bench]
+`, gwAddr, pg.URL, simAddr)
+	for name, body := range map[string]string{"sim.yaml": simCfg, "levee.yaml": gwCfg} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			return err
+		}
+	}
+	simProc, err := start(bin, nil, "sim", "--listen", simAddr, "--config", filepath.Join(dir, "sim.yaml"))
+	if err != nil {
+		return err
+	}
+	defer stop(simProc)
+	gwProc, err := start(bin, []string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}, "serve", "--config", filepath.Join(dir, "levee.yaml"))
+	if err != nil {
+		return err
+	}
+	defer stop(gwProc)
+
+	st, err := store.Open(ctx, pg.URL)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := waitHTTP("http://" + gwAddr + "/readyz"); err != nil {
+		return err
+	}
+	if _, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "bench"}); err != nil {
+		return err
+	}
+	_, key, err := st.CreateKey(ctx, &store.CreateKeyParams{TenantName: "bench"})
+	if err != nil {
+		return err
+	}
+
+	body := []byte(`{"model":"gpt-4o","max_tokens":16,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something short about rivers."}]}`)
+	direct := target{url: "http://" + simAddr + "/openai/deployments/bench/chat/completions?api-version=2024-10-21", header: "api-key", key: simKey, body: body}
+	levee := target{url: "http://" + gwAddr + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", header: "api-key", key: key, body: body}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 4096, MaxIdleConnsPerHost: 4096, IdleConnTimeout: time.Minute}, Timeout: 10 * time.Second}
+
+	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores\n", rounds, dur, rate, numCPU())
+	// Warm both paths: connections, tokenizers, the key cache.
+	load(client, direct, rate, time.Second)
+	load(client, levee, rate, time.Second)
+	var dP50, dP99, lP50, lP99, add50, add99 []time.Duration
+	for r := 0; r < rounds; r++ {
+		d := load(client, direct, rate, dur)
+		l := load(client, levee, rate, dur)
+		fmt.Printf("  round %d  direct p50 %-9v p99 %-9v errors %d | levee p50 %-9v p99 %-9v errors %d\n",
+			r+1, d.p(50), d.p(99), d.errors, l.p(50), l.p(99), l.errors)
+		dP50, dP99 = append(dP50, d.p(50)), append(dP99, d.p(99))
+		lP50, lP99 = append(lP50, l.p(50)), append(lP99, l.p(99))
+		add50, add99 = append(add50, l.p(50)-d.p(50)), append(add99, l.p(99)-d.p(99))
+	}
+	fmt.Printf("\nat %d req/s (medians of %d rounds)\n", rate, rounds)
+	fmt.Printf("  direct:       p50 %v  p99 %v\n", median(dP50), median(dP99))
+	fmt.Printf("  through levee: p50 %v  p99 %v\n", median(lP50), median(lP99))
+	fmt.Printf("  added:        p50 %v  p99 %v\n", median(add50), median(add99))
+
+	fmt.Printf("\nsustained rate (%v per step; sustained = ≥99%% of the rate completed, no errors, p99 < 100ms)\n", dur)
+	best := map[string]int{}
+	for _, f := range strings.Split(ramp, ",") {
+		rt, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			return fmt.Errorf("ramp: %w", err)
+		}
+		for _, p := range []struct {
+			name string
+			t    target
+		}{{"direct", direct}, {"levee", levee}} {
+			res := load(client, p.t, rt, dur)
+			achieved := float64(res.ok) / dur.Seconds()
+			okay := res.errors == 0 && achieved >= 0.99*float64(rt) && res.p(99) < 100*time.Millisecond
+			fmt.Printf("  %-6s %5d req/s: completed %7.0f/s  errors %-5d p50 %-9v p99 %-9v %s\n", p.name, rt, achieved, res.errors, res.p(50), res.p(99), verdict(okay))
+			if okay && rt > best[p.name] {
+				best[p.name] = rt
+			}
+		}
+	}
+	fmt.Printf("\nhighest sustained: direct %d req/s, levee %d req/s\n", best["direct"], best["levee"])
+	return nil
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "sustained"
+	}
+	return "NOT sustained"
+}
+
+type target struct {
+	url, header, key string
+	body             []byte
+}
+
+type result struct {
+	lat        []time.Duration
+	ok, errors int
+}
+
+func (r *result) p(q int) time.Duration {
+	if len(r.lat) == 0 {
+		return 0
+	}
+	return r.lat[min(len(r.lat)*q/100, len(r.lat)-1)]
+}
+
+// load sends rate requests per second for dur, open loop: each request is
+// scheduled at its own time whether or not earlier ones have finished, and
+// its latency counts from that scheduled time.
+func load(c *http.Client, t target, rate int, dur time.Duration) *result {
+	n := int(float64(rate) * dur.Seconds())
+	lat := make([]time.Duration, n)
+	var errs, oks atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	interval := time.Second / time.Duration(rate)
+	for i := 0; i < n; i++ {
+		at := start.Add(time.Duration(i) * interval)
+		if d := time.Until(at); d > 0 {
+			time.Sleep(d)
+		}
+		wg.Add(1)
+		go func(i int, at time.Time) {
+			defer wg.Done()
+			req, _ := http.NewRequest(http.MethodPost, t.url, bytes.NewReader(t.body))
+			req.Header.Set(t.header, t.key)
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := c.Do(req)
+			if err != nil {
+				errs.Add(1)
+				lat[i] = -1
+				return
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				errs.Add(1)
+				lat[i] = -1
+				return
+			}
+			oks.Add(1)
+			lat[i] = time.Since(at)
+		}(i, at)
+	}
+	wg.Wait()
+	r := &result{ok: int(oks.Load()), errors: int(errs.Load())}
+	for _, l := range lat {
+		if l >= 0 {
+			r.lat = append(r.lat, l)
+		}
+	}
+	slices.Sort(r.lat)
+	return r
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func freeAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func start(bin string, env []string, args ...string) (*exec.Cmd, error) {
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
+	return cmd, cmd.Start()
+}
+
+func stop(cmd *exec.Cmd) {
+	_ = cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+	}
+}
+
+func waitHTTP(url string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not ready", url)
+}
+
+func numCPU() int {
+	out, err := exec.Command("nproc").Output()
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+	return n
+}
