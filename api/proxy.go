@@ -250,7 +250,6 @@ func streamedTokens(err error) int {
 
 var (
 	dataPrefix = []byte("data:")
-	usageKey   = []byte(`"usage":`)
 	emptyList  = []byte(`"choices":[]`)
 )
 
@@ -328,17 +327,8 @@ func eventData(event []byte) []byte {
 	return nil
 }
 
-// chunkUsage finds a non-null usage object in a chunk without decoding the
-// rest of it unless one is there.
+// chunkUsage finds a non-null usage object in a chunk.
 func chunkUsage(data []byte) (*broker.Usage, bool) {
-	i := bytes.Index(data, usageKey)
-	if i < 0 {
-		return nil, false
-	}
-	rest := bytes.TrimLeft(data[i+len(usageKey):], " \t")
-	if len(rest) == 0 || rest[0] != '{' {
-		return nil, false
-	}
 	u, ok := broker.ParseUsage(data)
 	if !ok {
 		return nil, false

@@ -135,18 +135,29 @@ type Usage struct {
 	TotalTokens      int `json:"total_tokens"`
 }
 
-// ParseUsage reads the usage object of a non-streamed response body.
+var usageKey = []byte(`"usage":`)
+
+// ParseUsage reads the usage object of a response body or stream chunk. The
+// object is found by its key, searching from the end where it usually is,
+// and only it is decoded. Inside a JSON string the key could only appear
+// with its quotes escaped, so a raw match is always a real key.
 func ParseUsage(body []byte) (Usage, bool) {
-	var w struct {
-		Usage *Usage `json:"usage"`
+	var u Usage
+	i := bytes.LastIndex(body, usageKey)
+	if i < 0 {
+		return u, false
 	}
-	if json.Unmarshal(body, &w) != nil || w.Usage == nil {
-		return Usage{}, false
+	rest := bytes.TrimLeft(body[i+len(usageKey):], " \t\r\n")
+	if len(rest) == 0 || rest[0] != '{' {
+		return u, false // "usage": null
 	}
-	if w.Usage.TotalTokens == 0 {
-		w.Usage.TotalTokens = w.Usage.PromptTokens + w.Usage.CompletionTokens
+	if err := json.NewDecoder(bytes.NewReader(rest)).Decode(&u); err != nil {
+		return u, false
 	}
-	return *w.Usage, true
+	if u.TotalTokens == 0 {
+		u.TotalTokens = u.PromptTokens + u.CompletionTokens
+	}
+	return u, true
 }
 
 // WithStreamUsage asks upstream for the final usage chunk. It returns the

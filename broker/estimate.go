@@ -203,15 +203,61 @@ func (r *Request) addTexts(param string, raw json.RawMessage) error {
 }
 
 // Tokenizers holds one codec per encoding; building one parses its whole
-// vocabulary, so it is done once per process and shared.
+// vocabulary, so it is done once per process and shared. It also remembers
+// the counts of system prompts, which repeat across calls by design.
 type Tokenizers struct {
 	mu     sync.Mutex
 	codecs map[string]tokenizer.Codec
+
+	cacheMu sync.RWMutex
+	cache   map[cacheKey]int
 }
+
+type cacheKey struct {
+	encoding string
+	text     string
+}
+
+// Bounds of the system-prompt cache: entries, and the longest text kept.
+const (
+	cacheEntries = 4096
+	cacheMaxText = 32 << 10
+)
 
 // NewTokenizers returns an empty set; codecs load on first use.
 func NewTokenizers() *Tokenizers {
-	return &Tokenizers{codecs: map[string]tokenizer.Codec{}}
+	return &Tokenizers{codecs: map[string]tokenizer.Codec{}, cache: map[cacheKey]int{}}
+}
+
+// countCached is Count for texts likely to repeat (system prompts).
+func (t *Tokenizers) countCached(encoding, s string) int {
+	if len(s) > cacheMaxText {
+		return t.Count(encoding, s)
+	}
+	k := cacheKey{encoding, s}
+	t.cacheMu.RLock()
+	n, ok := t.cache[k]
+	t.cacheMu.RUnlock()
+	if ok {
+		return n
+	}
+	n = t.Count(encoding, s)
+	t.cacheMu.Lock()
+	if len(t.cache) >= cacheEntries {
+		clear(t.cache)
+	}
+	t.cache[k] = n
+	t.cacheMu.Unlock()
+	return n
+}
+
+// roleTokens: every standard role name is a single token in both encodings.
+func (t *Tokenizers) roleTokens(encoding, role string) int {
+	switch role {
+	case "system", "user", "assistant", "tool", "developer", "function":
+		return 1
+	}
+	return t.Count(encoding, role)
 }
 
 func (t *Tokenizers) codec(encoding string) (tokenizer.Codec, error) {
@@ -258,7 +304,11 @@ func (t *Tokenizers) PromptTokens(encoding string, r *Request) int {
 	}
 	if r.Op == OpChat {
 		for _, m := range r.messages {
-			n += 3 + t.Count(encoding, m.Role) + t.contentTokens(encoding, m.Content)
+			count := t.Count
+			if m.Role == "system" || m.Role == "developer" {
+				count = t.countCached
+			}
+			n += 3 + t.roleTokens(encoding, m.Role) + t.contentTokens(encoding, m.Content, count)
 			if m.Name != "" {
 				n += 1 + t.Count(encoding, m.Name)
 			}
@@ -275,7 +325,7 @@ type contentPart struct {
 	Text string `json:"text"`
 }
 
-func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage) int {
+func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage, count func(encoding, s string) int) int {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || string(raw) == "null" {
 		return 0
@@ -283,7 +333,7 @@ func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage) int {
 	if raw[0] == '"' {
 		var s string
 		if json.Unmarshal(raw, &s) == nil {
-			return t.Count(encoding, s)
+			return count(encoding, s)
 		}
 		return len(raw) / 4
 	}
@@ -295,7 +345,7 @@ func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage) int {
 	for _, p := range parts {
 		switch p.Type {
 		case "text", "input_text":
-			n += t.Count(encoding, p.Text)
+			n += count(encoding, p.Text)
 		case "image_url", "input_image":
 			n += imageTokens
 		default:

@@ -160,3 +160,35 @@ func BenchmarkParseAndEstimate(b *testing.B) {
 		_ = Estimate(tok.PromptTokens("o200k_base", r), r, 1024)
 	}
 }
+
+func TestParseUsage(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want Usage
+		ok   bool
+	}{
+		{`{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`, Usage{3, 4, 7}, true},
+		{`{"usage": {"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{"reasoning_tokens":1}}}`, Usage{3, 4, 7}, true},
+		{`{"choices":[{"message":{"content":"my \"usage\": {\"prompt_tokens\": 99} trick"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}`, Usage{1, 2, 3}, true},
+		{`{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 99}"}}]}`, Usage{}, false},
+		{`{"choices":[],"usage":null}`, Usage{}, false},
+		{`not json "usage":{"prompt_tokens":`, Usage{}, false},
+	} {
+		got, ok := ParseUsage([]byte(tc.body))
+		if ok != tc.ok || got != tc.want {
+			t.Errorf("%s: %+v %v, want %+v %v", tc.body, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestSystemPromptCacheCountsTheSame(t *testing.T) {
+	tok := NewTokenizers()
+	r, _ := ParseRequest(OpChat, []byte(`{"messages":[{"role":"system","content":"You are a careful assistant who answers in French."},{"role":"user","content":"hi"}]}`))
+	first := tok.PromptTokens("o200k_base", r)
+	if second := tok.PromptTokens("o200k_base", r); second != first || len(tok.cache) != 1 {
+		t.Fatalf("cached count %d != %d (cache %d entries)", second, first, len(tok.cache))
+	}
+	if cl := tok.PromptTokens("cl100k_base", r); len(tok.cache) != 2 || cl == 0 {
+		t.Fatal("the cache must be per encoding")
+	}
+}

@@ -55,6 +55,8 @@ type Usage struct {
 	FlushInterval time.Duration `yaml:"flush_interval"`
 	BatchSize     int           `yaml:"batch_size"`
 	BufferSize    int           `yaml:"buffer_size"`
+	// MaxPending bounds rows held in memory while Postgres is unreachable.
+	MaxPending int `yaml:"max_pending"`
 }
 
 // Circuit tunes the per-deployment circuit breaker.
@@ -187,7 +189,10 @@ func (c *Config) Validate() error {
 		c.Usage.BatchSize = 1000
 	}
 	if c.Usage.BufferSize == 0 {
-		c.Usage.BufferSize = 65536
+		c.Usage.BufferSize = 8192
+	}
+	if c.Usage.MaxPending == 0 {
+		c.Usage.MaxPending = 500_000
 	}
 	if c.Circuit.Failures == 0 {
 		c.Circuit.Failures = 3

@@ -39,6 +39,8 @@ type PostgresOptions struct {
 	Ephemeral bool
 	// Database is created if missing (default "levee").
 	Database string
+	// Port is fixed when set; otherwise a free one is picked.
+	Port int
 }
 
 // FindPostgresBin locates the directory holding initdb and pg_ctl: PATH first,
@@ -112,9 +114,11 @@ func StartPostgres(ctx context.Context, dir string, opt PostgresOptions) (*Postg
 			return nil, fmt.Errorf("dev: initdb: %w: %s", err, out)
 		}
 	}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
+	port := opt.Port
+	if port == 0 {
+		if port, err = freePort(); err != nil {
+			return nil, err
+		}
 	}
 	pg.Port = port
 	conf := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c max_connections=200", port, dir)

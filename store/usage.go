@@ -33,13 +33,17 @@ type UsageEvent struct {
 type LedgerConfig struct {
 	FlushInterval time.Duration
 	BatchSize     int
-	BufferSize    int
+	// BufferSize is the hand-off channel; MaxPending bounds the rows held
+	// in memory while Postgres is unreachable.
+	BufferSize int
+	MaxPending int
 }
 
 // Ledger takes usage events off the request path: Record only queues, and a
 // single goroutine writes batches with COPY plus one rollup upsert per
 // (tenant, day, model). A failed batch is retried, so a Postgres blip delays
-// usage rows but does not lose them; only a full buffer drops (and counts).
+// usage rows but does not lose them; only a backlog past MaxPending (or a
+// full hand-off channel) drops rows, and counts them.
 type Ledger struct {
 	s       *Store
 	cfg     LedgerConfig
@@ -103,48 +107,71 @@ func (l *Ledger) Close(ctx context.Context) error {
 func (l *Ledger) run() {
 	t := time.NewTicker(l.cfg.FlushInterval)
 	defer t.Stop()
-	batch := make([]UsageEvent, 0, l.cfg.BatchSize)
-	write := func() {
-		for len(batch) > 0 {
+	// pending keeps growing while Postgres is unreachable, so the channel can
+	// stay small (a large buffered channel is heap the GC scans every cycle).
+	var pending []UsageEvent
+	var retryAt time.Time
+	flush := func(force bool) {
+		for len(pending) > 0 {
+			if !force && time.Now().Before(retryAt) {
+				return
+			}
+			n := min(len(pending), l.cfg.BatchSize)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			err := l.s.writeUsage(ctx, batch)
+			err := l.s.writeUsage(ctx, pending[:n])
 			cancel()
-			if err == nil {
-				l.written.Add(int64(len(batch)))
-				batch = batch[:0]
+			if err != nil {
+				l.log.Warn("writing usage failed; will retry", "pending", len(pending), "err", err)
+				retryAt = time.Now().Add(500 * time.Millisecond)
 				return
 			}
-			l.log.Warn("writing usage failed; will retry", "rows", len(batch), "err", err)
-			select {
-			case <-time.After(500 * time.Millisecond):
-			case <-l.done:
-				return
+			l.written.Add(int64(n))
+			pending = pending[n:]
+			if len(pending) == 0 {
+				pending = nil // let a burst's backing array go
 			}
+		}
+	}
+	add := func(e UsageEvent) {
+		if len(pending) >= l.cfg.MaxPending {
+			if l.dropped.Add(1)%1000 == 1 {
+				l.log.Error("usage backlog full; dropping usage events", "dropped", l.dropped.Load())
+			}
+			return
+		}
+		pending = append(pending, e)
+		if len(pending) >= l.cfg.BatchSize {
+			flush(false)
 		}
 	}
 	for {
 		select {
 		case e := <-l.ch:
-			batch = append(batch, e)
-			if len(batch) >= l.cfg.BatchSize {
-				write()
-			}
+			add(e)
 		case <-t.C:
-			write()
+			flush(false)
 		case ack := <-l.flushed:
 			for drained := false; !drained; {
 				select {
 				case e := <-l.ch:
-					batch = append(batch, e)
-					if len(batch) >= l.cfg.BatchSize {
-						write()
-					}
+					add(e)
 				default:
 					drained = true
 				}
 			}
-			write()
-			close(ack)
+			flush(true)
+			if len(pending) == 0 {
+				close(ack)
+			} else {
+				// Not written yet (Postgres is away): ask again shortly.
+				go func() {
+					time.Sleep(100 * time.Millisecond)
+					select {
+					case l.flushed <- ack:
+					case <-l.done:
+					}
+				}()
+			}
 		case <-l.done:
 			return
 		}

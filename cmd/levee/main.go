@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 )
 
@@ -31,6 +32,12 @@ LEVEE_DEV_API_KEY (fixes the key levee dev prints), LEVEE_LOG_LEVEL (debug|info|
 `
 
 func main() {
+	// A gateway's live heap is small and its garbage rate high (tens of KB
+	// per call): collecting at 4x the live heap instead of 2x halves GC work
+	// and its latency spikes. GOGC in the environment still wins.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(400)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Getenv); err != nil {

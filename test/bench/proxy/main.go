@@ -33,14 +33,15 @@ func main() {
 	dur := flag.Duration("duration", 3*time.Second, "length of one round")
 	rounds := flag.Int("rounds", 5, "rounds per path (interleaved)")
 	ramp := flag.String("ramp", "1000,2000,3000,4000,5000", "rates to try for the sustained-rate search")
+	gwEnv := flag.String("gateway-env", "", "extra environment for the gateway process, e.g. GOMAXPROCS=1")
 	flag.Parse()
-	if err := run(*rate, *dur, *rounds, *ramp); err != nil {
+	if err := run(*rate, *dur, *rounds, *ramp, *gwEnv); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(rate int, dur time.Duration, rounds int, ramp string) error {
+func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "levee-bench-")
 	if err != nil {
@@ -85,7 +86,11 @@ models:
 		return err
 	}
 	defer stop(simProc)
-	gwProc, err := start(bin, []string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}, "serve", "--config", filepath.Join(dir, "levee.yaml"))
+	env := []string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}
+	if gwEnv != "" {
+		env = append(env, strings.Fields(gwEnv)...)
+	}
+	gwProc, err := start(bin, env, "serve", "--config", filepath.Join(dir, "levee.yaml"))
 	if err != nil {
 		return err
 	}
@@ -112,7 +117,7 @@ models:
 	levee := target{url: "http://" + gwAddr + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", header: "api-key", key: key, body: body}
 	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 4096, MaxIdleConnsPerHost: 4096, IdleConnTimeout: time.Minute}, Timeout: 10 * time.Second}
 
-	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores\n", rounds, dur, rate, numCPU())
+	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores; gateway env %q\n", rounds, dur, rate, numCPU(), gwEnv)
 	// Warm both paths: connections, tokenizers, the key cache.
 	load(client, direct, rate, time.Second)
 	load(client, levee, rate, time.Second)
