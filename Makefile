@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint bench bench-go
+.PHONY: help build run test lint bench bench-go sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ lint: ## gofmt and go vet
 
 test: lint ## lint, then every test with the race detector (starts its own Postgres and NATS)
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+sdk-node: ## install the pinned openai-node SDK so `make test` also runs it against Levee
+	cd test/sdk-node && npm ci --no-audit --no-fund
 
 bench: ## added latency and sustained rate, direct vs through Levee (zero-latency simulator)
 	$(GO) run ./test/bench/proxy

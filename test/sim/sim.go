@@ -382,7 +382,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		d.embeddings(w, &req, prompt)
 		return
 	}
-	completion := d.completionLength(body, maxTok)
+	completion := d.completionLength(&req, maxTok)
 	if req.Stream {
 		d.stream(w, r, op, &req, azureStyle, id, prompt, completion, n, maxTok)
 		return
@@ -536,10 +536,17 @@ func (d *deployment) textTokens(raw json.RawMessage) int {
 	return n
 }
 
-// completionLength is deterministic in the body: CompletionTokens ±50 %,
-// capped by max_tokens.
-func (d *deployment) completionLength(body []byte, maxTok int) int {
-	sum := sha256.Sum256(body)
+// completionLength is deterministic in the prompt (streamed or not, the same
+// prompt gets the same answer): CompletionTokens ±50 %, capped by max_tokens.
+func (d *deployment) completionLength(req *request, maxTok int) int {
+	h := sha256.New()
+	for _, m := range req.Messages {
+		h.Write([]byte(m.Role))
+		h.Write(m.Content)
+	}
+	h.Write(req.Prompt)
+	var sum [32]byte
+	h.Sum(sum[:0])
 	lo := max(d.CompletionTokens/2, 1)
 	span := d.CompletionTokens + 1
 	n := lo + int(binary.BigEndian.Uint32(sum[:4])%uint32(span))

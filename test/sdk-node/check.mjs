@@ -1,0 +1,44 @@
+// The official openai-node SDK, unmodified, against a running Levee:
+// OpenAI and AzureOpenAI clients, chat (plain and streamed) and embeddings.
+// BASE_URL and API_KEY come from the environment; exits non-zero on failure.
+import OpenAI, { AzureOpenAI } from "openai";
+import assert from "node:assert/strict";
+
+const base = process.env.BASE_URL;
+const apiKey = process.env.API_KEY;
+const clients = {
+  openai: new OpenAI({ baseURL: `${base}/v1`, apiKey }),
+  azure: new AzureOpenAI({ endpoint: base, apiKey, apiVersion: "2024-10-21" }),
+};
+
+for (const [name, client] of Object.entries(clients)) {
+  const params = { model: "gpt-4o", max_tokens: 20, messages: [{ role: "user", content: "Say hello to the levee." }] };
+  const cc = await client.chat.completions.create(params);
+  assert.equal(cc.choices.length, 1);
+  assert.ok(cc.choices[0].message.content.length > 0);
+  assert.ok(cc.usage.total_tokens > 0);
+
+  const stream = await client.chat.completions.create({ ...params, stream: true });
+  let text = "";
+  let usageSeen = false;
+  for await (const chunk of stream) {
+    if (chunk.usage) usageSeen = true;
+    text += chunk.choices[0]?.delta?.content ?? "";
+  }
+  assert.equal(text, cc.choices[0].message.content);
+  assert.equal(usageSeen, false, "usage chunk sent to a client that did not ask for it");
+
+  const emb = await client.embeddings.create({ model: "text-embedding-3-small", input: ["a", "b"] });
+  assert.equal(emb.data.length, 2);
+  console.log(`${name}: ok`);
+}
+
+try {
+  await new OpenAI({ baseURL: `${base}/v1`, apiKey: "lv-wrong-key-0000000000", maxRetries: 0 })
+    .chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "x" }] });
+  assert.fail("a wrong key was accepted");
+} catch (e) {
+  assert.equal(e.status, 401);
+  assert.equal(e.code, "invalid_api_key");
+  console.log("errors: ok");
+}

@@ -1,0 +1,37 @@
+package test
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/levee-gw/levee/test/harness"
+)
+
+// TestOpenAINodeSDK runs test/sdk-node/check.mjs (the official openai-node
+// SDK) against Levee. It needs node and `npm ci` in test/sdk-node, which
+// .ci/run does; elsewhere it is skipped, visibly.
+func TestOpenAINodeSDK(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Skip("node is not installed")
+	}
+	if _, err := os.Stat(filepath.Join("sdk-node", "node_modules", "openai")); err != nil {
+		t.Skip("run `npm ci` in test/sdk-node first (make sdk-node does)")
+	}
+	env := harness.Start(t, nil)
+	cmd := exec.Command(node, "check.mjs")
+	cmd.Dir = "sdk-node"
+	cmd.Env = append(os.Environ(), "BASE_URL="+env.BaseURL, "API_KEY="+env.APIKey)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("openai-node against Levee: %v\n%s", err, out)
+	}
+	for _, want := range []string{"openai: ok", "azure: ok", "errors: ok"} {
+		if !strings.Contains(string(out), want) {
+			t.Fatalf("missing %q in:\n%s", want, out)
+		}
+	}
+}
