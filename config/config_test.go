@@ -84,3 +84,14 @@ func TestImpliedModelGroups(t *testing.T) {
 		t.Fatalf("implied groups %+v", c.Models)
 	}
 }
+
+func TestExampleConfigIsValid(t *testing.T) {
+	c, err := Load("../deploy/levee.example.yaml", env(map[string]string{
+		"AZURE_PTU_KEY": "a", "AZURE_STD_KEY": "b", "OPENAI_API_KEY": "c", "DATABASE_URL": "postgres://x"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Deployments) != 4 || len(c.Models) != 2 || c.DatabaseURL != "postgres://x" {
+		t.Fatalf("%+v", c)
+	}
+}

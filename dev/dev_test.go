@@ -48,3 +48,13 @@ func TestNATSJetStream(t *testing.T) {
 		t.Fatal("JetStream is off")
 	}
 }
+
+func TestExampleDevFileLoads(t *testing.T) {
+	f, err := LoadFile("../deploy/dev.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Deployments) != 3 || f.Deployments[0].Sim.PerToken == 0 {
+		t.Fatalf("%+v", f)
+	}
+}
