@@ -75,7 +75,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if g != nil {
 		ev.Model = g.Name
 	}
+	deferred := false
 	defer func() {
+		if deferred {
+			return // the job records its own usage, exactly once
+		}
 		var ae *Error
 		if errors.As(err, &ae) {
 			ev.Status = ae.Status
@@ -111,6 +115,10 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	}
 	if ev.Priority, err = priorityOf(c, key); err != nil {
 		return err
+	}
+	if ev.Priority != "high" && !req.Stream && s.queue != nil {
+		deferred = true
+		return s.deferred(c, op, g, body, ev.Priority)
 	}
 	if body, err = broker.WithStreamUsage(body, req); err != nil {
 		return badRequest(err)

@@ -48,6 +48,11 @@ type Options struct {
 	DB       Pinger
 	Registry *prometheus.Registry
 	Log      *slog.Logger
+	// Jobs and Queue enable the jobs API and deferred calls (nil: off).
+	Jobs  JobStore
+	Queue JobQueue
+	// Wake, if set, tells in-process workers a job was published.
+	Wake func()
 }
 
 // Server is the HTTP API.
@@ -58,6 +63,9 @@ type Server struct {
 	ledger  UsageRecorder
 	usage   UsageReader
 	db      Pinger
+	jobs    JobStore
+	queue   JobQueue
+	wake    func()
 	log     *slog.Logger
 	e       *echo.Echo
 	metrics *metrics
@@ -73,7 +81,7 @@ type metrics struct {
 // New builds the API and its routes.
 func New(o Options) *Server {
 	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), ledger: o.Ledger, usage: o.Usage,
-		db: o.DB, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
+		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -107,6 +115,10 @@ func New(o Options) *Server {
 		e.GET(p+"/:model", s.model, auth)
 	}
 	e.GET("/v1/usage", s.usageHandler, auth)
+	e.POST("/v1/jobs", s.submitJob, auth)
+	e.GET("/v1/jobs", s.listJobs, auth)
+	e.GET("/v1/jobs/:id", s.getJob, auth)
+	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth)
 	return s
 }
 
@@ -122,6 +134,11 @@ func (s *Server) ready(c echo.Context) error {
 	defer cancel()
 	if err := s.db.Ping(ctx); err != nil {
 		return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "Postgres is not reachable."}
+	}
+	if s.queue != nil {
+		if err := s.queue.Ready(ctx); err != nil {
+			return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "NATS JetStream is not reachable."}
+		}
 	}
 	return c.JSON(http.StatusOK, map[string]string{"status": "ready"})
 }

@@ -106,8 +106,16 @@ func (r *Reservation) Tokens() int64 { return r.tokens }
 // Reserve charges est tokens and one request if both fit. When they do not, it
 // returns when they will (zero when est can never fit).
 func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Time) {
+	return c.ReserveKeeping(now, est, 0)
+}
+
+// ReserveKeeping is Reserve that leaves a share of the limits untouched: the
+// reserve queue workers keep free for synchronous traffic.
+func (c *Capacity) ReserveKeeping(now time.Time, est int, keep float64) (*Reservation, bool, time.Time) {
 	b := bucketOf(now)
 	e := int64(est)
+	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
+	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.tokens.advance(b)
@@ -118,9 +126,9 @@ func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Tim
 	if e > c.tokenLimit {
 		return nil, false, time.Time{}
 	}
-	if c.tokens.total+e > c.tokenLimit || c.reqs.total+1 > c.reqLimit {
-		at := c.tokens.freeAt(c.tokenLimit - e)
-		if rt := c.reqs.freeAt(c.reqLimit - 1); rt.After(at) {
+	if c.tokens.total+e > tokLimit || c.reqs.total+1 > reqLimit {
+		at := c.tokens.freeAt(tokLimit - e)
+		if rt := c.reqs.freeAt(reqLimit - 1); rt.After(at) {
 			at = rt
 		}
 		return nil, false, at
@@ -202,6 +210,13 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 		return 0, 0
 	}
 	return c.tokenLimit - c.tokens.total, c.reqLimit - c.reqs.total
+}
+
+// HasRoom reports, without charging, whether est tokens and one request fit
+// while keeping a share of the limits free.
+func (c *Capacity) HasRoom(now time.Time, est int, keep float64) bool {
+	tok, req := c.Headroom(now)
+	return tok-int64(keep*float64(c.tokenLimit)) >= int64(est) && req-int64(keep*float64(c.reqLimit)) >= 1
 }
 
 // Limits returns the token limit per minute and the request limit per 10 s.

@@ -149,6 +149,19 @@ func (b *Broker) Resolve(name string) (*Group, bool) {
 	return newGroup(name, p, []*Deployment{d}), true
 }
 
+// HasBackgroundRoom reports whether some deployment of the group could take
+// a background call of est tokens now, above its synchronous reserve.
+func (g *Group) HasBackgroundRoom(now time.Time, est int) bool {
+	for _, t := range g.tiers {
+		for _, d := range t {
+			if d.circuit.ready(now) && d.Capacity.HasRoom(now, est, d.SyncReserve) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Models lists the aliases clients may use.
 func (b *Broker) Models() []string { return b.aliases }
 
@@ -202,6 +215,9 @@ type Call struct {
 	Req    *Request
 	Body   []byte
 	Header http.Header
+	// Background calls (queue workers) use only capacity above each
+	// deployment's synchronous reserve.
+	Background bool
 }
 
 // Result is an admitted call: the response is the deployment's, its body
@@ -262,7 +278,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		return est
 	}
 	for {
-		d, res, probe, retryAt := b.pick(c.Group, tried, estimate)
+		d, res, probe, retryAt := b.pick(c.Group, tried, estimate, c.Background)
 		if !retryAt.IsZero() && (soonest.IsZero() || retryAt.Before(soonest)) {
 			soonest = retryAt
 		}
@@ -337,7 +353,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 // pick chooses the next deployment: the first tier that has one with room,
 // weighted-randomly within the tier. It returns the reservation made, or the
 // soonest time any candidate expects room.
-func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) int) (*Deployment, *Reservation, bool, time.Time) {
+func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) int, background bool) (*Deployment, *Reservation, bool, time.Time) {
 	now := b.now()
 	var soonest time.Time
 	var cands [8]*Deployment
@@ -365,7 +381,11 @@ func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) 
 			d := cs[i]
 			cs = append(cs[:i], cs[i+1:]...)
 			total -= d.Weight
-			res, ok, at := d.Capacity.Reserve(now, estimate(d))
+			keep := 0.0
+			if background {
+				keep = d.SyncReserve
+			}
+			res, ok, at := d.Capacity.ReserveKeeping(now, estimate(d), keep)
 			if !ok {
 				if !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
 					soonest = at

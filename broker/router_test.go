@@ -52,7 +52,7 @@ func TestPickSkipsFullOpenAndTriedDeployments(t *testing.T) {
 	g, _ := b.Resolve("gpt-4o")
 	est := func(*Deployment) int { return 400 }
 	pickName := func(tried ...*Deployment) string {
-		d, res, _, _ := b.pick(g, tried, est)
+		d, res, _, _ := b.pick(g, tried, est, false)
 		if d == nil {
 			return ""
 		}
@@ -78,7 +78,7 @@ func TestPickSkipsFullOpenAndTriedDeployments(t *testing.T) {
 	if n := pickName(c); n != "" {
 		t.Fatalf("picked %s with every deployment excluded", n)
 	}
-	_, _, _, at := b.pick(g, []*Deployment{c}, est)
+	_, _, _, at := b.pick(g, []*Deployment{c}, est, false)
 	if at.IsZero() {
 		t.Fatal("no retry time when full")
 	}
@@ -92,7 +92,7 @@ func TestPickHonoursWeights(t *testing.T) {
 	g, _ := b.Resolve("gpt-4o")
 	n := map[string]int{}
 	for i := 0; i < 4000; i++ {
-		d, res, _, _ := b.pick(g, nil, func(*Deployment) int { return 1 })
+		d, res, _, _ := b.pick(g, nil, func(*Deployment) int { return 1 }, false)
 		res.Release()
 		n[d.Name]++
 	}

@@ -45,6 +45,8 @@ type Config struct {
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 
 	Usage       Usage        `yaml:"usage"`
+	Queue       Queue        `yaml:"queue"`
+	Worker      Worker       `yaml:"worker"`
 	Circuit     Circuit      `yaml:"circuit"`
 	Deployments []Deployment `yaml:"deployments"`
 	Models      []Model      `yaml:"models"`
@@ -57,6 +59,35 @@ type Usage struct {
 	BufferSize    int           `yaml:"buffer_size"`
 	// MaxPending bounds rows held in memory while Postgres is unreachable.
 	MaxPending int `yaml:"max_pending"`
+}
+
+// Queue configures the JetStream job queue (needs nats_url).
+type Queue struct {
+	// Replicas of the jobs stream: 3 on a three-node cluster.
+	Replicas int           `yaml:"replicas"`
+	AckWait  time.Duration `yaml:"ack_wait"`
+	// MaxAttempts is how many failed upstream attempts end a job as failed.
+	MaxAttempts int `yaml:"max_attempts"`
+	// Backoff is the redelivery delay after each failed attempt (the last
+	// one repeats); jittered ±20 %.
+	Backoff []time.Duration `yaml:"backoff"`
+	// DefaultWait and MaxWait bound how long a deferred synchronous call
+	// (a low-priority call to a synchronous endpoint) holds its connection
+	// (Prefer: wait=N picks within them).
+	DefaultWait time.Duration `yaml:"default_wait"`
+	MaxWait     time.Duration `yaml:"max_wait"`
+}
+
+// Worker configures the queue workers.
+type Worker struct {
+	// Enabled runs workers inside `levee serve` too (levee dev always does;
+	// `levee worker` runs only them).
+	Enabled bool `yaml:"enabled"`
+	// Concurrency bounds the calls one process's workers have in flight.
+	Concurrency int `yaml:"concurrency"`
+	// SyncReserve is the default share of each deployment's limits workers
+	// leave to synchronous traffic.
+	SyncReserve float64 `yaml:"sync_reserve"`
 }
 
 // Circuit tunes the per-deployment circuit breaker.
@@ -95,6 +126,9 @@ type Deployment struct {
 	Timeout time.Duration `yaml:"timeout"`
 	// Encoding is the tokenizer used for estimates; derived from Model when empty.
 	Encoding string `yaml:"encoding"`
+	// SyncReserve is the share of TPM and RPM queue workers leave free for
+	// synchronous calls (default worker.sync_reserve).
+	SyncReserve float64 `yaml:"sync_reserve"`
 }
 
 // Model is an alias clients use as `model` (or as the Azure deployment in the
@@ -203,6 +237,42 @@ func (c *Config) Validate() error {
 	if c.Circuit.MaxOpenFor == 0 {
 		c.Circuit.MaxOpenFor = 5 * time.Second
 	}
+	if c.Queue.Replicas == 0 {
+		c.Queue.Replicas = 1
+	}
+	if c.Queue.Replicas < 0 || c.Queue.Replicas > 5 {
+		return &FieldError{"queue.replicas", "must be between 1 and 5"}
+	}
+	if c.Queue.AckWait == 0 {
+		c.Queue.AckWait = 30 * time.Second
+	}
+	if c.Queue.AckWait < time.Second {
+		return &FieldError{"queue.ack_wait", "must be at least 1s"}
+	}
+	if c.Queue.MaxAttempts == 0 {
+		c.Queue.MaxAttempts = 5
+	}
+	if len(c.Queue.Backoff) == 0 {
+		c.Queue.Backoff = []time.Duration{time.Second, 5 * time.Second, 30 * time.Second, 2 * time.Minute}
+	}
+	if c.Queue.DefaultWait == 0 {
+		c.Queue.DefaultWait = 60 * time.Second
+	}
+	if c.Queue.MaxWait == 0 {
+		c.Queue.MaxWait = 10 * time.Minute
+	}
+	if c.Queue.DefaultWait > c.Queue.MaxWait {
+		return &FieldError{"queue.default_wait", "must not exceed queue.max_wait"}
+	}
+	if c.Worker.Concurrency == 0 {
+		c.Worker.Concurrency = 256
+	}
+	if c.Worker.SyncReserve == 0 {
+		c.Worker.SyncReserve = 0.2
+	}
+	if c.Worker.SyncReserve < 0 || c.Worker.SyncReserve >= 1 {
+		return &FieldError{"worker.sync_reserve", "must be in [0, 1)"}
+	}
 	if len(c.Deployments) == 0 {
 		return &FieldError{"deployments", "at least one deployment is required"}
 	}
@@ -270,6 +340,12 @@ func (c *Config) Validate() error {
 		}
 		if d.Encoding == "" {
 			d.Encoding = EncodingFor(d.Model)
+		}
+		if d.SyncReserve == 0 {
+			d.SyncReserve = c.Worker.SyncReserve
+		}
+		if d.SyncReserve < 0 || d.SyncReserve >= 1 {
+			return &FieldError{f("sync_reserve"), "must be in [0, 1)"}
 		}
 		if d.Encoding != "o200k_base" && d.Encoding != "cl100k_base" {
 			return &FieldError{f("encoding"), fmt.Sprintf("%q: must be o200k_base or cl100k_base", d.Encoding)}

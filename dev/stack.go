@@ -30,6 +30,8 @@ type File struct {
 	Models      []config.Model   `yaml:"models"`
 	Circuit     config.Circuit   `yaml:"circuit"`
 	Usage       config.Usage     `yaml:"usage"`
+	Queue       config.Queue     `yaml:"queue"`
+	Worker      config.Worker    `yaml:"worker"`
 }
 
 // FileDeployment is a gateway deployment plus how the simulator serves it.
@@ -43,6 +45,8 @@ type FileDeployment struct {
 	Priority int           `yaml:"priority"`
 	Weight   int           `yaml:"weight"`
 	Timeout  time.Duration `yaml:"timeout"`
+	// SyncReserve overrides worker.sync_reserve for this deployment.
+	SyncReserve float64 `yaml:"sync_reserve"`
 	// Sim is the simulator's side; its TPM/RPM default to the deployment's.
 	Sim sim.Deployment `yaml:"sim"`
 }
@@ -172,11 +176,13 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	go func() { _ = s.simServer.Serve(ln) }()
 
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
-		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, ShutdownTimeout: 10 * time.Second}
+		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
+		ShutdownTimeout: 10 * time.Second}
+	cfg.Worker.Enabled = true // levee dev runs its workers in-process
 	for _, d := range o.File.Deployments {
 		cfg.Deployments = append(cfg.Deployments, config.Deployment{
 			Name: d.Name, Model: d.Model, Kind: d.Kind, TPM: d.TPM, RPM: d.RPM, Region: d.Region,
-			Priority: d.Priority, Weight: d.Weight, Timeout: d.Timeout, API: config.Azure,
+			Priority: d.Priority, Weight: d.Weight, Timeout: d.Timeout, SyncReserve: d.SyncReserve, API: config.Azure,
 			Endpoint: s.SimURL, Credential: simKey,
 		})
 	}
@@ -198,7 +204,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if s.Gateway, err = gateway.Start(cfg, s.Store, log); err != nil {
+	if s.Gateway, err = gateway.Start(ctx, cfg, s.Store, log); err != nil {
 		return nil, err
 	}
 	s.BaseURL = "http://" + s.Gateway.Addr

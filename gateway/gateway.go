@@ -19,7 +19,9 @@ import (
 	"github.com/levee-gw/levee/api"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/worker"
 )
 
 // Gateway is a serving gateway.
@@ -28,37 +30,83 @@ type Gateway struct {
 	Addr   string
 	Broker *broker.Broker
 	Ledger *store.Ledger
-	cfg    *config.Config
-	hs     *http.Server
-	errc   chan error
-	log    *slog.Logger
+	// Queue is nil when no NATS URL is configured; Worker is nil unless
+	// workers run in this process.
+	Queue      *queue.Queue
+	Worker     *worker.Worker
+	cfg        *config.Config
+	hs         *http.Server
+	errc       chan error
+	log        *slog.Logger
+	stopWorker context.CancelFunc
+	workerDone chan struct{}
 }
 
-// Start listens on cfg.Listen and serves in the background. The store must
-// be migrated.
-func Start(cfg *config.Config, st *store.Store, log *slog.Logger) (*Gateway, error) {
+// NewRegistry returns a metrics registry with the Go and process collectors.
+func NewRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// OpenQueue connects to the job queue configured in cfg (nil when none).
+func OpenQueue(ctx context.Context, cfg *config.Config, log *slog.Logger) (*queue.Queue, error) {
+	if cfg.NATSURL == "" {
+		return nil, nil
+	}
+	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait}, log)
+}
+
+// Start listens on cfg.Listen and serves in the background; with
+// cfg.Worker.Enabled it also runs queue workers. The store must be migrated.
+func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*Gateway, error) {
+	reg := NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
+	q, err := OpenQueue(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
 	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: cfg.Usage.FlushInterval, BatchSize: cfg.Usage.BatchSize, BufferSize: cfg.Usage.BufferSize, MaxPending: cfg.Usage.MaxPending}, log)
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_written_total", Help: "Usage rows written to Postgres."},
 		func() float64 { return float64(ledger.Written()) }))
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_dropped_total", Help: "Usage rows dropped because the buffer was full."},
 		func() float64 { return float64(ledger.Dropped()) }))
-	srv := api.New(api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log})
+	opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log}
+	var w *worker.Worker
+	if q != nil {
+		opts.Jobs, opts.Queue = st, q
+		if cfg.Worker.Enabled {
+			w = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
+			opts.Wake = w.Wake
+		}
+	}
+	srv := api.New(opts)
 
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		_ = ledger.Close(context.Background())
+		if q != nil {
+			q.Close()
+		}
 		return nil, fmt.Errorf("gateway: listen %s: %w", cfg.Listen, err)
 	}
 	// Warm the tokenizers so the first call does not pay for loading them.
 	for _, d := range b.Deployments() {
 		b.Tokenizers().Count(d.Encoding, "warm")
 	}
-	g := &Gateway{Addr: ln.Addr().String(), Broker: b, Ledger: ledger, cfg: cfg, log: log, errc: make(chan error, 1),
+	g := &Gateway{Addr: ln.Addr().String(), Broker: b, Ledger: ledger, Queue: q, Worker: w, cfg: cfg, log: log, errc: make(chan error, 1),
 		hs: &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}}
 	go func() { g.errc <- g.hs.Serve(ln) }()
+	if w != nil {
+		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		g.stopWorker, g.workerDone = cancel, make(chan struct{})
+		go func() {
+			defer close(g.workerDone)
+			if err := w.Run(wctx); err != nil {
+				log.Error("workers stopped", "err", err)
+			}
+		}()
+	}
 	return g, nil
 }
 
@@ -73,6 +121,13 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	err := g.hs.Shutdown(ctx)
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
+	}
+	if g.stopWorker != nil {
+		g.stopWorker()
+		<-g.workerDone
+	}
+	if g.Queue != nil {
+		g.Queue.Close()
 	}
 	if lerr := g.Ledger.Close(ctx); lerr != nil {
 		g.log.Error("flushing usage", "err", lerr)

@@ -1,4 +1,489 @@
-// Package worker will own the queue workers that drain low-priority jobs
-// from NATS JetStream into the headroom synchronous traffic leaves. It is
-// empty until that milestone lands.
+// Package worker owns the queue workers: they drain jobs from JetStream only
+// into the headroom synchronous traffic leaves (each deployment keeps its
+// sync_reserve free), serve the highest priority first and tenants in turn,
+// call deployments through the same broker as the synchronous path, and
+// record each job's outcome exactly once before acknowledging its message.
 package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/queue"
+	"github.com/levee-gw/levee/store"
+)
+
+// Config tunes a worker pool.
+type Config struct {
+	Concurrency int
+	MaxAttempts int
+	Backoff     []time.Duration
+	AckWait     time.Duration
+	// ShutdownGrace is how long in-flight jobs may run on after Run's
+	// context ends before they are returned to the queue.
+	ShutdownGrace time.Duration
+}
+
+// ConfigFrom takes a worker Config from Levee's.
+func ConfigFrom(c *config.Config) Config {
+	return Config{Concurrency: c.Worker.Concurrency, MaxAttempts: c.Queue.MaxAttempts, Backoff: c.Queue.Backoff,
+		AckWait: c.Queue.AckWait, ShutdownGrace: c.ShutdownTimeout}
+}
+
+// Worker drains the job queue.
+type Worker struct {
+	q   *queue.Queue
+	st  *store.Store
+	b   *broker.Broker
+	cfg Config
+	log *slog.Logger
+	m   *metrics
+
+	groups map[string]*broker.Group // by model token
+	sem    chan struct{}
+	cursor map[string]int // round-robin position per priority and model
+
+	mu         sync.Mutex
+	typical    map[string]int           // running estimate of a job per model token
+	unreserved map[string]*atomic.Int64 // tokens dispatched but not yet reserved
+	wake       chan struct{}
+}
+
+// New builds a worker pool; reg may be nil.
+func New(q *queue.Queue, st *store.Store, b *broker.Broker, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
+	w := &Worker{q: q, st: st, b: b, cfg: cfg, log: log, groups: map[string]*broker.Group{},
+		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
+		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1)}
+	for _, name := range b.Models() {
+		g, _ := b.Resolve(name)
+		tok := queue.Token(name)
+		w.groups[tok] = g
+		w.unreserved[tok] = &atomic.Int64{}
+		w.typical[tok] = g.Policy.DefaultMaxTokens / 2
+	}
+	w.m = newMetrics(reg, st)
+	return w
+}
+
+// Run drains the queue until ctx ends, then lets in-flight jobs finish
+// (bounded by ShutdownGrace) and returns the rest to the queue.
+func (w *Worker) Run(ctx context.Context) error {
+	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
+	var wg sync.WaitGroup
+	go w.sweep(ctx)
+	var (
+		pending   map[string]uint64
+		refreshed time.Time
+	)
+	for ctx.Err() == nil {
+		if time.Since(refreshed) > 20*time.Millisecond {
+			p, err := w.q.Pending(ctx)
+			if err != nil {
+				if ctx.Err() == nil {
+					w.log.Warn("reading queue depth", "err", err)
+					sleep(ctx, 500*time.Millisecond)
+				}
+				continue
+			}
+			pending, refreshed = p, time.Now()
+		}
+		n := w.dispatch(ctx, work, pending, &wg)
+		if n == 0 {
+			select {
+			case <-ctx.Done():
+			case <-w.wake:
+			case <-time.After(15 * time.Millisecond):
+			}
+			refreshed = time.Time{}
+		}
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(w.cfg.ShutdownGrace):
+		cancelWork() // the jobs still running are returned to the queue
+		<-done
+	}
+	return nil
+}
+
+// dispatch takes at most one message per model with room, from the highest
+// priority that has work, from the next tenant in turn.
+func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, wg *sync.WaitGroup) int {
+	// model token → priority → tenants with messages
+	byModel := map[string]map[string][]uuid.UUID{}
+	for subj, n := range pending {
+		if n == 0 {
+			continue
+		}
+		prio, model, tenant, ok := w.q.ParseSubject(subj)
+		if !ok {
+			continue
+		}
+		if byModel[model] == nil {
+			byModel[model] = map[string][]uuid.UUID{}
+		}
+		byModel[model][prio] = append(byModel[model][prio], tenant)
+	}
+	now := time.Now()
+	dispatched := 0
+	for model, prios := range byModel {
+		g := w.groups[model]
+		if g == nil {
+			continue // a model no longer configured: its jobs wait for it
+		}
+		est := w.estimate(model)
+		if !g.HasBackgroundRoom(now, est+int(w.unreserved[model].Load())) {
+			continue
+		}
+		for _, prio := range queue.Priorities {
+			tenants := prios[prio]
+			if len(tenants) == 0 {
+				continue
+			}
+			slices.SortFunc(tenants, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
+			key := prio + "/" + model
+			start := w.cursor[key]
+			for k := 0; k < len(tenants); k++ {
+				i := (start + k) % len(tenants)
+				select {
+				case w.sem <- struct{}{}:
+				case <-ctx.Done():
+					return dispatched
+				}
+				msg := w.fetch(ctx, prio, model, tenants[i])
+				if msg == nil {
+					<-w.sem
+					continue
+				}
+				w.cursor[key] = i + 1
+				w.unreserved[model].Add(int64(est))
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer func() { <-w.sem }()
+					w.process(work, msg, model, est)
+				}()
+				dispatched++
+				break
+			}
+			break // lower priorities wait while this one has work
+		}
+	}
+	return dispatched
+}
+
+func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID) jetstream.Msg {
+	c, err := w.q.Consumer(ctx, prio, model, tenant)
+	if err != nil {
+		w.log.Warn("consumer", "err", err)
+		return nil
+	}
+	batch, err := c.FetchNoWait(1)
+	if err != nil {
+		return nil
+	}
+	for m := range batch.Messages() {
+		return m
+	}
+	return nil
+}
+
+func (w *Worker) estimate(model string) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return max(w.typical[model], 1)
+}
+
+func (w *Worker) learn(model string, est int) {
+	w.mu.Lock()
+	w.typical[model] = (w.typical[model]*7 + est) / 8
+	w.mu.Unlock()
+}
+
+// Wake makes the dispatcher look at the queue now (a job was submitted).
+func (w *Worker) Wake() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Worker) backoff(attempt int) time.Duration {
+	if len(w.cfg.Backoff) == 0 {
+		return time.Second
+	}
+	d := w.cfg.Backoff[min(max(attempt-1, 0), len(w.cfg.Backoff)-1)]
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// process runs one delivery of a job.
+func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, dispatchEst int) {
+	unreserved := int64(dispatchEst)
+	defer func() { w.unreserved[model].Add(-unreserved) }()
+	id, err := uuid.Parse(string(msg.Data()))
+	if err != nil {
+		_ = msg.Term()
+		return
+	}
+	job, err := w.st.StartJob(ctx, id, w.cfg.AckWait)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		_ = msg.Term() // never accepted: its publish was rolled back
+		return
+	case errors.Is(err, store.ErrJobTerminal):
+		_ = msg.Ack() // done already (a redelivery, or cancelled): nothing to run
+		return
+	case errors.Is(err, store.ErrJobLeased):
+		wait := time.Second
+		if job.LeaseUntil != nil {
+			wait = max(time.Until(*job.LeaseUntil), 100*time.Millisecond)
+		}
+		_ = msg.NakWithDelay(wait)
+		return
+	case err != nil:
+		w.log.Warn("starting job", "job", id, "err", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	w.m.started.Inc()
+	start := time.Now()
+
+	// Keep the message and the lease alive through a long call.
+	keep, stopKeep := context.WithCancel(ctx)
+	defer stopKeep()
+	go func() {
+		t := time.NewTicker(w.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-keep.Done():
+				return
+			case <-t.C:
+				_ = msg.InProgress()
+				_ = w.st.ExtendLease(keep, id, w.cfg.AckWait)
+			}
+		}
+	}()
+
+	fail := func(code, message string, status int, body []byte) {
+		w.finish(ctx, msg, job, &store.FinishJobParams{ID: id, Status: store.JobFailed, ErrorCode: code, ErrorMessage: message,
+			ResultStatus: status, ResultBody: body, Latency: time.Since(start), Attempts: job.Attempts})
+	}
+	op, ok := broker.OpFromPath(strings.TrimPrefix(job.Endpoint, "/v1/"))
+	g, gok := w.b.Resolve(job.Model)
+	if !ok || !gok {
+		fail("model_not_found", fmt.Sprintf("model %q is not served by this gateway", job.Model), 0, nil)
+		return
+	}
+	req, err := broker.ParseRequest(op, job.Body)
+	if err != nil {
+		fail("invalid_request", err.Error(), 0, nil)
+		return
+	}
+	res, err := w.b.Do(ctx, &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true})
+	w.unreserved[model].Add(-unreserved)
+	unreserved = 0
+	var nc *broker.NoCapacityError
+	var tl *broker.TooLargeError
+	switch {
+	case err == nil:
+	case errors.As(err, &nc):
+		// Not the job's fault: back to the queue until room is expected.
+		w.m.retries.WithLabelValues("no_capacity").Inc()
+		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
+		_ = msg.NakWithDelay(max(time.Until(nc.RetryAt), 50*time.Millisecond))
+		return
+	case errors.As(err, &tl):
+		fail("request_too_large", tl.Error(), 0, nil)
+		return
+	case ctx.Err() != nil:
+		// Shutting down: return the job untouched.
+		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
+		_ = msg.Nak()
+		return
+	default:
+		if job.Attempts >= w.cfg.MaxAttempts {
+			w.m.deadLettered.Inc()
+			fail("upstream_unavailable", fmt.Sprintf("failed after %d attempts; last error: %v", job.Attempts, err), 0, nil)
+			return
+		}
+		w.m.retries.WithLabelValues("upstream_error").Inc()
+		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, true)
+		_ = msg.NakWithDelay(w.backoff(job.Attempts))
+		return
+	}
+	w.learn(model, res.Estimate)
+	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, 64<<20))
+	res.Resp.Body.Close()
+	if readErr != nil {
+		res.Finish(nil, readErr)
+		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, true)
+		_ = msg.NakWithDelay(w.backoff(job.Attempts))
+		return
+	}
+	u, hasUsage := broker.ParseUsage(body)
+	if hasUsage {
+		res.Finish(&u, nil)
+	} else {
+		res.Finish(nil, nil)
+	}
+	w.m.tokens.WithLabelValues(res.Deployment.Name).Add(float64(u.TotalTokens))
+	p := &store.FinishJobParams{ID: id, Status: store.JobSucceeded, Deployment: res.Deployment.Name, ResultStatus: res.Resp.StatusCode,
+		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, Latency: time.Since(start), Attempts: job.Attempts}
+	if res.Resp.StatusCode >= 400 {
+		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
+	}
+	w.finish(ctx, msg, job, p)
+}
+
+// finish records the outcome (exactly once, in Postgres), then acks. If
+// Postgres cannot be reached the message is not acked: it will come back,
+// and the outcome is recorded then.
+func (w *Worker) finish(ctx context.Context, msg jetstream.Msg, job *store.Job, p *store.FinishJobParams) {
+	ctx = context.WithoutCancel(ctx)
+	var applied bool
+	var err error
+	for try := 0; try < 5; try++ {
+		if applied, err = w.st.FinishJob(ctx, p); err == nil {
+			break
+		}
+		time.Sleep(time.Duration(try+1) * 200 * time.Millisecond)
+	}
+	if err != nil {
+		w.log.Error("recording job outcome", "job", p.ID, "err", err)
+		_ = msg.NakWithDelay(w.cfg.AckWait)
+		return
+	}
+	_ = msg.Ack()
+	if applied {
+		w.m.finished.WithLabelValues(job.Priority, p.Status).Inc()
+		w.m.latency.WithLabelValues(job.Priority).Observe(time.Since(job.CreatedAt).Seconds())
+		w.q.NotifyDone(p.ID)
+	}
+}
+
+// sweep republishes jobs whose message may be missing: accepted but the
+// publish never confirmed, or held by a worker whose lease ran out long ago.
+// The job id is the message id, so a message that does exist is not doubled.
+func (w *Worker) sweep(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		jobs, err := w.st.SweepJobs(ctx, max(2*w.cfg.AckWait, 10*time.Second), 1000)
+		if err != nil {
+			continue
+		}
+		for _, j := range jobs {
+			if err := w.q.Publish(ctx, j.ID, j.Priority, j.Model, j.TenantID); err != nil {
+				w.log.Warn("republishing job", "job", j.ID, "err", err)
+			}
+		}
+		if len(jobs) > 0 {
+			w.log.Info("republished jobs", "count", len(jobs))
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+type metrics struct {
+	started      prometheus.Counter
+	finished     *prometheus.CounterVec
+	retries      *prometheus.CounterVec
+	deadLettered prometheus.Counter
+	latency      *prometheus.HistogramVec
+	tokens       *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
+	m := &metrics{
+		started:      prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_jobs_started_total", Help: "Job attempts started by workers."}),
+		finished:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_jobs_finished_total", Help: "Jobs ended by workers, by priority and status."}, []string{"priority", "status"}),
+		retries:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_job_retries_total", Help: "Jobs returned to the queue, by reason."}, []string{"reason"}),
+		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_jobs_dead_lettered_total", Help: "Jobs failed after their last attempt."}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "levee_job_duration_seconds", Help: "Time from a job's acceptance to its end.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 3, 12)}, []string{"priority"}),
+		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_worker_tokens_total", Help: "Tokens drained by workers, per deployment."}, []string{"deployment"}),
+	}
+	if reg == nil {
+		return m
+	}
+	reg.MustRegister(m.started, m.finished, m.retries, m.deadLettered, m.latency, m.tokens, &queueCollector{st: st})
+	return m
+}
+
+// queueCollector reports queue depth and the oldest queued job per priority,
+// read from Postgres at scrape time (cached briefly).
+type queueCollector struct {
+	st    *store.Store
+	mu    sync.Mutex
+	at    time.Time
+	stats []store.QueueStat
+}
+
+var (
+	depthDesc   = prometheus.NewDesc("levee_queue_depth", "Jobs waiting, by priority and state.", []string{"priority", "state"}, nil)
+	oldestDesc  = prometheus.NewDesc("levee_queue_oldest_age_seconds", "Age of the oldest queued job, by priority.", []string{"priority"}, nil)
+	priorityAll = queue.Priorities
+)
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) { ch <- depthDesc; ch <- oldestDesc }
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	if time.Since(c.at) > 2*time.Second {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if s, err := c.st.QueueStats(ctx); err == nil {
+			c.stats, c.at = s, time.Now()
+		}
+		cancel()
+	}
+	stats := c.stats
+	c.mu.Unlock()
+	byPrio := map[string]store.QueueStat{}
+	for _, s := range stats {
+		byPrio[s.Priority] = s
+	}
+	prios := append([]string(nil), priorityAll...)
+	sort.Strings(prios)
+	for _, p := range prios {
+		s := byPrio[p]
+		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(s.Queued), p, "queued")
+		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(s.Running), p, "running")
+		age := 0.0
+		if s.Oldest != nil {
+			age = time.Since(*s.Oldest).Seconds()
+		}
+		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, p)
+	}
+}

@@ -20,7 +20,8 @@ const usage = `levee — an LLM gateway that never wastes paid capacity.
 
 Usage:
   levee dev    [--listen ADDR] [--data-dir DIR] [--config FILE]   run everything on embedded defaults
-  levee serve  --config FILE                                      run the gateway
+  levee serve  --config FILE                                      run the gateway (and workers if worker.enabled)
+  levee worker --config FILE [--metrics ADDR]                     run only queue workers
   levee sim    [--listen ADDR] [--config FILE]                    run the Azure OpenAI simulator
   levee migrate                 [--database-url URL]              apply database migrations
   levee tenant create NAME      [--database-url URL]              create a tenant
@@ -58,6 +59,8 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 	switch args[0] {
 	case "serve":
 		return cmdServe(ctx, args[1:], log, getenv)
+	case "worker":
+		return cmdWorker(ctx, args[1:], log, getenv)
 	case "dev":
 		return cmdDev(ctx, args[1:], stdout, log, getenv)
 	case "sim":

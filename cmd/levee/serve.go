@@ -31,7 +31,7 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	if err := st.Migrate(ctx); err != nil {
 		return err
 	}
-	g, err := gateway.Start(cfg, st, log)
+	g, err := gateway.Start(ctx, cfg, st, log)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/gateway"
+	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/worker"
+)
+
+// cmdWorker runs only queue workers, serving /metrics on --metrics.
+func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func(string) string) error {
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	path := fs.String("config", "levee.yaml", "config file")
+	metricsAddr := fs.String("metrics", "127.0.0.1:9091", "address for /metrics and /healthz (empty: none)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path, getenv)
+	if err != nil {
+		return err
+	}
+	if cfg.DatabaseURL == "" {
+		return &config.FieldError{Field: "database_url", Msg: "required (or set DATABASE_URL)"}
+	}
+	if cfg.NATSURL == "" {
+		return &config.FieldError{Field: "nats_url", Msg: "required for workers (or set NATS_URL)"}
+	}
+	st, err := store.Open(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := st.Migrate(ctx); err != nil {
+		return err
+	}
+	reg := gateway.NewRegistry()
+	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
+	q, err := gateway.OpenQueue(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+	w := worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
+	if *metricsAddr != "" {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		hs := &http.Server{Addr: *metricsAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hs.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics server", "err", err)
+			}
+		}()
+		defer hs.Close()
+	}
+	log.Info("levee worker running", "deployments", len(cfg.Deployments), "concurrency", cfg.Worker.Concurrency)
+	return w.Run(ctx)
+}

@@ -1,0 +1,235 @@
+// Package queue owns Levee's use of NATS JetStream: the jobs stream, its
+// subjects (levee.jobs.<priority>.<model>.<tenant>), one durable pull
+// consumer per (priority, model, tenant) so workers can serve tenants in
+// turn, and publishing with the job id as Nats-Msg-Id so a retried publish
+// never duplicates a job. It also carries the core-NATS notices that tell a
+// waiting caller its job is done.
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Priorities, highest first. Synchronous calls ("high") never enter the queue.
+var Priorities = []string{"normal", "low", "batch"}
+
+// Config tunes the stream and consumers.
+type Config struct {
+	URL string
+	// Stream is the stream's name (tests use their own).
+	Stream   string
+	Replicas int
+	// AckWait is how long a worker may hold a message without a sign of life.
+	AckWait time.Duration
+	// MaxAckPending caps one tenant's in-flight messages per priority and model.
+	MaxAckPending int
+	// Duplicates is the dedup window for Nats-Msg-Id.
+	Duplicates time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.Stream == "" {
+		c.Stream = "LEVEE_JOBS"
+	}
+	if c.Replicas == 0 {
+		c.Replicas = 1
+	}
+	if c.AckWait == 0 {
+		c.AckWait = 30 * time.Second
+	}
+	if c.MaxAckPending == 0 {
+		c.MaxAckPending = 256
+	}
+	if c.Duplicates == 0 {
+		c.Duplicates = 10 * time.Minute
+	}
+}
+
+// Queue is a connection to the jobs stream.
+type Queue struct {
+	cfg    Config
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	prefix string
+	log    *slog.Logger
+
+	mu        sync.Mutex
+	consumers map[string]jetstream.Consumer
+}
+
+// Open connects (reconnecting forever) and creates or updates the stream.
+func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Queue, error) {
+	cfg.defaults()
+	nc, err := nats.Connect(cfg.URL, nats.Name("levee"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
+		nats.RetryOnFailedConnect(false))
+	if err != nil {
+		return nil, fmt.Errorf("queue: connect: %w", err)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("queue: %w", err)
+	}
+	q := &Queue{cfg: cfg, nc: nc, js: js, log: log, consumers: map[string]jetstream.Consumer{},
+		prefix: "levee.jobs." + strings.ToLower(cfg.Stream)}
+	if err := q.ensureStream(ctx); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+func (q *Queue) ensureStream(ctx context.Context) error {
+	_, err := q.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        q.cfg.Stream,
+		Description: "Levee jobs: one message per queued job, carrying its id",
+		Subjects:    []string{q.prefix + ".>"},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    q.cfg.Replicas,
+		Duplicates:  q.cfg.Duplicates,
+	})
+	if err != nil {
+		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
+	}
+	return nil
+}
+
+// Conn is the NATS connection (capacity sharing and notices use it too).
+func (q *Queue) Conn() *nats.Conn { return q.nc }
+
+// Close drains the connection.
+func (q *Queue) Close() { q.nc.Close() }
+
+// Token makes a name safe as one subject token and as part of a consumer
+// name: anything outside [A-Za-z0-9_-] becomes '_'.
+func Token(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
+}
+
+// Subject is where a job of this priority, model and tenant is published.
+func (q *Queue) Subject(priority, model string, tenant uuid.UUID) string {
+	return q.prefix + "." + priority + "." + Token(model) + "." + tenant.String()
+}
+
+// ParseSubject splits a job subject into its priority, model token and tenant.
+func (q *Queue) ParseSubject(subject string) (priority, modelToken string, tenant uuid.UUID, ok bool) {
+	rest, found := strings.CutPrefix(subject, q.prefix+".")
+	if !found {
+		return "", "", uuid.Nil, false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 3 {
+		return "", "", uuid.Nil, false
+	}
+	t, err := uuid.Parse(parts[2])
+	if err != nil {
+		return "", "", uuid.Nil, false
+	}
+	return parts[0], parts[1], t, true
+}
+
+// ErrUnavailable means JetStream could not take the message now.
+var ErrUnavailable = errors.New("the job queue is unavailable")
+
+// Publish puts a job on the stream. The job id is the message id, so a
+// retried publish (or a sweeper's republish) inside the dedup window is
+// dropped by JetStream itself.
+func (q *Queue) Publish(ctx context.Context, id uuid.UUID, priority, model string, tenant uuid.UUID) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err := q.js.Publish(ctx, q.Subject(priority, model, tenant), []byte(id.String()), jetstream.WithMsgID(id.String()))
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Consumer returns (creating if needed) the durable consumer of one
+// priority, model and tenant.
+func (q *Queue) Consumer(ctx context.Context, priority, modelToken string, tenant uuid.UUID) (jetstream.Consumer, error) {
+	name := Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
+	q.mu.Lock()
+	c, ok := q.consumers[name]
+	q.mu.Unlock()
+	if ok {
+		return c, nil
+	}
+	c, err := q.js.CreateOrUpdateConsumer(ctx, q.cfg.Stream, jetstream.ConsumerConfig{
+		Durable:       name,
+		FilterSubject: q.prefix + "." + priority + "." + modelToken + "." + tenant.String(),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       q.cfg.AckWait,
+		MaxAckPending: q.cfg.MaxAckPending,
+		// Levee counts attempts in Postgres and ends the job itself; the
+		// server must never silently drop a message.
+		MaxDeliver:        -1,
+		InactiveThreshold: 0,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: consumer %s: %w", name, err)
+	}
+	q.mu.Lock()
+	q.consumers[name] = c
+	q.mu.Unlock()
+	return c, nil
+}
+
+// Pending returns the stream's message count per subject: the jobs waiting
+// or in flight for each priority, model and tenant.
+func (q *Queue) Pending(ctx context.Context) (map[string]uint64, error) {
+	s, err := q.js.Stream(ctx, q.cfg.Stream)
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(q.prefix+".>"))
+	if err != nil {
+		return nil, err
+	}
+	return info.State.Subjects, nil
+}
+
+// Ready reports whether JetStream answers.
+func (q *Queue) Ready(ctx context.Context) error {
+	_, err := q.js.AccountInfo(ctx)
+	return err
+}
+
+func (q *Queue) doneSubject(id uuid.UUID) string { return "levee.done." + id.String() }
+
+// NotifyDone tells waiting callers a job ended (best effort: they also poll).
+func (q *Queue) NotifyDone(id uuid.UUID) {
+	_ = q.nc.Publish(q.doneSubject(id), nil)
+}
+
+// WaitDone subscribes to a job's end notice; wait returns when it arrives,
+// when every tick elapses (so the caller re-checks Postgres), or ctx ends.
+func (q *Queue) WaitDone(id uuid.UUID) (wait func(ctx context.Context, tick time.Duration) bool, stop func(), err error) {
+	sub, err := q.nc.SubscribeSync(q.doneSubject(id))
+	if err != nil {
+		return nil, nil, err
+	}
+	wait = func(ctx context.Context, tick time.Duration) bool {
+		ctx, cancel := context.WithTimeout(ctx, tick)
+		defer cancel()
+		_, err := sub.NextMsgWithContext(ctx)
+		return err == nil
+	}
+	return wait, func() { _ = sub.Unsubscribe() }, nil
+}

@@ -1,0 +1,365 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// Job statuses.
+const (
+	JobQueued    = "queued"
+	JobRunning   = "running"
+	JobSucceeded = "succeeded"
+	JobFailed    = "failed"
+	JobCancelled = "cancelled"
+)
+
+var (
+	// ErrIdempotencyMismatch: the Idempotency-Key was used with another body.
+	ErrIdempotencyMismatch = errors.New("idempotency key reused with a different request")
+	// ErrJobTerminal: the job has already ended.
+	ErrJobTerminal = errors.New("job has already ended")
+	// ErrJobLeased: another worker holds the job.
+	ErrJobLeased = errors.New("job is held by another worker")
+)
+
+// Job is a queued call and, once it ends, its outcome.
+type Job struct {
+	ID               uuid.UUID
+	TenantID         uuid.UUID
+	KeyID            uuid.UUID
+	Endpoint         string
+	Model            string
+	Body             []byte
+	Priority         string
+	Status           string
+	Metadata         json.RawMessage
+	WebhookURL       string
+	Attempts         int
+	Deployment       string
+	PromptTokens     int
+	CompletionTokens int
+	ResultStatus     int
+	ResultBody       []byte
+	ErrorCode        string
+	ErrorMessage     string
+	CreatedAt        time.Time
+	StartedAt        *time.Time
+	FinishedAt       *time.Time
+	LeaseUntil       *time.Time
+}
+
+// Terminal reports whether the job has ended.
+func (j *Job) Terminal() bool {
+	return j.Status == JobSucceeded || j.Status == JobFailed || j.Status == JobCancelled
+}
+
+const jobColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), endpoint, model, body, priority, status,
+	metadata, coalesce(webhook_url, ''), attempts, coalesce(deployment, ''), coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
+	coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until`
+
+func scanJob(row pgx.Row) (*Job, error) {
+	j := &Job{}
+	err := row.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
+		&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
+		&j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrNotFound
+	}
+	return j, err
+}
+
+// InsertJobParams describe a new job.
+type InsertJobParams struct {
+	TenantID       uuid.UUID
+	KeyID          uuid.UUID
+	Endpoint       string
+	Model          string
+	Body           []byte
+	Priority       string
+	Metadata       json.RawMessage
+	WebhookURL     string
+	IdempotencyKey string
+}
+
+// InsertJob stores a queued job. With an idempotency key already used by the
+// tenant it returns that job (created false), or ErrIdempotencyMismatch when
+// the request differs.
+func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, error) {
+	h := sha256.New()
+	for _, part := range [][]byte{[]byte(p.Endpoint), {0}, []byte(p.Priority), {0}, p.Body, {0}, p.Metadata, {0}, []byte(p.WebhookURL)} {
+		h.Write(part)
+	}
+	hash := h.Sum(nil)
+	id, err := uuid.NewV7()
+	if err != nil {
+		return nil, false, err
+	}
+	if len(p.Metadata) == 0 {
+		p.Metadata = json.RawMessage("{}")
+	}
+	var key, idem, hook any
+	if p.KeyID != uuid.Nil {
+		key = p.KeyID
+	}
+	if p.IdempotencyKey != "" {
+		idem = p.IdempotencyKey
+	}
+	if p.WebhookURL != "" {
+		hook = p.WebhookURL
+	}
+	j, err := scanJob(s.pool.QueryRow(ctx, `
+		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11)
+		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+		RETURNING `+jobColumns,
+		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem))
+	if err == nil {
+		return j, true, nil
+	}
+	if !errors.Is(err, ErrNotFound) {
+		return nil, false, fmt.Errorf("store: insert job: %w", err)
+	}
+	var existing []byte
+	j, err = scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2`, p.TenantID, p.IdempotencyKey))
+	if err != nil {
+		return nil, false, fmt.Errorf("store: idempotent job: %w", err)
+	}
+	if err := s.pool.QueryRow(ctx, `SELECT body_hash FROM jobs WHERE id = $1`, j.ID).Scan(&existing); err != nil {
+		return nil, false, fmt.Errorf("store: idempotent job: %w", err)
+	}
+	if string(existing) != string(hash) {
+		return j, false, ErrIdempotencyMismatch
+	}
+	return j, false, nil
+}
+
+// MarkPublished records that the job's message reached JetStream.
+func (s *Store) MarkPublished(ctx context.Context, id uuid.UUID) error {
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = now() WHERE id = $1`, id)
+	return err
+}
+
+// DeleteJob removes a job that was never accepted (its publish failed).
+func (s *Store) DeleteJob(ctx context.Context, id uuid.UUID) error {
+	_, err := s.pool.Exec(ctx, `DELETE FROM jobs WHERE id = $1 AND status = 'queued'`, id)
+	return err
+}
+
+// GetJob returns a tenant's job; another tenant's id is ErrNotFound.
+func (s *Store) GetJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
+	return scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE id = $1 AND tenant_id = $2`, id, tenant))
+}
+
+// JobByID returns any job (workers).
+func (s *Store) JobByID(ctx context.Context, id uuid.UUID) (*Job, error) {
+	return scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE id = $1`, id))
+}
+
+// ListJobsParams page through a tenant's jobs, newest first.
+type ListJobsParams struct {
+	TenantID uuid.UUID
+	Status   string
+	// After is the last id of the previous page.
+	After uuid.UUID
+	Limit int
+}
+
+// ListJobs returns up to Limit jobs and whether more follow.
+func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, error) {
+	after := p.After
+	if after == uuid.Nil {
+		after = uuid.Max
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+jobColumns+` FROM jobs
+		WHERE tenant_id = $1 AND id < $2 AND ($3 = '' OR status = $3)
+		ORDER BY id DESC LIMIT $4`, p.TenantID, after, p.Status, p.Limit+1)
+	if err != nil {
+		return nil, false, fmt.Errorf("store: list jobs: %w", err)
+	}
+	defer rows.Close()
+	var out []*Job
+	for rows.Next() {
+		j, err := scanJob(rows)
+		if err != nil {
+			return nil, false, err
+		}
+		out = append(out, j)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, false, err
+	}
+	more := len(out) > p.Limit
+	if more {
+		out = out[:p.Limit]
+	}
+	return out, more, nil
+}
+
+// CancelJob cancels a tenant's job unless it has ended. A queued job is never
+// started after this returns: starting requires the queued (or running)
+// status this sets aside.
+func (s *Store) CancelJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
+	j, err := scanJob(s.pool.QueryRow(ctx, `UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_until = NULL
+		WHERE id = $1 AND tenant_id = $2 AND status IN ('queued', 'running') RETURNING `+jobColumns, id, tenant))
+	if errors.Is(err, ErrNotFound) {
+		return s.GetJob(ctx, tenant, id)
+	}
+	return j, err
+}
+
+// StartJob claims a job for one attempt, holding it until lease. It fails
+// with ErrJobTerminal when the job has ended and ErrJobLeased while another
+// worker's lease is live.
+func (s *Store) StartJob(ctx context.Context, id uuid.UUID, lease time.Duration) (*Job, error) {
+	j, err := scanJob(s.pool.QueryRow(ctx, `UPDATE jobs SET status = 'running', attempts = attempts + 1,
+			started_at = coalesce(started_at, now()), lease_until = now() + $2::interval
+		WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND lease_until < now()))
+		RETURNING `+jobColumns, id, lease.String()))
+	if err == nil {
+		return j, nil
+	}
+	if !errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("store: start job: %w", err)
+	}
+	cur, err := s.JobByID(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if cur.Terminal() {
+		return cur, ErrJobTerminal
+	}
+	return cur, ErrJobLeased
+}
+
+// ExtendLease keeps a long-running job held.
+func (s *Store) ExtendLease(ctx context.Context, id uuid.UUID, lease time.Duration) error {
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET lease_until = now() + $2::interval WHERE id = $1 AND status = 'running'`, id, lease.String())
+	return err
+}
+
+// RequeueJob returns a running job to the queue (its message was nak'ed).
+// countAttempt false takes back the attempt StartJob counted, for waits that
+// were not the job's fault (no capacity, shutdown).
+func (s *Store) RequeueJob(ctx context.Context, id uuid.UUID, countAttempt bool) error {
+	dec := 1
+	if countAttempt {
+		dec = 0
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET status = 'queued', lease_until = NULL, attempts = attempts - $2
+		WHERE id = $1 AND status = 'running'`, id, dec)
+	return err
+}
+
+// FinishJobParams are a job's outcome.
+type FinishJobParams struct {
+	ID               uuid.UUID
+	Status           string // succeeded or failed
+	Deployment       string
+	ResultStatus     int
+	ResultBody       []byte
+	ErrorCode        string
+	ErrorMessage     string
+	PromptTokens     int
+	CompletionTokens int
+	Latency          time.Duration
+	Attempts         int
+}
+
+// FinishJob records an outcome exactly once: in one transaction it ends the
+// job only if it is still running, and only then writes its usage row and
+// rollup. It returns false when the job had already ended (a redelivery, or a
+// cancel that came first): nothing is written then.
+func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error) {
+	applied := false
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var j Job
+		var key *uuid.UUID
+		err := tx.QueryRow(ctx, `UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
+				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
+				finished_at = now(), lease_until = NULL
+			WHERE id = $1 AND status = 'running'
+			RETURNING tenant_id, key_id, model, endpoint, priority, finished_at`,
+			p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens).
+			Scan(&j.TenantID, &key, &j.Model, &j.Endpoint, &j.Priority, &j.FinishedAt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		applied = true
+		status := p.ResultStatus
+		if status == 0 && p.Status == JobFailed {
+			status = 502
+		}
+		ev := UsageEvent{At: *j.FinishedAt, RequestID: "job_" + p.ID.String(), TenantID: j.TenantID, Deployment: p.Deployment,
+			Model: j.Model, Operation: j.Endpoint, Status: status, PromptTokens: p.PromptTokens, CompletionTokens: p.CompletionTokens,
+			Latency: p.Latency, Priority: j.Priority, Attempts: p.Attempts}
+		if key != nil {
+			ev.KeyID = *key
+		}
+		return writeUsageTx(ctx, tx, []UsageEvent{ev})
+	})
+	if err != nil {
+		return false, fmt.Errorf("store: finish job: %w", err)
+	}
+	return applied, nil
+}
+
+// SweepJobs finds jobs whose message may be missing: accepted but never
+// confirmed published (the process died between insert and publish), or
+// running with a lease long expired (JetStream would have redelivered a
+// message it still had). It stamps them published now, so concurrent
+// sweepers do not take the same ones. Queued jobs with a confirmed publish
+// are left alone: JetStream holds their messages.
+func (s *Store) SweepJobs(ctx context.Context, olderThan time.Duration, limit int) ([]*Job, error) {
+	rows, err := s.pool.Query(ctx, `UPDATE jobs SET published_at = now() WHERE id IN (
+			SELECT id FROM jobs
+			WHERE (status = 'queued' AND published_at IS NULL AND created_at < now() - $1::interval)
+			   OR (status = 'running' AND lease_until < now() - $1::interval AND coalesce(published_at, created_at) < now() - $1::interval)
+			ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+		RETURNING `+jobColumns, olderThan.String(), limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: sweep jobs: %w", err)
+	}
+	defer rows.Close()
+	var out []*Job
+	for rows.Next() {
+		j, err := scanJob(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, j)
+	}
+	return out, rows.Err()
+}
+
+// QueueStat is the open work of one priority.
+type QueueStat struct {
+	Priority string
+	Queued   int64
+	Running  int64
+	Oldest   *time.Time
+}
+
+// QueueStats summarizes open jobs by priority (for metrics).
+func (s *Store) QueueStats(ctx context.Context) ([]QueueStat, error) {
+	rows, err := s.pool.Query(ctx, `SELECT priority, count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running'),
+		min(created_at) FILTER (WHERE status = 'queued') FROM jobs WHERE status IN ('queued', 'running') GROUP BY priority`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (QueueStat, error) {
+		var q QueueStat
+		err := r.Scan(&q.Priority, &q.Queued, &q.Running, &q.Oldest)
+		return q, err
+	})
+}
