@@ -80,6 +80,54 @@ type Capacity struct {
 	tokens       window
 	reqs         window
 	blockedUntil time.Time
+
+	// With sharing on, local charges are also kept here until a Sharer
+	// sends them to the other processes.
+	shared  bool
+	outbox  []Delta
+	penalty time.Time
+}
+
+// Delta is a change to a deployment's windows in one bucket: what other
+// processes must add to stay in step with this one.
+type Delta struct {
+	Bucket   int64 `json:"b"`
+	Tokens   int64 `json:"t"`
+	Requests int64 `json:"r"`
+}
+
+func (c *Capacity) record(bucket, tokens, reqs int64) {
+	if c.shared {
+		c.outbox = append(c.outbox, Delta{bucket, tokens, reqs})
+	}
+}
+
+// drain hands over the local charges not yet shared, and a penalty end if
+// one was set since.
+func (c *Capacity) drain() ([]Delta, time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out, p := c.outbox, c.penalty
+	c.outbox, c.penalty = nil, time.Time{}
+	return out, p
+}
+
+// apply folds another process's charges into this view.
+func (c *Capacity) apply(now time.Time, ds []Delta, blockedUntil time.Time) {
+	b := bucketOf(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tokens.advance(b)
+	c.reqs.advance(b)
+	for _, d := range ds {
+		// A charge stamped ahead of this clock counts from now.
+		bk := min(d.Bucket, b)
+		c.tokens.add(bk, d.Tokens)
+		c.reqs.add(bk, d.Requests)
+	}
+	if blockedUntil.After(c.blockedUntil) {
+		c.blockedUntil = blockedUntil
+	}
 }
 
 // NewCapacity builds the view for a deployment with the given limits.
@@ -135,6 +183,7 @@ func (c *Capacity) ReserveKeeping(now time.Time, est int, keep float64) (*Reserv
 	}
 	c.tokens.add(b, e)
 	c.reqs.add(b, 1)
+	c.record(b, e, 1)
 	return &Reservation{c: c, bucket: b, tokens: e}, true, time.Time{}
 }
 
@@ -149,6 +198,7 @@ func (r *Reservation) Commit(actual int) {
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
 		r.c.tokens.add(r.c.tokens.last, extra)
+		r.c.record(r.c.tokens.last, extra, 0)
 		r.c.mu.Unlock()
 	}
 }
@@ -162,6 +212,7 @@ func (r *Reservation) Release() {
 	r.c.mu.Lock()
 	r.c.tokens.add(r.bucket, -r.tokens)
 	r.c.reqs.add(r.bucket, -1)
+	r.c.record(r.bucket, -r.tokens, -1)
 	r.c.mu.Unlock()
 }
 
@@ -194,6 +245,9 @@ func (c *Capacity) Penalize(now time.Time, d time.Duration) {
 	c.mu.Lock()
 	if until.After(c.blockedUntil) {
 		c.blockedUntil = until
+		if c.shared {
+			c.penalty = until
+		}
 	}
 	c.mu.Unlock()
 }

@@ -38,8 +38,9 @@ type Gateway struct {
 	hs         *http.Server
 	errc       chan error
 	log        *slog.Logger
-	stopWorker context.CancelFunc
-	workerDone chan struct{}
+	stopWorker     context.CancelFunc
+	workerDone     chan struct{}
+	stopBackground context.CancelFunc
 }
 
 // NewRegistry returns a metrics registry with the Go and process collectors.
@@ -97,6 +98,13 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 	g := &Gateway{Addr: ln.Addr().String(), Broker: b, Ledger: ledger, Queue: q, Worker: w, cfg: cfg, log: log, errc: make(chan error, 1),
 		hs: &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}}
 	go func() { g.errc <- g.hs.Serve(ln) }()
+	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
+	g.stopBackground = cancelBG
+	if q != nil {
+		// Processes sharing deployments keep one capacity view over NATS.
+		sh := broker.NewSharer(q.Conn(), b, "", log)
+		go func() { _ = sh.Run(bg) }()
+	}
 	if w != nil {
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 		g.stopWorker, g.workerDone = cancel, make(chan struct{})
@@ -126,6 +134,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		g.stopWorker()
 		<-g.workerDone
 	}
+	g.stopBackground()
 	if g.Queue != nil {
 		g.Queue.Close()
 	}

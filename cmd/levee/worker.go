@@ -51,6 +51,8 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	}
 	defer q.Close()
 	w := worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
+	sh := broker.NewSharer(q.Conn(), b, "", log)
+	go func() { _ = sh.Run(ctx) }()
 	if *metricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

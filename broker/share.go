@@ -1,0 +1,124 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+)
+
+// Sharer keeps the capacity views of every Levee process that uses the same
+// deployments in step, over core NATS. Each process charges locally on
+// arrival (so it never oversubscribes on its own) and publishes its charges,
+// refunds and 429 penalties every few milliseconds on
+// levee.capacity.<deployment>; every process folds the others' into its own
+// windows at the bucket they were made in. The deployments' own
+// x-ratelimit-remaining headers still correct any drift in each process.
+//
+// What it costs: between two flushes (Interval, 5 ms by default) processes
+// do not see each other's newest charges, so together they can overshoot a
+// deployment by what the others admitted in that interval; the deployment's
+// 429 then penalizes it everywhere.
+type Sharer struct {
+	nc       *nats.Conn
+	b        *Broker
+	origin   string
+	interval time.Duration
+	log      *slog.Logger
+	prefix   string
+}
+
+type shareMsg struct {
+	Origin string  `json:"o"`
+	Deltas []Delta `json:"d,omitempty"`
+	// Until is a 429 penalty's end, in Unix nanoseconds.
+	Until int64 `json:"u,omitempty"`
+}
+
+// NewSharer turns sharing on for every deployment of b. prefix separates
+// independent fleets on one NATS (tests); empty means "levee.capacity".
+func NewSharer(nc *nats.Conn, b *Broker, prefix string, log *slog.Logger) *Sharer {
+	if prefix == "" {
+		prefix = "levee.capacity"
+	}
+	for _, d := range b.order {
+		d.Capacity.mu.Lock()
+		d.Capacity.shared = true
+		d.Capacity.mu.Unlock()
+	}
+	return &Sharer{nc: nc, b: b, origin: uuid.NewString(), interval: 5 * time.Millisecond, log: log, prefix: prefix}
+}
+
+func (s *Sharer) subject(dep string) string {
+	return s.prefix + "." + strings.NewReplacer(".", "_", "*", "_", ">", "_", " ", "_").Replace(dep)
+}
+
+// Run shares until ctx ends.
+func (s *Sharer) Run(ctx context.Context) error {
+	byName := map[string]*Deployment{}
+	for _, d := range s.b.order {
+		byName[s.subject(d.Name)] = d
+	}
+	sub, err := s.nc.Subscribe(s.prefix+".*", func(m *nats.Msg) {
+		d := byName[m.Subject]
+		if d == nil {
+			return
+		}
+		var sm shareMsg
+		if json.Unmarshal(m.Data, &sm) != nil || sm.Origin == s.origin {
+			return
+		}
+		var until time.Time
+		if sm.Until > 0 {
+			until = time.Unix(0, sm.Until)
+		}
+		d.Capacity.apply(time.Now(), sm.Deltas, until)
+	})
+	if err != nil {
+		return fmt.Errorf("broker: share: %w", err)
+	}
+	defer sub.Unsubscribe()
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			s.flush()
+			return nil
+		case <-t.C:
+			s.flush()
+		}
+	}
+}
+
+func (s *Sharer) flush() {
+	for _, d := range s.b.order {
+		ds, until := d.Capacity.drain()
+		if len(ds) == 0 && until.IsZero() {
+			continue
+		}
+		// Charges in the same bucket travel as one.
+		merged := ds[:0]
+		for _, x := range ds {
+			if n := len(merged); n > 0 && merged[n-1].Bucket == x.Bucket {
+				merged[n-1].Tokens += x.Tokens
+				merged[n-1].Requests += x.Requests
+				continue
+			}
+			merged = append(merged, x)
+		}
+		m := shareMsg{Origin: s.origin, Deltas: merged}
+		if !until.IsZero() {
+			m.Until = until.UnixNano()
+		}
+		raw, _ := json.Marshal(m)
+		if err := s.nc.Publish(s.subject(d.Name), raw); err != nil {
+			s.log.Warn("sharing capacity", "deployment", d.Name, "err", err)
+		}
+	}
+}
