@@ -97,6 +97,9 @@ type StackOptions struct {
 	APIKey string
 	// Ephemeral runs Postgres without fsync (tests, benchmarks).
 	Ephemeral bool
+	// NoWorkers leaves queue workers to other processes (tests of
+	// `levee worker`); levee dev runs them in-process.
+	NoWorkers bool
 	Log       *slog.Logger
 }
 
@@ -113,6 +116,7 @@ type Stack struct {
 	NATSURL     string
 	Postgres    *Postgres
 	NATS        *NATS
+	NATSDir     string
 	simServer   *http.Server
 }
 
@@ -144,7 +148,8 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 		s.DatabaseURL = s.Postgres.URL
 	}
 	if s.NATSURL == "" {
-		if s.NATS, err = StartNATS(filepath.Join(o.DataDir, "nats"), 0); err != nil {
+		s.NATSDir = filepath.Join(o.DataDir, "nats")
+		if s.NATS, err = StartNATS(s.NATSDir, 0); err != nil {
 			return nil, err
 		}
 		s.NATSURL = s.NATS.URL
@@ -178,7 +183,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
 		ShutdownTimeout: 10 * time.Second}
-	cfg.Worker.Enabled = true // levee dev runs its workers in-process
+	cfg.Worker.Enabled = !o.NoWorkers
 	for _, d := range o.File.Deployments {
 		cfg.Deployments = append(cfg.Deployments, config.Deployment{
 			Name: d.Name, Model: d.Model, Kind: d.Kind, TPM: d.TPM, RPM: d.RPM, Region: d.Region,

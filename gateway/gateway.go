@@ -32,12 +32,12 @@ type Gateway struct {
 	Ledger *store.Ledger
 	// Queue is nil when no NATS URL is configured; Worker is nil unless
 	// workers run in this process.
-	Queue      *queue.Queue
-	Worker     *worker.Worker
-	cfg        *config.Config
-	hs         *http.Server
-	errc       chan error
-	log        *slog.Logger
+	Queue          *queue.Queue
+	Worker         *worker.Worker
+	cfg            *config.Config
+	hs             *http.Server
+	errc           chan error
+	log            *slog.Logger
 	stopWorker     context.CancelFunc
 	workerDone     chan struct{}
 	stopBackground context.CancelFunc

@@ -6,12 +6,17 @@
 package harness
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -90,15 +95,23 @@ type Env struct {
 // with latency removed so tests are quick) and stops it at cleanup.
 func Start(t testing.TB, f *dev.File) *Env {
 	t.Helper()
+	return StartWith(t, f, dev.StackOptions{})
+}
+
+// StartWith is Start with more options (Listen, DataDir, DatabaseURL, File,
+// Ephemeral and Log are the harness's).
+func StartWith(t testing.TB, f *dev.File, o dev.StackOptions) *Env {
+	t.Helper()
 	if f == nil {
 		f = Fast(dev.DefaultFile())
 	}
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s, err := dev.StartStack(context.Background(), dev.StackOptions{
-		Listen: "127.0.0.1:0", DataDir: dir, DatabaseURL: NewDatabase(t), NATSURL: os.Getenv("NATS_URL"),
-		File: f, Ephemeral: true, Log: log,
-	})
+	o.Listen, o.DataDir, o.DatabaseURL, o.File, o.Ephemeral, o.Log = "127.0.0.1:0", dir, NewDatabase(t), f, true, log
+	if o.NATSURL == "" {
+		o.NATSURL = os.Getenv("NATS_URL")
+	}
+	s, err := dev.StartStack(context.Background(), o)
 	if err != nil {
 		t.Fatalf("harness: start stack: %v", err)
 	}
@@ -110,6 +123,97 @@ func Start(t testing.TB, f *dev.File) *Env {
 		}
 	})
 	return &Env{Stack: s, t: t}
+}
+
+// RestartNATS stops the embedded NATS server and starts it again on the same
+// port and storage, as a restart of the real server would.
+func (e *Env) RestartNATS() {
+	e.t.Helper()
+	if e.NATS == nil {
+		e.t.Skip("NATS_URL is set: cannot restart an external server")
+	}
+	port := e.NATS.Server.Addr().(*net.TCPAddr).Port
+	e.NATS.Stop()
+	n, err := dev.StartNATS(e.NATSDir, port)
+	if err != nil {
+		e.t.Fatalf("harness: restart NATS: %v", err)
+	}
+	e.NATS = n
+}
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// Binary builds levee once per test binary and returns its path.
+func Binary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "levee-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "levee")
+		out, err := exec.Command("go", "build", "-o", binPath, "github.com/levee-gw/levee/cmd/levee").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("%v: %s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("harness: build levee: %v", buildErr)
+	}
+	return binPath
+}
+
+// Process is a levee subprocess.
+type Process struct {
+	Cmd *exec.Cmd
+	out *lockedWriter
+}
+
+// Output is what it printed so far.
+func (p *Process) Output() string {
+	p.out.mu.Lock()
+	defer p.out.mu.Unlock()
+	return p.out.w.String()
+}
+
+// Spawn runs `levee args...` with extra environment; it is killed at cleanup.
+func Spawn(t testing.TB, env []string, args ...string) *Process {
+	t.Helper()
+	cmd := exec.Command(Binary(t), args...)
+	cmd.Env = append(os.Environ(), env...)
+	out := &lockedWriter{w: &bytes.Buffer{}}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("harness: spawn: %v", err)
+	}
+	p := &Process{Cmd: cmd, out: out}
+	t.Cleanup(func() { p.Kill() })
+	return p
+}
+
+// Kill sends SIGKILL (kill -9) and waits.
+func (p *Process) Kill() {
+	if p.Cmd.ProcessState != nil {
+		return
+	}
+	_ = p.Cmd.Process.Kill()
+	_ = p.Cmd.Wait()
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // Fast removes simulated latency from a dev file.

@@ -1,0 +1,156 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/test/harness"
+	"github.com/levee-gw/levee/test/sim"
+)
+
+// processConfig writes a levee.yaml for subprocesses sharing env's
+// simulator, Postgres and NATS, and returns its path and environment.
+func processConfig(t *testing.T, env *harness.Env, listen, extra string) (string, []string) {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, "listen: %s\ndatabase_url: %s\nnats_url: %s\ndeployments:\n", listen, env.DatabaseURL, env.NATSURL)
+	for _, d := range env.Config.Deployments {
+		fmt.Fprintf(&b, "  - {name: %s, model: %s, endpoint: %q, credential_env: LEVEE_SIM_KEY, kind: %s, tpm: %d, rpm: %d, priority: %d, sync_reserve: %g}\n",
+			d.Name, d.Model, d.Endpoint, d.Kind, d.TPM, d.RPM, d.Priority, d.SyncReserve)
+	}
+	b.WriteString("models:\n")
+	for _, m := range env.Config.Models {
+		fmt.Fprintf(&b, "  - {name: %s, deployments: [%s], max_tokens: %d}\n", m.Name, strings.Join(m.Deployments, ", "), m.MaxTokens)
+	}
+	b.WriteString(extra)
+	path := filepath.Join(t.TempDir(), "levee.yaml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path, []string{"LEVEE_SIM_KEY=" + env.Config.Deployments[0].Credential, "LEVEE_LOG_LEVEL=warn", "DATABASE_URL=", "NATS_URL="}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// A worker killed with SIGKILL mid-batch, and a NATS restart while no worker
+// runs: every accepted job still ends succeeded, exactly once.
+func TestKilledWorkerAndNATSRestartLoseNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	f := &dev.File{
+		Deployments: []dev.FileDeployment{{Name: "d", Model: "gpt-4o", Kind: config.Standard, TPM: 1 << 30, RPM: 1 << 30,
+			Sim: sim.Deployment{TTFT: 50 * time.Millisecond, PerToken: 5 * time.Millisecond, CompletionTokens: 10}}},
+		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"d"}, MaxTokens: 4096}},
+	}
+	env := harness.StartWith(t, f, dev.StackOptions{NoWorkers: true})
+	cfgPath, penv := processConfig(t, env, "127.0.0.1:0", "queue: {ack_wait: 2s}\nworker: {concurrency: 16}\n")
+
+	const jobs = 300
+	ids := make([]string, jobs)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := w; i < jobs; i += 8 {
+				resp, j := submit(t, env, env.APIKey, jobBody(10, "low"))
+				if resp.StatusCode != 202 {
+					t.Errorf("submit: %d", resp.StatusCode)
+				}
+				ids[i] = j.ID
+			}
+		}(w)
+	}
+	wg.Wait()
+
+	worker := harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	done := func() (n int) {
+		_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status = 'succeeded'`).Scan(&n)
+		return n
+	}
+	harness.Eventually(t, 30*time.Second, "the worker to finish some jobs", func() bool { return done() >= 40 })
+	worker.Kill() // kill -9, mid-batch: some jobs are running
+	var running int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status = 'running'`).Scan(&running)
+	before := done()
+	t.Logf("killed the worker with %d jobs succeeded and %d running", before, running)
+	if before == jobs {
+		t.Fatal("every job finished before the kill: the test proves nothing")
+	}
+
+	env.RestartNATS()
+	// The gateway reconnects; a job submitted now is accepted as usual.
+	harness.Eventually(t, 10*time.Second, "the gateway to accept jobs after the NATS restart", func() bool {
+		resp, j := submit(t, env, env.APIKey, jobBody(10, "low"))
+		if resp.StatusCode == 202 {
+			ids = append(ids, j.ID)
+			return true
+		}
+		return false
+	})
+	harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	harness.Eventually(t, 60*time.Second, "every job to end", func() bool {
+		var open int
+		_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')`).Scan(&open)
+		return open == 0
+	})
+	var succeeded, total int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FROM jobs`).Scan(&succeeded, &total)
+	if total != len(ids) || succeeded != len(ids) {
+		t.Fatalf("%d of %d jobs succeeded (%d stored)", succeeded, len(ids), total)
+	}
+	// Exactly once: one usage row per job, no more.
+	var rows, distinct int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*), count(DISTINCT request_id) FROM usage_events WHERE request_id LIKE 'job_%'`).Scan(&rows, &distinct)
+	if rows != len(ids) || distinct != len(ids) {
+		t.Fatalf("%d usage rows for %d jobs (%d distinct)", rows, len(ids), distinct)
+	}
+	t.Logf("simulator admitted %d calls for %d jobs (calls cut off by the kill were repeated)", env.Sim.Stats()["d"].Admitted, len(ids))
+}
+
+func TestLeveeWorkerProcessDrainsQueue(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	env := harness.StartWith(t, nil, dev.StackOptions{NoWorkers: true})
+	cfgPath, penv := processConfig(t, env, "127.0.0.1:0", "")
+	_, j := submit(t, env, env.APIKey, jobBody(5, "normal"))
+	metrics := freeAddr(t)
+	harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", metrics)
+	if done := waitJob(t, env, env.APIKey, j.ID, 20*time.Second); done.Status != "succeeded" {
+		t.Fatalf("%+v", done)
+	}
+	resp, err := http.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"levee_jobs_finished_total", "levee_queue_depth", "levee_queue_oldest_age_seconds", "levee_worker_tokens_total"} {
+		if !strings.Contains(string(raw), want) {
+			t.Fatalf("worker metrics lack %s", want)
+		}
+	}
+}
