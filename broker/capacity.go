@@ -86,6 +86,9 @@ type Capacity struct {
 	shared  bool
 	outbox  []Delta
 	penalty time.Time
+	// urgent wakes the Sharer when a charge leaves the deployment near its
+	// limit: then a few milliseconds of delay matter.
+	urgent chan struct{}
 }
 
 // Delta is a change to a deployment's windows in one bucket: what other
@@ -97,8 +100,15 @@ type Delta struct {
 }
 
 func (c *Capacity) record(bucket, tokens, reqs int64) {
-	if c.shared {
-		c.outbox = append(c.outbox, Delta{bucket, tokens, reqs})
+	if !c.shared {
+		return
+	}
+	c.outbox = append(c.outbox, Delta{bucket, tokens, reqs})
+	if c.tokens.total*10 > c.tokenLimit*9 || c.reqs.total*10 > c.reqLimit*9 {
+		select {
+		case c.urgent <- struct{}{}:
+		default:
+		}
 	}
 }
 

@@ -20,10 +20,11 @@ import (
 // windows at the bucket they were made in. The deployments' own
 // x-ratelimit-remaining headers still correct any drift in each process.
 //
-// What it costs: between two flushes (Interval, 5 ms by default) processes
-// do not see each other's newest charges, so together they can overshoot a
-// deployment by what the others admitted in that interval; the deployment's
-// 429 then penalizes it everywhere.
+// What it costs: between two flushes (every 5 ms, or at once when a charge
+// leaves a deployment within 10 % of its limit) processes do not see each
+// other's newest charges, so together they can overshoot a deployment by
+// what the others admitted meanwhile; the deployment's 429 then penalizes it
+// everywhere.
 type Sharer struct {
 	nc       *nats.Conn
 	b        *Broker
@@ -31,6 +32,7 @@ type Sharer struct {
 	interval time.Duration
 	log      *slog.Logger
 	prefix   string
+	urgent   chan struct{}
 }
 
 type shareMsg struct {
@@ -46,12 +48,13 @@ func NewSharer(nc *nats.Conn, b *Broker, prefix string, log *slog.Logger) *Share
 	if prefix == "" {
 		prefix = "levee.capacity"
 	}
+	urgent := make(chan struct{}, 1)
 	for _, d := range b.order {
 		d.Capacity.mu.Lock()
-		d.Capacity.shared = true
+		d.Capacity.shared, d.Capacity.urgent = true, urgent
 		d.Capacity.mu.Unlock()
 	}
-	return &Sharer{nc: nc, b: b, origin: uuid.NewString(), interval: 5 * time.Millisecond, log: log, prefix: prefix}
+	return &Sharer{nc: nc, b: b, origin: uuid.NewString(), interval: 5 * time.Millisecond, log: log, prefix: prefix, urgent: urgent}
 }
 
 func (s *Sharer) subject(dep string) string {
@@ -91,6 +94,8 @@ func (s *Sharer) Run(ctx context.Context) error {
 			s.flush()
 			return nil
 		case <-t.C:
+			s.flush()
+		case <-s.urgent:
 			s.flush()
 		}
 	}

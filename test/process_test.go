@@ -154,3 +154,88 @@ func TestLeveeWorkerProcessDrainsQueue(t *testing.T) {
 		}
 	}
 }
+
+// Two gateways and two workers, as separate processes, share two
+// deployments while synchronous calls and a job backlog compete for them.
+// Their shared capacity view must keep the simulator from refusing calls.
+func TestProcessesShareOneCapacityView(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	lat := sim.Deployment{TTFT: 20 * time.Millisecond, PerToken: time.Millisecond, CompletionTokens: 20}
+	f := &dev.File{
+		Deployments: []dev.FileDeployment{
+			{Name: "ptu", Model: "gpt-4o", Kind: config.Provisioned, TPM: 30_000, RPM: 1 << 20, Sim: lat},
+			{Name: "std", Model: "gpt-4o", Kind: config.Standard, TPM: 30_000, RPM: 1 << 20, Sim: lat},
+		},
+		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"ptu", "std"}, MaxTokens: 4096}},
+	}
+	env := harness.StartWith(t, f, dev.StackOptions{NoWorkers: true})
+	var gateways []string
+	for i := 0; i < 2; i++ {
+		addr := freeAddr(t)
+		cfgPath, penv := processConfig(t, env, addr, "worker: {enabled: false}\n")
+		harness.Spawn(t, penv, "serve", "--config", cfgPath)
+		gateways = append(gateways, "http://"+addr)
+	}
+	for i := 0; i < 2; i++ {
+		cfgPath, penv := processConfig(t, env, "127.0.0.1:0", "worker: {concurrency: 32}\n")
+		harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	}
+	for _, g := range gateways {
+		harness.Eventually(t, 30*time.Second, g+" to be ready", func() bool {
+			resp, err := http.Get(g + "/readyz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == 200
+		})
+	}
+	// A backlog of jobs through both gateways...
+	for i := 0; i < 300; i++ {
+		if resp, _ := call(t, gateways[i%2], "/v1/jobs", env.APIKey, jobBody(100, "low")); resp.StatusCode != 202 {
+			t.Fatalf("submit: %d", resp.StatusCode)
+		}
+	}
+	// ...and synchronous calls through both, until together they have asked
+	// for well over the deployments' 60,000 tokens a minute.
+	statuses := map[int]int{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	stop := time.Now().Add(6 * time.Second)
+	for c := 0; c < 8; c++ {
+		wg.Add(1)
+		go func(c int) {
+			defer wg.Done()
+			for i := 0; time.Now().Before(stop); i++ {
+				resp, _ := call(t, gateways[(c+i)%2], "/v1/chat/completions", env.APIKey, chat(100))
+				mu.Lock()
+				statuses[resp.StatusCode]++
+				mu.Unlock()
+			}
+		}(c)
+	}
+	wg.Wait()
+	time.Sleep(500 * time.Millisecond) // let in-flight jobs land
+	var calls, refused int64
+	for name, st := range env.Sim.Stats() {
+		est := st.TokensAdmitted / max(st.Admitted, 1)
+		t.Logf("%s: %d calls, %d admitted, %d refused; peak demand %d of %d TPM (+%.1f estimates)",
+			name, st.Calls, st.Admitted, st.Refused, st.PeakDemand, st.TPM, float64(st.PeakDemand-st.TPM)/float64(est))
+		calls += st.Calls
+		refused += st.Refused
+		if st.PeakTokens < st.TPM*8/10 {
+			t.Errorf("%s was used to only %d of %d: the load did not reach the limit, so the test proves nothing", name, st.PeakTokens, st.TPM)
+		}
+	}
+	var done int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status = 'succeeded'`).Scan(&done)
+	t.Logf("sync statuses %v; %d jobs done; upstream 429s %d of %d calls", statuses, done, refused, calls)
+	if calls == 0 || float64(refused)/float64(calls) >= 0.01 {
+		t.Fatalf("upstream refused %d of %d calls (must stay under 1%%)", refused, calls)
+	}
+	if statuses[200] == 0 || done == 0 {
+		t.Fatal("neither synchronous calls nor jobs got through")
+	}
+}
