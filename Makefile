@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint bench bench-go sdk-node
+.PHONY: help build run test lint bench bench-go bench-jobs bench-levelling sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ sdk-node: ## install the pinned openai-node SDK so `make test` also runs it agai
 
 bench: ## added latency and sustained rate, direct vs through Levee (zero-latency simulator)
 	$(GO) run ./test/bench/proxy
+
+bench-jobs: ## end-to-end jobs/s: submit over HTTP to all succeeded (zero-latency simulator, no limits)
+	$(GO) run ./test/bench/jobs
+
+bench-levelling: ## queue-based load levelling: sync traffic at ~40% plus a job backlog on PTU 60k + standard 120k TPM
+	$(GO) run ./test/bench/levelling
 
 bench-go: ## Go micro-benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./broker/ ./api/

@@ -22,7 +22,7 @@ import (
 // JobStore keeps jobs.
 type JobStore interface {
 	InsertJob(ctx context.Context, p *store.InsertJobParams) (*store.Job, bool, error)
-	MarkPublished(ctx context.Context, id uuid.UUID) error
+	MarkPublishedSoon(id uuid.UUID)
 	DeleteJob(ctx context.Context, id uuid.UUID) error
 	GetJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 	ListJobs(ctx context.Context, p *store.ListJobsParams) ([]*store.Job, bool, error)
@@ -268,9 +268,7 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.
 		s.log.Warn("publishing job", "err", err)
 		return nil, 0, s.queueUnavailable()
 	}
-	if err := s.jobs.MarkPublished(ctx, j.ID); err != nil {
-		s.log.Warn("marking job published", "job", j.ID, "err", err) // the sweeper republishes; dedup drops it
-	}
+	s.jobs.MarkPublishedSoon(j.ID)
 	if s.wake != nil {
 		s.wake()
 	}
@@ -413,7 +411,7 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 			}
 			return s.queueUnavailable()
 		}
-		_ = s.jobs.MarkPublished(ctx, j.ID)
+		s.jobs.MarkPublishedSoon(j.ID)
 		if s.wake != nil {
 			s.wake()
 		}

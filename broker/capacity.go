@@ -283,5 +283,16 @@ func (c *Capacity) HasRoom(now time.Time, est int, keep float64) bool {
 	return tok-int64(keep*float64(c.tokenLimit)) >= int64(est) && req-int64(keep*float64(c.reqLimit)) >= 1
 }
 
+// Slots is how many calls of est tokens fit now above a kept share.
+func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
+	tok, req := c.Headroom(now)
+	tok -= int64(keep * float64(c.tokenLimit))
+	req -= int64(keep * float64(c.reqLimit))
+	if tok < int64(est) || req < 1 {
+		return 0
+	}
+	return int(min(tok/int64(est), req, 1<<20))
+}
+
 // Limits returns the token limit per minute and the request limit per 10 s.
 func (c *Capacity) Limits() (tokens, requestsPer10s int64) { return c.tokenLimit, c.reqLimit }

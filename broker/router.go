@@ -162,6 +162,20 @@ func (g *Group) HasBackgroundRoom(now time.Time, est int) bool {
 	return false
 }
 
+// BackgroundSlots counts how many background calls of est tokens the group's
+// deployments could take now, above their synchronous reserves.
+func (g *Group) BackgroundSlots(now time.Time, est int) int {
+	n := 0
+	for _, t := range g.tiers {
+		for _, d := range t {
+			if d.circuit.ready(now) {
+				n += d.Capacity.Slots(now, max(est, 1), d.SyncReserve)
+			}
+		}
+	}
+	return n
+}
+
 // Models lists the aliases clients may use.
 func (b *Broker) Models() []string { return b.aliases }
 

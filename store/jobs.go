@@ -141,9 +141,9 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 	return j, false, nil
 }
 
-// MarkPublished records that the job's message reached JetStream.
-func (s *Store) MarkPublished(ctx context.Context, id uuid.UUID) error {
-	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = now() WHERE id = $1`, id)
+// MarkPublished records that jobs' messages reached JetStream.
+func (s *Store) MarkPublished(ctx context.Context, ids ...uuid.UUID) error {
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = now() WHERE id = ANY($1)`, ids)
 	return err
 }
 
@@ -273,45 +273,48 @@ type FinishJobParams struct {
 	Attempts         int
 }
 
-// FinishJob records an outcome exactly once: in one transaction it ends the
-// job only if it is still running, and only then writes its usage row and
-// rollup. It returns false when the job had already ended (a redelivery, or a
-// cancel that came first): nothing is written then.
+// FinishJob records an outcome exactly once: one statement ends the job only
+// if it is still running and, only from the row that update returns, writes
+// its usage row and its rollup. A single statement is atomic, and costs one
+// round trip. It returns false when the job had already ended (a redelivery,
+// or a cancel that came first): nothing is written then.
 func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error) {
-	applied := false
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		var j Job
-		var key *uuid.UUID
-		err := tx.QueryRow(ctx, `UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
+	status := p.ResultStatus
+	if status == 0 && p.Status == JobFailed {
+		status = 502
+	}
+	isErr := 0
+	if status >= 400 {
+		isErr = 1
+	}
+	var n int
+	err := s.pool.QueryRow(ctx, `
+		WITH j AS (
+			UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
 				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
 				finished_at = now(), lease_until = NULL
 			WHERE id = $1 AND status = 'running'
-			RETURNING tenant_id, key_id, model, endpoint, priority, finished_at`,
-			p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens).
-			Scan(&j.TenantID, &key, &j.Model, &j.Endpoint, &j.Priority, &j.FinishedAt)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		applied = true
-		status := p.ResultStatus
-		if status == 0 && p.Status == JobFailed {
-			status = 502
-		}
-		ev := UsageEvent{At: *j.FinishedAt, RequestID: "job_" + p.ID.String(), TenantID: j.TenantID, Deployment: p.Deployment,
-			Model: j.Model, Operation: j.Endpoint, Status: status, PromptTokens: p.PromptTokens, CompletionTokens: p.CompletionTokens,
-			Latency: p.Latency, Priority: j.Priority, Attempts: p.Attempts}
-		if key != nil {
-			ev.KeyID = *key
-		}
-		return writeUsageTx(ctx, tx, []UsageEvent{ev})
-	})
+			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at
+		), u AS (
+			INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
+				status, prompt_tokens, completion_tokens, latency_us, priority, attempts)
+			SELECT finished_at, 'job_' || id, tenant_id, key_id, $3, model, endpoint, $10, $8, $9, $11, priority, $12 FROM j
+		), r AS (
+			INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens)
+			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, 1, $13, $8, $9 FROM j
+			ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+				requests = usage_daily.requests + 1,
+				errors = usage_daily.errors + EXCLUDED.errors,
+				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
+				completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens
+		)
+		SELECT count(*) FROM j`,
+		p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens,
+		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr).Scan(&n)
 	if err != nil {
 		return false, fmt.Errorf("store: finish job: %w", err)
 	}
-	return applied, nil
+	return n == 1, nil
 }
 
 // SweepJobs finds jobs whose message may be missing: accepted but never

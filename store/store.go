@@ -12,6 +12,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -34,6 +35,10 @@ var (
 // Store is a pool of connections to Levee's database.
 type Store struct {
 	pool *pgxpool.Pool
+
+	markOnce sync.Once
+	marks    chan uuid.UUID
+	markDone chan struct{}
 }
 
 // Open connects to url; it does not migrate.
@@ -52,8 +57,56 @@ func Open(ctx context.Context, url string) (*Store, error) {
 	return &Store{pool: pool}, nil
 }
 
-// Close closes the pool.
-func (s *Store) Close() { s.pool.Close() }
+// Close writes pending publish marks and closes the pool.
+func (s *Store) Close() {
+	if s.marks != nil {
+		close(s.marks)
+		<-s.markDone
+	}
+	s.pool.Close()
+}
+
+// MarkPublishedSoon records, within a few tens of milliseconds and batched
+// with others, that a job's message reached JetStream. Only the sweeper
+// reads the mark, and it waits far longer than that.
+func (s *Store) MarkPublishedSoon(id uuid.UUID) {
+	s.markOnce.Do(func() {
+		s.marks, s.markDone = make(chan uuid.UUID, 4096), make(chan struct{})
+		go s.markLoop()
+	})
+	s.marks <- id
+}
+
+func (s *Store) markLoop() {
+	defer close(s.markDone)
+	var ids []uuid.UUID
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	flush := func() {
+		if len(ids) == 0 {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_ = s.MarkPublished(ctx, ids...) // a lost mark only means a harmless republish
+		cancel()
+		ids = ids[:0]
+	}
+	for {
+		select {
+		case id, ok := <-s.marks:
+			if !ok {
+				flush()
+				return
+			}
+			ids = append(ids, id)
+			if len(ids) >= 1000 {
+				flush()
+			}
+		case <-t.C:
+			flush()
+		}
+	}
+}
 
 // Pool exposes the pool to code in this module that needs raw access (tests).
 func (s *Store) Pool() *pgxpool.Pool { return s.pool }

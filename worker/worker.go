@@ -152,7 +152,9 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			continue // a model no longer configured: its jobs wait for it
 		}
 		est := w.estimate(model)
-		if !g.HasBackgroundRoom(now, est+int(w.unreserved[model].Load())) {
+		// Calls dispatched but not yet charged still take their share.
+		slots := g.BackgroundSlots(now, est) - int(w.unreserved[model].Load())/est
+		if slots <= 0 {
 			continue
 		}
 		for _, prio := range queue.Priorities {
@@ -163,28 +165,36 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			slices.SortFunc(tenants, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
 			key := prio + "/" + model
 			start := w.cursor[key]
-			for k := 0; k < len(tenants); k++ {
+			for k := 0; k < len(tenants) && slots > 0; k++ {
 				i := (start + k) % len(tenants)
-				select {
-				case w.sem <- struct{}{}:
-				case <-ctx.Done():
+				// Up to maxBatch messages a turn: few enough that tenants
+				// still alternate, many enough to save round trips.
+				want := min(slots, maxBatch, cap(w.sem)-len(w.sem))
+				if want == 0 {
 					return dispatched
 				}
-				msg := w.fetch(ctx, prio, model, tenants[i])
-				if msg == nil {
-					<-w.sem
+				msgs := w.fetch(ctx, prio, model, tenants[i], want)
+				if len(msgs) == 0 {
 					continue
 				}
 				w.cursor[key] = i + 1
-				w.unreserved[model].Add(int64(est))
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					defer func() { <-w.sem }()
-					w.process(work, msg, model, est)
-				}()
-				dispatched++
-				break
+				for _, msg := range msgs {
+					select {
+					case w.sem <- struct{}{}:
+					case <-ctx.Done():
+						_ = msg.Nak()
+						continue
+					}
+					w.unreserved[model].Add(int64(est))
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						defer func() { <-w.sem }()
+						w.process(work, msg, model, est)
+					}()
+					dispatched++
+					slots--
+				}
 			}
 			break // lower priorities wait while this one has work
 		}
@@ -192,20 +202,24 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 	return dispatched
 }
 
-func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID) jetstream.Msg {
+// maxBatch bounds the messages taken from one tenant in one turn.
+const maxBatch = 16
+
+func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID, n int) []jetstream.Msg {
 	c, err := w.q.Consumer(ctx, prio, model, tenant)
 	if err != nil {
 		w.log.Warn("consumer", "err", err)
 		return nil
 	}
-	batch, err := c.FetchNoWait(1)
+	batch, err := c.FetchNoWait(n)
 	if err != nil {
 		return nil
 	}
+	var out []jetstream.Msg
 	for m := range batch.Messages() {
-		return m
+		out = append(out, m)
 	}
-	return nil
+	return out
 }
 
 func (w *Worker) estimate(model string) int {
