@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"math"
 	"sync"
 	"time"
 )
@@ -89,6 +90,40 @@ type Capacity struct {
 	// urgent wakes the Sharer when a charge leaves the deployment near its
 	// limit: then a few milliseconds of delay matter.
 	urgent chan struct{}
+
+	// Synchronous (foreground) charges of the last 10 s give the current
+	// synchronous rate, which background calls are paced around.
+	syncTokens, syncReqs window
+	pace                 pacer
+}
+
+// pacer is a token bucket for background calls: it refills at the rate the
+// deployment can take beyond its reserve and the current synchronous rate,
+// so workers spread their charges over the window instead of filling it in
+// one pulse that synchronous calls would then have to wait a minute behind.
+type pacer struct {
+	tokens, reqs float64
+	at           time.Time
+}
+
+// paceBurst is how many seconds of background rate may be taken at once.
+const paceBurst = 2.0
+
+// refill brings the pacer up to now and returns its rates per second.
+func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64) {
+	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.total)/10)
+	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.total)/10)
+	if c.pace.at.IsZero() {
+		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
+		return
+	}
+	dt := now.Sub(c.pace.at).Seconds()
+	if dt > 0 {
+		c.pace.tokens = min(c.pace.tokens+tokRate*dt, max(tokRate*paceBurst, c.pace.tokens))
+		c.pace.reqs = min(c.pace.reqs+reqRate*dt, max(reqRate*paceBurst, c.pace.reqs))
+		c.pace.at = now
+	}
+	return
 }
 
 // Delta is a change to a deployment's windows in one bucket: what other
@@ -147,15 +182,18 @@ func NewCapacity(tpm, rpm int) *Capacity {
 		reqLimit:   int64(max((rpm+5)/6, 1)),
 		tokens:     newWindow(time.Minute),
 		reqs:       newWindow(10 * time.Second),
+		syncTokens: newWindow(10 * time.Second),
+		syncReqs:   newWindow(10 * time.Second),
 	}
 }
 
 // Reservation is one call's charge against a deployment.
 type Reservation struct {
-	c      *Capacity
-	bucket int64
-	tokens int64
-	done   bool
+	c          *Capacity
+	bucket     int64
+	tokens     int64
+	done       bool
+	foreground bool
 }
 
 // Tokens is the charged estimate.
@@ -164,12 +202,18 @@ func (r *Reservation) Tokens() int64 { return r.tokens }
 // Reserve charges est tokens and one request if both fit. When they do not, it
 // returns when they will (zero when est can never fit).
 func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Time) {
-	return c.ReserveKeeping(now, est, 0)
+	return c.reserve(now, est, 0, false)
 }
 
-// ReserveKeeping is Reserve that leaves a share of the limits untouched: the
-// reserve queue workers keep free for synchronous traffic.
-func (c *Capacity) ReserveKeeping(now time.Time, est int, keep float64) (*Reservation, bool, time.Time) {
+// ReserveBackground is Reserve for queue workers: it leaves a share (keep) of
+// the limits untouched for synchronous traffic, and it is paced so that
+// background calls take, per second, only what the deployment can serve
+// beyond that reserve and the current synchronous rate.
+func (c *Capacity) ReserveBackground(now time.Time, est int, keep float64) (*Reservation, bool, time.Time) {
+	return c.reserve(now, est, keep, true)
+}
+
+func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool) (*Reservation, bool, time.Time) {
 	b := bucketOf(now)
 	e := int64(est)
 	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
@@ -178,11 +222,26 @@ func (c *Capacity) ReserveKeeping(now time.Time, est int, keep float64) (*Reserv
 	defer c.mu.Unlock()
 	c.tokens.advance(b)
 	c.reqs.advance(b)
+	c.syncTokens.advance(b)
+	c.syncReqs.advance(b)
 	if now.Before(c.blockedUntil) {
 		return nil, false, c.blockedUntil
 	}
 	if e > c.tokenLimit {
 		return nil, false, time.Time{}
+	}
+	if background {
+		// A call is let through while the balance is positive and pays its
+		// whole estimate, so the balance may go into debt: calls larger than
+		// the burst still pass, and the average rate stays bounded.
+		tokRate, reqRate := c.refill(now, keep)
+		if c.pace.tokens <= 0 || c.pace.reqs <= 0 {
+			wait := time.Second
+			if tokRate > 0 && reqRate > 0 {
+				wait = time.Duration(max(-c.pace.tokens/tokRate, -c.pace.reqs/reqRate) * float64(time.Second))
+			}
+			return nil, false, now.Add(max(wait, 10*time.Millisecond))
+		}
 	}
 	if c.tokens.total+e > tokLimit || c.reqs.total+1 > reqLimit {
 		at := c.tokens.freeAt(tokLimit - e)
@@ -194,7 +253,14 @@ func (c *Capacity) ReserveKeeping(now time.Time, est int, keep float64) (*Reserv
 	c.tokens.add(b, e)
 	c.reqs.add(b, 1)
 	c.record(b, e, 1)
-	return &Reservation{c: c, bucket: b, tokens: e}, true, time.Time{}
+	if background {
+		c.pace.tokens -= float64(e)
+		c.pace.reqs--
+	} else {
+		c.syncTokens.add(b, e)
+		c.syncReqs.add(b, 1)
+	}
+	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
 }
 
 // Commit reconciles the charge with the tokens the call really used. A
@@ -223,6 +289,10 @@ func (r *Reservation) Release() {
 	r.c.tokens.add(r.bucket, -r.tokens)
 	r.c.reqs.add(r.bucket, -1)
 	r.c.record(r.bucket, -r.tokens, -1)
+	if r.foreground {
+		r.c.syncTokens.add(r.bucket, -r.tokens)
+		r.c.syncReqs.add(r.bucket, -1)
+	}
 	r.c.mu.Unlock()
 }
 
@@ -276,14 +346,8 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 	return c.tokenLimit - c.tokens.total, c.reqLimit - c.reqs.total
 }
 
-// HasRoom reports, without charging, whether est tokens and one request fit
-// while keeping a share of the limits free.
-func (c *Capacity) HasRoom(now time.Time, est int, keep float64) bool {
-	tok, req := c.Headroom(now)
-	return tok-int64(keep*float64(c.tokenLimit)) >= int64(est) && req-int64(keep*float64(c.reqLimit)) >= 1
-}
-
-// Slots is how many calls of est tokens fit now above a kept share.
+// Slots is how many background calls of est tokens fit now: above the kept
+// share of the windows, and within the background pace.
 func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 	tok, req := c.Headroom(now)
 	tok -= int64(keep * float64(c.tokenLimit))
@@ -291,7 +355,17 @@ func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 	if tok < int64(est) || req < 1 {
 		return 0
 	}
-	return int(min(tok/int64(est), req, 1<<20))
+	b := bucketOf(now)
+	c.mu.Lock()
+	c.syncTokens.advance(b)
+	c.syncReqs.advance(b)
+	c.refill(now, keep)
+	pt, pr := c.pace.tokens, c.pace.reqs
+	c.mu.Unlock()
+	if pt <= 0 || pr <= 0 {
+		return 0
+	}
+	return int(max(1, min(float64(tok/int64(est)), float64(req), math.Ceil(pt/float64(est)), math.Ceil(pr), 1<<20)))
 }
 
 // Limits returns the token limit per minute and the request limit per 10 s.

@@ -157,3 +157,45 @@ func BenchmarkCapacityReserve(b *testing.B) {
 		r.Commit(100)
 	}
 }
+
+func TestBackgroundIsPacedAroundSyncTraffic(t *testing.T) {
+	c := NewCapacity(60_000, 60_000) // 1,000 tokens per second at full rate
+	// Idle: background may take the reserve-less rate, 950 tokens/s, plus a
+	// two-second burst, but not the whole minute at once.
+	taken := 0
+	for {
+		if _, ok, _ := c.ReserveBackground(t0, 100, 0.05); !ok {
+			break
+		}
+		taken += 100
+	}
+	if taken < 1800 || taken > 2000 {
+		t.Fatalf("a cold start took %d tokens at once, want about 2 s of 950/s", taken)
+	}
+	// Synchronous traffic of 400 tokens/s (over the last 10 s) leaves
+	// background 550/s.
+	for i := 0; i < 10; i++ {
+		if _, ok, _ := c.Reserve(t0.Add(time.Duration(i)*time.Second), 400); !ok {
+			t.Fatal("sync refused")
+		}
+	}
+	now := t0.Add(10 * time.Second)
+	c.ReserveBackground(now, 1, 0.05) // refill up to now (bucket capped at its burst)
+	got := 0
+	for s := 1; s <= 5; s++ {
+		at := now.Add(time.Duration(s) * time.Second)
+		for {
+			if _, ok, _ := c.ReserveBackground(at, 50, 0.05); !ok {
+				break
+			}
+			got += 50
+		}
+	}
+	if got < 2500 || got > 3000+1100 {
+		t.Fatalf("background took %d tokens in 5 s beside 400/s of sync; want about 5 × 550", got)
+	}
+	// Synchronous calls are never paced.
+	if _, ok, _ := c.Reserve(now.Add(5*time.Second), 5000); !ok {
+		t.Fatal("a synchronous call was held back by the background pace")
+	}
+}

@@ -149,19 +149,6 @@ func (b *Broker) Resolve(name string) (*Group, bool) {
 	return newGroup(name, p, []*Deployment{d}), true
 }
 
-// HasBackgroundRoom reports whether some deployment of the group could take
-// a background call of est tokens now, above its synchronous reserve.
-func (g *Group) HasBackgroundRoom(now time.Time, est int) bool {
-	for _, t := range g.tiers {
-		for _, d := range t {
-			if d.circuit.ready(now) && d.Capacity.HasRoom(now, est, d.SyncReserve) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // BackgroundSlots counts how many background calls of est tokens the group's
 // deployments could take now, above their synchronous reserves.
 func (g *Group) BackgroundSlots(now time.Time, est int) int {
@@ -395,11 +382,14 @@ func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) 
 			d := cs[i]
 			cs = append(cs[:i], cs[i+1:]...)
 			total -= d.Weight
-			keep := 0.0
+			var res *Reservation
+			var ok bool
+			var at time.Time
 			if background {
-				keep = d.SyncReserve
+				res, ok, at = d.Capacity.ReserveBackground(now, estimate(d), d.SyncReserve)
+			} else {
+				res, ok, at = d.Capacity.Reserve(now, estimate(d))
 			}
-			res, ok, at := d.Capacity.ReserveKeeping(now, estimate(d), keep)
 			if !ok {
 				if !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
 					soonest = at

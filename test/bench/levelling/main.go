@@ -36,12 +36,15 @@ func main() {
 	drain := flag.Bool("drain", false, "wait for the whole backlog to drain")
 	share := flag.Float64("sync-share", 0.4, "synchronous traffic as a share of total TPM")
 	reserve := flag.Float64("reserve", 0.05, "share of each deployment workers leave to synchronous traffic")
+	flag.BoolVar(&debug, "debug", false, "print when sync calls were refused and the headroom each second")
 	flag.Parse()
 	if err := run(*jobs, *baseline, *window, *drain, *share, *reserve); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-levelling:", err)
 		os.Exit(1)
 	}
 }
+
+var debug bool
 
 const (
 	ptuTPM, stdTPM = 60_000, 120_000
@@ -53,12 +56,16 @@ type syncStats struct {
 	mu       sync.Mutex
 	lat      []time.Duration
 	statuses map[int]int
+	refused  []time.Time
 }
 
 func (s *syncStats) add(d time.Duration, status int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.statuses[status]++
+	if status == 429 {
+		s.refused = append(s.refused, time.Now())
+	}
 	if status == 200 {
 		s.lat = append(s.lat, d)
 	}
@@ -201,6 +208,20 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		_ = s.Store.Pool().QueryRow(ctx, `SELECT count(*) FROM jobs WHERE status IN ('queued','running')`).Scan(&n)
 		return n
 	}
+	var heads []string
+	if debug {
+		go func() {
+			for t := 0; t < 120; t++ {
+				time.Sleep(time.Second)
+				line := fmt.Sprintf("t=%3ds", t+1)
+				for _, d := range s.Gateway.Broker.Deployments() {
+					tok, req := d.Capacity.Headroom(time.Now())
+					line += fmt.Sprintf("  %s tok %6d req %4d", d.Name, tok, req)
+				}
+				heads = append(heads, line)
+			}
+		}()
+	}
 	warm := phase2.Add(time.Minute)
 	time.Sleep(time.Until(warm))
 	first := take()
@@ -245,6 +266,16 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		up429 += st.Refused
 	}
 
+	if debug {
+		byTen := map[int]int{}
+		for _, at := range loaded.refused {
+			byTen[int(at.Sub(phase2).Seconds())/10*10]++
+		}
+		fmt.Printf("sync 429s by 10 s since the backlog arrived: %v\n", byTen)
+		for _, h := range heads {
+			fmt.Println(h)
+		}
+	}
 	fmt.Printf("\nbaseline (sync only, %v): %d calls, statuses %v, p50 %v, p99 %v\n", baseline, len(base.lat), base.statuses, base.p(50).Round(time.Millisecond), base.p(99).Round(time.Millisecond))
 	fmt.Printf("with backlog: %d jobs accepted in %v (%d refused)\n", nJobs-int(refused.Load()), submitted.Round(time.Millisecond), refused.Load())
 	fmt.Printf("  measured %.1f min while the backlog existed (from 1 min after it arrived)\n", minutes)
