@@ -288,7 +288,7 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		fmt.Printf("  time to drain: %v (measured)\n", backlogGone.Sub(phase2).Round(time.Second))
 	} else {
 		fmt.Printf("  drained %.0f jobs/min; %d left; time to drain %d jobs: %v (projected from the measured rate; -drain measures it)\n",
-			rateJobs, remaining, nJobs, (time.Duration(float64(nJobs)/rateJobs*float64(time.Minute))).Round(time.Second))
+			rateJobs, remaining, nJobs, (time.Duration(float64(nJobs) / rateJobs * float64(time.Minute))).Round(time.Second))
 	}
 	return nil
 }
