@@ -79,6 +79,18 @@ func New(q *queue.Queue, st *store.Store, b *broker.Broker, cfg Config, reg prom
 		w.typical[tok] = g.Policy.DefaultMaxTokens / 2
 	}
 	w.m = newMetrics(reg, st)
+	if reg != nil {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "levee_worker_inflight",
+			Help: "Jobs this process's workers hold (reserved or calling)."}, func() float64 { return float64(len(w.sem)) }))
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "levee_worker_unreserved_tokens",
+			Help: "Estimated tokens of jobs fetched but not yet charged to a deployment."}, func() float64 {
+			var n int64
+			for _, u := range w.unreserved {
+				n += u.Load()
+			}
+			return float64(n)
+		}))
+	}
 	return w
 }
 

@@ -74,7 +74,10 @@ type Stats struct {
 	PeakTokens int64 `json:"peak_tokens"`
 	// PeakDemand is the most the minute would have held had every call been
 	// admitted: what a gateway asked for, refused or not.
-	PeakDemand   int64 `json:"peak_demand"`
+	PeakDemand int64 `json:"peak_demand"`
+	// WindowTokens is what the sliding minute holds now: WindowTokens/TPM
+	// is the deployment's utilization at this moment.
+	WindowTokens int64 `json:"window_tokens"`
 	TPM          int64 `json:"tpm"`
 	RequestLimit int64 `json:"requests_per_10s"`
 }
@@ -172,12 +175,14 @@ func (s *Server) SetFaults(name string, f Faults) bool {
 // Stats returns every deployment's counters.
 func (s *Server) Stats() map[string]Stats {
 	out := map[string]Stats{}
+	now := time.Now()
 	for name, d := range s.deps {
 		d.mu.Lock()
+		d.prune(now)
 		st := Stats{
 			Calls: d.calls.Load(), Admitted: d.admitted.Load(), Refused: d.refused.Load(),
 			Faulted: d.faulted.Load(), Cancelled: d.cancelled.Load(), TokensAdmitted: d.tokensAdmitted.Load(),
-			PeakTokens: d.peakTokens, PeakDemand: d.peakDemand, TPM: int64(d.TPM), RequestLimit: d.reqLim,
+			PeakTokens: d.peakTokens, PeakDemand: d.peakDemand, TPM: int64(d.TPM), RequestLimit: d.reqLim, WindowTokens: d.tokSum,
 		}
 		d.mu.Unlock()
 		out[name] = st
@@ -412,18 +417,7 @@ func (d *deployment) admit(now time.Time, charge int64) (remTok, remReq int64, r
 	if d.TPM <= 0 {
 		return math.MaxInt32, math.MaxInt32, 0, true
 	}
-	minute, tenS := now.Add(-time.Minute), now.Add(-10*time.Second)
-	i := 0
-	for i < len(d.tokLog) && !d.tokLog[i].at.After(minute) {
-		d.tokSum -= d.tokLog[i].tokens
-		i++
-	}
-	d.tokLog = d.tokLog[i:]
-	j := 0
-	for j < len(d.reqLog) && !d.reqLog[j].After(tenS) {
-		j++
-	}
-	d.reqLog = d.reqLog[j:]
+	d.prune(now)
 	if demand := d.tokSum + charge; demand > d.peakDemand {
 		d.peakDemand = demand
 	}
@@ -457,6 +451,22 @@ func (d *deployment) admit(now time.Time, charge int64) (remTok, remReq int64, r
 		d.peakTokens = d.tokSum
 	}
 	return tpm - d.tokSum, d.reqLim - int64(len(d.reqLog)), 0, true
+}
+
+// prune drops charges older than their windows; d.mu must be held.
+func (d *deployment) prune(now time.Time) {
+	minute, tenS := now.Add(-time.Minute), now.Add(-10*time.Second)
+	i := 0
+	for i < len(d.tokLog) && !d.tokLog[i].at.After(minute) {
+		d.tokSum -= d.tokLog[i].tokens
+		i++
+	}
+	d.tokLog = d.tokLog[i:]
+	j := 0
+	for j < len(d.reqLog) && !d.reqLog[j].After(tenS) {
+		j++
+	}
+	d.reqLog = d.reqLog[j:]
 }
 
 func (d *deployment) count(s string) int {

@@ -203,6 +203,9 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		st := s.Sim.Stats()
 		return sample{time.Now(), st["gpt-4o-ptu"].TokensAdmitted, st["gpt-4o-standard"].TokensAdmitted}
 	}
+	// Utilization is what the deployments' own sliding minutes hold,
+	// sampled each second while the backlog exists.
+	var occPTU, occStd, occN float64
 	open := func() int {
 		var n int
 		_ = s.Store.Pool().QueryRow(ctx, `SELECT count(*) FROM jobs WHERE status IN ('queued','running')`).Scan(&n)
@@ -233,6 +236,10 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		time.Sleep(time.Second)
 		if open() > 0 {
 			last = take() // utilization counts only while the backlog exists
+			st := s.Sim.Stats()
+			occPTU += float64(st["gpt-4o-ptu"].WindowTokens) / ptuTPM
+			occStd += float64(st["gpt-4o-standard"].WindowTokens) / stdTPM
+			occN++
 		} else if backlogGone.IsZero() {
 			backlogGone = time.Now()
 			if !drain {
@@ -243,9 +250,9 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 	close(stop)
 	wg.Wait()
 	minutes := last.at.Sub(first.at).Minutes()
-	ptuUtil := float64(last.ptu-first.ptu) / minutes / ptuTPM
-	stdUtil := float64(last.std-first.std) / minutes / stdTPM
-	total := float64(last.ptu-first.ptu+last.std-first.std) / minutes / (ptuTPM + stdTPM)
+	admitted := float64(last.ptu-first.ptu+last.std-first.std) / minutes / (ptuTPM + stdTPM)
+	ptuUtil, stdUtil := occPTU/max(occN, 1), occStd/max(occN, 1)
+	total := (ptuUtil*ptuTPM + stdUtil*stdTPM) / (ptuTPM + stdTPM)
 	remaining := open()
 	drained := nJobs - remaining - doneAtFirst
 	rateJobs := float64(drained) / time.Since(first.at).Minutes()
@@ -279,7 +286,9 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 	fmt.Printf("\nbaseline (sync only, %v): %d calls, statuses %v, p50 %v, p99 %v\n", baseline, len(base.lat), base.statuses, base.p(50).Round(time.Millisecond), base.p(99).Round(time.Millisecond))
 	fmt.Printf("with backlog: %d jobs accepted in %v (%d refused)\n", nJobs-int(refused.Load()), submitted.Round(time.Millisecond), refused.Load())
 	fmt.Printf("  measured %.1f min while the backlog existed (from 1 min after it arrived)\n", minutes)
-	fmt.Printf("  TPM utilization: %.1f%% of total (provisioned %.1f%%, standard %.1f%%)\n", total*100, ptuUtil*100, stdUtil*100)
+	fmt.Printf("  TPM utilization (mean of each deployment's sliding minute, sampled every second): %.1f%% of total\n", total*100)
+	fmt.Printf("    provisioned %.1f%%, standard %.1f%% (provisioned is filled first; standard takes the rest)\n", ptuUtil*100, stdUtil*100)
+	fmt.Printf("    tokens admitted per minute over the window: %.1f%% of total TPM\n", admitted*100)
 	fmt.Printf("  sync calls: %d, statuses %v, p50 %v (baseline %v), p99 %v (baseline %v)\n", len(loaded.lat), loaded.statuses,
 		loaded.p(50).Round(time.Millisecond), base.p(50).Round(time.Millisecond), loaded.p(99).Round(time.Millisecond), base.p(99).Round(time.Millisecond))
 	fmt.Printf("  upstream 429s: %d of %d calls (%.2f%%)\n", up429, calls, 100*float64(up429)/float64(max(calls, 1)))
