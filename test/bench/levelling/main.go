@@ -292,7 +292,7 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 	fmt.Printf("  sync calls: %d, statuses %v, p50 %v (baseline %v), p99 %v (baseline %v)\n", len(loaded.lat), loaded.statuses,
 		loaded.p(50).Round(time.Millisecond), base.p(50).Round(time.Millisecond), loaded.p(99).Round(time.Millisecond), base.p(99).Round(time.Millisecond))
 	fmt.Printf("  upstream 429s: %d of %d calls (%.2f%%)\n", up429, calls, 100*float64(up429)/float64(max(calls, 1)))
-	fmt.Printf("  jobs lost: %d; jobs completed twice: %d; stored %d\n", lost, twice, stored)
+	fmt.Printf("  jobs lost (missing or failed): %d; jobs completed twice: %d; stored %d\n", lost, twice, stored)
 	if !backlogGone.IsZero() {
 		fmt.Printf("  time to drain: %v (measured)\n", backlogGone.Sub(phase2).Round(time.Second))
 	} else {
