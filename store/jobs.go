@@ -184,16 +184,8 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 	if err != nil {
 		return nil, false, fmt.Errorf("store: list jobs: %w", err)
 	}
-	defer rows.Close()
-	var out []*Job
-	for rows.Next() {
-		j, err := scanJob(rows)
-		if err != nil {
-			return nil, false, err
-		}
-		out = append(out, j)
-	}
-	if err := rows.Err(); err != nil {
+	out, err := collectJobs(rows)
+	if err != nil {
 		return nil, false, err
 	}
 	more := len(out) > p.Limit
@@ -333,16 +325,11 @@ func (s *Store) SweepJobs(ctx context.Context, olderThan time.Duration, limit in
 	if err != nil {
 		return nil, fmt.Errorf("store: sweep jobs: %w", err)
 	}
-	defer rows.Close()
-	var out []*Job
-	for rows.Next() {
-		j, err := scanJob(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, j)
-	}
-	return out, rows.Err()
+	return collectJobs(rows)
+}
+
+func collectJobs(rows pgx.Rows) ([]*Job, error) {
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Job, error) { return scanJob(r) })
 }
 
 // QueueStat is the open work of one priority.

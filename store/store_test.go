@@ -15,6 +15,27 @@ import (
 	"github.com/levee-gw/levee/store"
 )
 
+// migrated starts a private cluster and returns a migrated store on it.
+func migrated(t *testing.T) (*dev.Postgres, *store.Store, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs Postgres")
+	}
+	dir, _ := os.MkdirTemp("", "levee-store-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	pg := startCluster(t, dir+"/pg", 0)
+	t.Cleanup(func() { pg.Stop() })
+	st, err := store.Open(context.Background(), pg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(st.Close)
+	if err := st.Migrate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return pg, st, dir
+}
+
 func startCluster(t *testing.T, dir string, port int) *dev.Postgres {
 	t.Helper()
 	pg, err := dev.StartPostgres(context.Background(), dir, dev.PostgresOptions{Ephemeral: true, Port: port})
@@ -25,22 +46,8 @@ func startCluster(t *testing.T, dir string, port int) *dev.Postgres {
 }
 
 func TestKeysAreHashedAndTenantScoped(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs Postgres")
-	}
-	dir, _ := os.MkdirTemp("", "levee-store-")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	pg := startCluster(t, dir+"/pg", 0)
-	t.Cleanup(func() { pg.Stop() })
+	_, st, _ := migrated(t)
 	ctx := context.Background()
-	st, err := store.Open(ctx, pg.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		t.Fatal(err)
-	}
 	if err := st.Migrate(ctx); err != nil {
 		t.Fatalf("migrating twice: %v", err)
 	}
@@ -74,23 +81,9 @@ func TestKeysAreHashedAndTenantScoped(t *testing.T) {
 }
 
 func TestLedgerSurvivesAPostgresRestart(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs Postgres")
-	}
-	dir, _ := os.MkdirTemp("", "levee-store-")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	pg := startCluster(t, dir+"/pg", 0)
+	pg, st, dir := migrated(t)
 	port := pg.Port
-	t.Cleanup(func() { pg.Stop() })
 	ctx := context.Background()
-	st, err := store.Open(ctx, pg.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		t.Fatal(err)
-	}
 	tenant, _ := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "acme"})
 	l := st.NewLedger(store.LedgerConfig{FlushInterval: 20 * time.Millisecond, BatchSize: 50, BufferSize: 16, MaxPending: 10_000},
 		slog.New(slog.NewTextHandler(io.Discard, nil)))

@@ -39,27 +39,35 @@ type LedgerConfig struct {
 	MaxPending int
 }
 
-// Ledger takes usage events off the request path: Record only queues, and a
-// single goroutine writes batches with COPY plus one rollup upsert per
-// (tenant, day, model). A failed batch is retried, so a Postgres blip delays
-// usage rows but does not lose them; only a backlog past MaxPending (or a
-// full hand-off channel) drops rows, and counts them.
+// Ledger takes usage events off the request path: Record only queues. One
+// goroutine moves queued events into a pending backlog at all times; another
+// writes the backlog in batches with COPY plus one rollup upsert per (tenant,
+// day, model). A failed batch stays pending and is retried, so a Postgres
+// blip delays usage rows but does not lose them; only a backlog past
+// MaxPending (or a full hand-off channel) drops rows, and counts them.
 type Ledger struct {
 	s       *Store
 	cfg     LedgerConfig
 	log     *slog.Logger
 	ch      chan UsageEvent
+	flushes chan chan struct{}
 	done    chan struct{}
-	flushed chan chan struct{}
 	dropped atomic.Int64
 	written atomic.Int64
 	once    sync.Once
+
+	mu      sync.Mutex
+	pending []UsageEvent
+	kick    chan struct{}
 }
 
 // NewLedger starts the writer; Close flushes and stops it.
 func (s *Store) NewLedger(cfg LedgerConfig, log *slog.Logger) *Ledger {
-	l := &Ledger{s: s, cfg: cfg, log: log, ch: make(chan UsageEvent, cfg.BufferSize), done: make(chan struct{}), flushed: make(chan chan struct{})}
-	go l.run()
+	l := &Ledger{s: s, cfg: cfg, log: log, ch: make(chan UsageEvent, cfg.BufferSize), done: make(chan struct{}),
+		flushes: make(chan chan struct{}), kick: make(chan struct{}, 1)}
+	writerFlush := make(chan chan struct{})
+	go l.collect(writerFlush)
+	go l.write(writerFlush)
 	return l
 }
 
@@ -68,9 +76,13 @@ func (l *Ledger) Record(e UsageEvent) {
 	select {
 	case l.ch <- e:
 	default:
-		if l.dropped.Add(1)%1000 == 1 {
-			l.log.Error("usage buffer full; dropping usage events", "dropped", l.dropped.Load())
-		}
+		l.drop()
+	}
+}
+
+func (l *Ledger) drop() {
+	if l.dropped.Add(1)%1000 == 1 {
+		l.log.Error("usage backlog full; dropping usage events", "dropped", l.dropped.Load())
 	}
 }
 
@@ -82,7 +94,7 @@ func (l *Ledger) Written() int64 { return l.written.Load() }
 func (l *Ledger) Flush(ctx context.Context) error {
 	ack := make(chan struct{})
 	select {
-	case l.flushed <- ack:
+	case l.flushes <- ack:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -104,74 +116,104 @@ func (l *Ledger) Close(ctx context.Context) error {
 	return err
 }
 
-func (l *Ledger) run() {
-	t := time.NewTicker(l.cfg.FlushInterval)
-	defer t.Stop()
-	// pending keeps growing while Postgres is unreachable, so the channel can
-	// stay small (a large buffered channel is heap the GC scans every cycle).
-	var pending []UsageEvent
-	var retryAt time.Time
-	flush := func(force bool) {
-		for len(pending) > 0 {
-			if !force && time.Now().Before(retryAt) {
-				return
-			}
-			n := min(len(pending), l.cfg.BatchSize)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			err := l.s.writeUsage(ctx, pending[:n])
-			cancel()
-			if err != nil {
-				l.log.Warn("writing usage failed; will retry", "pending", len(pending), "err", err)
-				retryAt = time.Now().Add(500 * time.Millisecond)
-				return
-			}
-			l.written.Add(int64(n))
-			pending = pending[n:]
-			if len(pending) == 0 {
-				pending = nil // let a burst's backing array go
-			}
+func (l *Ledger) add(e UsageEvent) {
+	l.mu.Lock()
+	full := len(l.pending) >= l.cfg.MaxPending
+	if !full {
+		l.pending = append(l.pending, e)
+	}
+	n := len(l.pending)
+	l.mu.Unlock()
+	if full {
+		l.drop()
+		return
+	}
+	if n >= l.cfg.BatchSize {
+		select {
+		case l.kick <- struct{}{}:
+		default:
 		}
 	}
-	add := func(e UsageEvent) {
-		if len(pending) >= l.cfg.MaxPending {
-			if l.dropped.Add(1)%1000 == 1 {
-				l.log.Error("usage backlog full; dropping usage events", "dropped", l.dropped.Load())
-			}
-			return
-		}
-		pending = append(pending, e)
-		if len(pending) >= l.cfg.BatchSize {
-			flush(false)
-		}
-	}
+}
+
+// collect moves events from the channel to the backlog, never blocking on
+// Postgres; a flush request first takes everything already queued.
+func (l *Ledger) collect(writerFlush chan<- chan struct{}) {
 	for {
 		select {
 		case e := <-l.ch:
-			add(e)
-		case <-t.C:
-			flush(false)
-		case ack := <-l.flushed:
+			l.add(e)
+		case ack := <-l.flushes:
 			for drained := false; !drained; {
 				select {
 				case e := <-l.ch:
-					add(e)
+					l.add(e)
 				default:
 					drained = true
 				}
 			}
-			flush(true)
-			if len(pending) == 0 {
-				close(ack)
-			} else {
-				// Not written yet (Postgres is away): ask again shortly.
-				go func() {
-					time.Sleep(100 * time.Millisecond)
-					select {
-					case l.flushed <- ack:
-					case <-l.done:
-					}
-				}()
+			select {
+			case writerFlush <- ack:
+			case <-l.done:
+				return
 			}
+		case <-l.done:
+			return
+		}
+	}
+}
+
+// write writes the backlog in batches; on failure it keeps the batch and
+// tries again after a pause. A flush request is answered once the backlog
+// that existed when it arrived is written.
+func (l *Ledger) write(flushes <-chan chan struct{}) {
+	t := time.NewTicker(l.cfg.FlushInterval)
+	defer t.Stop()
+	var waiting []chan struct{}
+	// writeAll writes until the backlog is empty; false if a write failed.
+	writeAll := func() bool {
+		for {
+			l.mu.Lock()
+			n := min(len(l.pending), l.cfg.BatchSize)
+			batch := l.pending[:n]
+			l.mu.Unlock()
+			if n == 0 {
+				return true
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := l.s.writeUsage(ctx, batch)
+			cancel()
+			if err != nil {
+				l.log.Warn("writing usage failed; will retry", "rows", n, "err", err)
+				return false
+			}
+			l.written.Add(int64(n))
+			l.mu.Lock()
+			l.pending = l.pending[n:]
+			if len(l.pending) == 0 {
+				l.pending = nil // let a burst's backing array go
+			}
+			l.mu.Unlock()
+		}
+	}
+	for {
+		select {
+		case <-l.done:
+			return
+		case ack := <-flushes:
+			waiting = append(waiting, ack)
+		case <-l.kick:
+		case <-t.C:
+		}
+		if writeAll() {
+			for _, ack := range waiting {
+				close(ack)
+			}
+			waiting = nil
+			continue
+		}
+		select {
+		case <-time.After(500 * time.Millisecond):
 		case <-l.done:
 			return
 		}

@@ -42,19 +42,23 @@ func benchCalls(b *testing.B, url, key string) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(benchBody))
-			req.Header.Set("api-key", key)
-			resp, err := client.Do(req)
-			if err != nil {
-				b.Fatal(err)
-			}
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != 200 {
-				b.Fatalf("status %d", resp.StatusCode)
-			}
+			oneCall(b, client, url, key)
 		}
 	})
+}
+
+func oneCall(b *testing.B, client *http.Client, url, key string) {
+	req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(benchBody))
+	req.Header.Set("api-key", key)
+	resp, err := client.Do(req)
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b.Fatalf("status %d", resp.StatusCode)
+	}
 }
 
 // The Serial variants send one call at a time: their ns/op is the latency
@@ -73,16 +77,6 @@ func serialCalls(b *testing.B, url, key string) {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 	b.ReportAllocs()
 	for b.Loop() {
-		req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(benchBody))
-		req.Header.Set("api-key", key)
-		resp, err := client.Do(req)
-		if err != nil {
-			b.Fatal(err)
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			b.Fatalf("status %d", resp.StatusCode)
-		}
+		oneCall(b, client, url, key)
 	}
 }

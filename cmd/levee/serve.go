@@ -16,25 +16,35 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := config.Load(*path, getenv)
-	if err != nil {
-		return err
-	}
-	if cfg.DatabaseURL == "" {
-		return &config.FieldError{Field: "database_url", Msg: "required (or set DATABASE_URL)"}
-	}
-	st, err := store.Open(ctx, cfg.DatabaseURL)
+	cfg, st, err := loadAndOpen(ctx, *path, getenv)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		return err
-	}
 	g, err := gateway.Start(ctx, cfg, st, log)
 	if err != nil {
 		return err
 	}
 	log.Info("levee is serving", "addr", g.Addr, "deployments", len(cfg.Deployments))
 	return g.Run(ctx)
+}
+
+// loadAndOpen loads the config file and opens and migrates its database.
+func loadAndOpen(ctx context.Context, path string, getenv func(string) string) (*config.Config, *store.Store, error) {
+	cfg, err := config.Load(path, getenv)
+	if err != nil {
+		return nil, nil, err
+	}
+	if cfg.DatabaseURL == "" {
+		return nil, nil, &config.FieldError{Field: "database_url", Msg: "required (or set DATABASE_URL)"}
+	}
+	st, err := store.Open(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := st.Migrate(ctx); err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	return cfg, st, nil
 }

@@ -13,7 +13,6 @@ import (
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/gateway"
-	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/worker"
 )
 
@@ -25,23 +24,13 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := config.Load(*path, getenv)
-	if err != nil {
-		return err
-	}
-	if cfg.DatabaseURL == "" {
-		return &config.FieldError{Field: "database_url", Msg: "required (or set DATABASE_URL)"}
-	}
-	if cfg.NATSURL == "" {
-		return &config.FieldError{Field: "nats_url", Msg: "required for workers (or set NATS_URL)"}
-	}
-	st, err := store.Open(ctx, cfg.DatabaseURL)
+	cfg, st, err := loadAndOpen(ctx, *path, getenv)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		return err
+	if cfg.NATSURL == "" {
+		return &config.FieldError{Field: "nats_url", Msg: "required for workers (or set NATS_URL)"}
 	}
 	reg := gateway.NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
