@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/store"
@@ -53,6 +54,9 @@ type Options struct {
 	Queue JobQueue
 	// Wake, if set, tells in-process workers a job was published.
 	Wake func()
+	// Batches and Runner enable files and batches (nil: off).
+	Batches *store.Store
+	Runner  *batch.Runner
 }
 
 // Server is the HTTP API.
@@ -66,6 +70,8 @@ type Server struct {
 	jobs    JobStore
 	queue   JobQueue
 	wake    func()
+	batches *store.Store
+	runner  *batch.Runner
 	log     *slog.Logger
 	e       *echo.Echo
 	metrics *metrics
@@ -81,7 +87,7 @@ type metrics struct {
 // New builds the API and its routes.
 func New(o Options) *Server {
 	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), ledger: o.Ledger, usage: o.Usage,
-		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
+		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, batches: o.Batches, runner: o.Runner, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -119,6 +125,19 @@ func New(o Options) *Server {
 	e.GET("/v1/jobs", s.listJobs, auth)
 	e.GET("/v1/jobs/:id", s.getJob, auth)
 	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth)
+	if s.batches != nil {
+		for _, p := range []string{"/v1", "/openai", "/openai/v1"} {
+			e.POST(p+"/files", s.uploadFile, auth)
+			e.GET(p+"/files", s.listFiles, auth)
+			e.GET(p+"/files/:id", s.getFile, auth)
+			e.DELETE(p+"/files/:id", s.deleteFile, auth)
+			e.GET(p+"/files/:id/content", s.fileContent, auth)
+			e.POST(p+"/batches", s.createBatch, auth)
+			e.GET(p+"/batches", s.listBatches, auth)
+			e.GET(p+"/batches/:id", s.getBatch, auth)
+			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth)
+		}
+	}
 	return s
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/levee-gw/levee/api"
+	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/queue"
@@ -74,8 +75,11 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 		func() float64 { return float64(ledger.Dropped()) }))
 	opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log}
 	var w *worker.Worker
+	var runner *batch.Runner
 	if q != nil {
 		opts.Jobs, opts.Queue = st, q
+		runner = batch.New(st, q, b, log)
+		opts.Batches, opts.Runner = st, runner
 		if cfg.Worker.Enabled {
 			w = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
 			opts.Wake = w.Wake
@@ -104,6 +108,9 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 		// Processes sharing deployments keep one capacity view over NATS.
 		sh := broker.NewSharer(q.Conn(), b, "", log)
 		go func() { _ = sh.Run(bg) }()
+	}
+	if runner != nil && w != nil {
+		go runner.Run(bg) // moves batches on where workers run
 	}
 	if w != nil {
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -233,3 +233,41 @@ func (q *Queue) WaitDone(id uuid.UUID) (wait func(ctx context.Context, tick time
 	}
 	return wait, func() { _ = sub.Unsubscribe() }, nil
 }
+
+// JobRef names a job to publish.
+type JobRef struct {
+	ID       uuid.UUID
+	Priority string
+	Model    string
+	Tenant   uuid.UUID
+}
+
+// PublishMany publishes jobs asynchronously, a window at a time, and waits
+// for JetStream to acknowledge each. It returns the ids acknowledged; any
+// other is left for the sweeper (the message id keeps a republish single).
+func (q *Queue) PublishMany(ctx context.Context, jobs []JobRef) ([]uuid.UUID, error) {
+	const window = 2048
+	var done []uuid.UUID
+	for start := 0; start < len(jobs); start += window {
+		part := jobs[start:min(start+window, len(jobs))]
+		futures := make([]jetstream.PubAckFuture, len(part))
+		for i, j := range part {
+			f, err := q.js.PublishAsync(q.Subject(j.Priority, j.Model, j.Tenant), []byte(j.ID.String()), jetstream.WithMsgID(j.ID.String()))
+			if err != nil {
+				return done, fmt.Errorf("%w: %v", ErrUnavailable, err)
+			}
+			futures[i] = f
+		}
+		for i, f := range futures {
+			select {
+			case <-f.Ok():
+				done = append(done, part[i].ID)
+			case err := <-f.Err():
+				return done, fmt.Errorf("%w: %v", ErrUnavailable, err)
+			case <-ctx.Done():
+				return done, ctx.Err()
+			}
+		}
+	}
+	return done, nil
+}

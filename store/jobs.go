@@ -179,7 +179,7 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 		after = uuid.Max
 	}
 	rows, err := s.pool.Query(ctx, `SELECT `+jobColumns+` FROM jobs
-		WHERE tenant_id = $1 AND id < $2 AND ($3 = '' OR status = $3)
+		WHERE tenant_id = $1 AND batch_id IS NULL AND id < $2 AND ($3 = '' OR status = $3)
 		ORDER BY id DESC LIMIT $4`, p.TenantID, after, p.Status, p.Limit+1)
 	if err != nil {
 		return nil, false, fmt.Errorf("store: list jobs: %w", err)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/gateway"
@@ -42,6 +43,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	w := worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
 	sh := broker.NewSharer(q.Conn(), b, "", log)
 	go func() { _ = sh.Run(ctx) }()
+	go batch.New(st, q, b, log).Run(ctx)
 	if *metricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

@@ -1,0 +1,434 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// File is an uploaded batch input or a batch's output or error file.
+type File struct {
+	ID        uuid.UUID
+	TenantID  uuid.UUID
+	Filename  string
+	Purpose   string
+	Kind      string
+	Bytes     int64
+	Lines     int
+	URL       string
+	BatchID   *uuid.UUID
+	CreatedAt time.Time
+}
+
+const fileColumns = `id, tenant_id, filename, purpose, kind, bytes, lines, coalesce(url, ''), batch_id, created_at`
+
+func scanFile(row pgx.Row) (*File, error) {
+	f := &File{}
+	err := row.Scan(&f.ID, &f.TenantID, &f.Filename, &f.Purpose, &f.Kind, &f.Bytes, &f.Lines, &f.URL, &f.BatchID, &f.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrNotFound
+	}
+	return f, err
+}
+
+// FileImport writes an uploaded file's lines as they are read: nothing holds
+// the whole file. It is one transaction: Commit makes the file visible,
+// Rollback (after a bad line) leaves no trace.
+type FileImport struct {
+	tx    pgx.Tx
+	file  *File
+	rows  [][]any
+	bytes int64
+}
+
+// BeginFileImport starts importing a file for a tenant.
+func (s *Store) BeginFileImport(ctx context.Context, tenant uuid.UUID, filename, purpose string) (*FileImport, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("store: import: %w", err)
+	}
+	id, _ := uuid.NewV7()
+	f := &File{ID: id, TenantID: tenant, Filename: filename, Purpose: purpose, Kind: "upload"}
+	if err := tx.QueryRow(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind) VALUES ($1, $2, $3, $4, 'upload') RETURNING created_at`,
+		f.ID, f.TenantID, f.Filename, f.Purpose).Scan(&f.CreatedAt); err != nil {
+		_ = tx.Rollback(ctx)
+		return nil, fmt.Errorf("store: import file: %w", err)
+	}
+	return &FileImport{tx: tx, file: f}, nil
+}
+
+const importChunk = 1000
+
+// Add appends one line (raw is copied).
+func (fi *FileImport) Add(ctx context.Context, line int, customID string, raw []byte) error {
+	fi.rows = append(fi.rows, []any{fi.file.ID, int32(line), customID, append([]byte(nil), raw...)})
+	fi.file.Lines++
+	fi.bytes += int64(len(raw)) + 1
+	if len(fi.rows) >= importChunk {
+		return fi.flush(ctx)
+	}
+	return nil
+}
+
+func (fi *FileImport) flush(ctx context.Context) error {
+	if len(fi.rows) == 0 {
+		return nil
+	}
+	if _, err := fi.tx.CopyFrom(ctx, pgx.Identifier{"file_lines"}, []string{"file_id", "line", "custom_id", "raw"}, pgx.CopyFromRows(fi.rows)); err != nil {
+		return fmt.Errorf("store: import lines: %w", err)
+	}
+	fi.rows = fi.rows[:0]
+	return nil
+}
+
+// Commit stores the file row with its size and the lines' common URL.
+func (fi *FileImport) Commit(ctx context.Context, bytes int64, url string) (*File, error) {
+	if err := fi.flush(ctx); err != nil {
+		return nil, err
+	}
+	f := fi.file
+	f.Bytes, f.URL = bytes, url
+	_, err := fi.tx.Exec(ctx, `UPDATE files SET bytes = $2, lines = $3, url = $4 WHERE id = $1`, f.ID, f.Bytes, f.Lines, f.URL)
+	if err != nil {
+		_ = fi.tx.Rollback(ctx)
+		return nil, fmt.Errorf("store: import file: %w", err)
+	}
+	if err := fi.tx.Commit(ctx); err != nil {
+		return nil, fmt.Errorf("store: import commit: %w", err)
+	}
+	return f, nil
+}
+
+// Rollback abandons the import.
+func (fi *FileImport) Rollback(ctx context.Context) { _ = fi.tx.Rollback(ctx) }
+
+// GetFile returns a tenant's file; another tenant's is ErrNotFound.
+func (s *Store) GetFile(ctx context.Context, tenant, id uuid.UUID) (*File, error) {
+	return scanFile(s.pool.QueryRow(ctx, `SELECT `+fileColumns+` FROM files WHERE id = $1 AND tenant_id = $2`, id, tenant))
+}
+
+// ListFiles pages through a tenant's files, newest first.
+func (s *Store) ListFiles(ctx context.Context, tenant, after uuid.UUID, limit int) ([]*File, bool, error) {
+	if after == uuid.Nil {
+		after = uuid.Max
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+fileColumns+` FROM files WHERE tenant_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3`, tenant, after, limit+1)
+	if err != nil {
+		return nil, false, fmt.Errorf("store: files: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (*File, error) { return scanFile(r) })
+	if err != nil {
+		return nil, false, err
+	}
+	more := len(out) > limit
+	if more {
+		out = out[:limit]
+	}
+	return out, more, nil
+}
+
+// DeleteFile removes a tenant's uploaded file and its lines.
+func (s *Store) DeleteFile(ctx context.Context, tenant, id uuid.UUID) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM files WHERE id = $1 AND tenant_id = $2`, id, tenant)
+	if err != nil {
+		return fmt.Errorf("store: delete file: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return nil
+}
+
+// EachFileLine streams an uploaded file's lines in order.
+func (s *Store) EachFileLine(ctx context.Context, fileID uuid.UUID, fn func(line int, customID string, raw []byte) error) error {
+	rows, err := s.pool.Query(ctx, `SELECT line, custom_id, raw FROM file_lines WHERE file_id = $1 ORDER BY line`, fileID)
+	if err != nil {
+		return fmt.Errorf("store: file lines: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var line int
+		var cid string
+		var raw []byte
+		if err := rows.Scan(&line, &cid, &raw); err != nil {
+			return err
+		}
+		if err := fn(line, cid, raw); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// Batch is an OpenAI-style batch.
+type Batch struct {
+	ID               uuid.UUID
+	TenantID         uuid.UUID
+	InputFileID      uuid.UUID
+	Endpoint         string
+	CompletionWindow string
+	Status           string
+	Metadata         json.RawMessage
+	Errors           json.RawMessage
+	Total            int
+	OutputFileID     *uuid.UUID
+	ErrorFileID      *uuid.UUID
+	CreatedAt        time.Time
+	InProgressAt     *time.Time
+	ExpiresAt        time.Time
+	FinalizingAt     *time.Time
+	CompletedAt      *time.Time
+	FailedAt         *time.Time
+	ExpiredAt        *time.Time
+	CancellingAt     *time.Time
+	CancelledAt      *time.Time
+	// Counts are live, from the batch's jobs.
+	Completed, Failed int
+}
+
+const batchColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completion_window, b.status, b.metadata, b.errors, b.total,
+	b.output_file_id, b.error_file_id, b.created_at, b.in_progress_at, b.expires_at, b.finalizing_at, b.completed_at, b.failed_at,
+	b.expired_at, b.cancelling_at, b.cancelled_at,
+	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status = 'succeeded'),
+	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status IN ('failed', 'cancelled'))`
+
+func scanBatch(row pgx.Row) (*Batch, error) {
+	b := &Batch{}
+	err := row.Scan(&b.ID, &b.TenantID, &b.InputFileID, &b.Endpoint, &b.CompletionWindow, &b.Status, &b.Metadata, &b.Errors, &b.Total,
+		&b.OutputFileID, &b.ErrorFileID, &b.CreatedAt, &b.InProgressAt, &b.ExpiresAt, &b.FinalizingAt, &b.CompletedAt, &b.FailedAt,
+		&b.ExpiredAt, &b.CancellingAt, &b.CancelledAt, &b.Completed, &b.Failed)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrNotFound
+	}
+	return b, err
+}
+
+// CreateBatchParams describe a new batch.
+type CreateBatchParams struct {
+	TenantID    uuid.UUID
+	InputFileID uuid.UUID
+	Endpoint    string
+	Window      time.Duration
+	Metadata    json.RawMessage
+}
+
+// CreateBatch stores a batch in validating.
+func (s *Store) CreateBatch(ctx context.Context, p *CreateBatchParams) (*Batch, error) {
+	id, _ := uuid.NewV7()
+	var meta any
+	if len(p.Metadata) > 0 {
+		meta = p.Metadata
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO batches (id, tenant_id, input_file_id, endpoint, completion_window, status, metadata, expires_at)
+		VALUES ($1, $2, $3, $4, '24h', 'validating', $5, now() + $6::interval)`, id, p.TenantID, p.InputFileID, p.Endpoint, meta, p.Window.String())
+	if err != nil {
+		return nil, fmt.Errorf("store: create batch: %w", err)
+	}
+	return s.GetBatch(ctx, p.TenantID, id)
+}
+
+// GetBatch returns a tenant's batch with live counts.
+func (s *Store) GetBatch(ctx context.Context, tenant, id uuid.UUID) (*Batch, error) {
+	return scanBatch(s.pool.QueryRow(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.id = $1 AND b.tenant_id = $2`, id, tenant))
+}
+
+// ListBatches pages through a tenant's batches, newest first.
+func (s *Store) ListBatches(ctx context.Context, tenant, after uuid.UUID, limit int) ([]*Batch, bool, error) {
+	if after == uuid.Nil {
+		after = uuid.Max
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.tenant_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3`, tenant, after, limit+1)
+	if err != nil {
+		return nil, false, fmt.Errorf("store: batches: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Batch, error) { return scanBatch(r) })
+	if err != nil {
+		return nil, false, err
+	}
+	more := len(out) > limit
+	if more {
+		out = out[:limit]
+	}
+	return out, more, nil
+}
+
+// OpenBatches lists batches a manager must move on (any tenant).
+func (s *Store) OpenBatches(ctx context.Context) ([]*Batch, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY b.id`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Batch, error) { return scanBatch(r) })
+}
+
+// StartBatch turns every line of the batch's input file into a queued job
+// at batch priority, inside Postgres (no line passes through memory), and
+// moves the batch to in_progress, in one transaction: either all lines are
+// jobs or none. models maps each body.model used to the alias its job runs
+// under. It returns the job ids; they still have to be published (the
+// sweeper publishes any that are not).
+func (s *Store) StartBatch(ctx context.Context, b *Batch, endpoint string, models map[string]string) ([]uuid.UUID, error) {
+	var from, to []string
+	for k, v := range models {
+		from, to = append(from, k), append(to, v)
+	}
+	var ids []uuid.UUID
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var total int
+		if err := tx.QueryRow(ctx, `SELECT count(*) FROM file_lines WHERE file_id = $1`, b.InputFileID).Scan(&total); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, `UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = $2 WHERE id = $1 AND status = 'validating'`, b.ID, total)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return ErrJobTerminal // another process started it, or it was cancelled
+		}
+		rows, err := tx.Query(ctx, `
+			INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line)
+			SELECT gen_random_uuid(), $2, $3, m.alias, convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8'),
+				'\x'::bytea, 'batch', 'queued', '{}', $4, fl.custom_id, fl.line
+			FROM file_lines fl
+			JOIN unnest($5::text[], $6::text[]) AS m(model, alias) ON m.model = convert_from(fl.raw, 'UTF8')::jsonb -> 'body' ->> 'model'
+			WHERE fl.file_id = $1
+			RETURNING id`, b.InputFileID, b.TenantID, endpoint, b.ID, from, to)
+		if err != nil {
+			return err
+		}
+		ids, err = pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+		if err != nil {
+			return err
+		}
+		if len(ids) != total {
+			return fmt.Errorf("store: batch %s: %d of %d lines became jobs", b.ID, len(ids), total)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: start batch: %w", err)
+	}
+	return ids, nil
+}
+
+// FailBatch ends a batch that did not validate, with its errors.
+func (s *Store) FailBatch(ctx context.Context, id uuid.UUID, errs json.RawMessage) error {
+	_, err := s.pool.Exec(ctx, `UPDATE batches SET status = 'failed', failed_at = now(), errors = $2 WHERE id = $1 AND status = 'validating'`, id, errs)
+	return err
+}
+
+// CancelBatch moves a batch to cancelling and cancels its queued lines at
+// once: none of them is sent upstream after this returns.
+func (s *Store) CancelBatch(ctx context.Context, tenant, id uuid.UUID) (*Batch, error) {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE batches SET status = 'cancelling', cancelling_at = now()
+			WHERE id = $1 AND tenant_id = $2 AND status IN ('validating', 'in_progress')`, id, tenant)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		_, err = tx.Exec(ctx, `UPDATE jobs SET status = 'cancelled', finished_at = now(), error_code = 'batch_cancelled',
+			error_message = 'The batch was cancelled before this request ran.' WHERE batch_id = $1 AND status = 'queued'`, id)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: cancel batch: %w", err)
+	}
+	return s.GetBatch(ctx, tenant, id)
+}
+
+// ExpireBatchLines cancels the queued lines of a batch whose window passed.
+func (s *Store) ExpireBatchLines(ctx context.Context, id uuid.UUID) error {
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET status = 'cancelled', finished_at = now(), error_code = 'batch_expired',
+		error_message = 'This request could not be executed before the completion window expired.' WHERE batch_id = $1 AND status = 'queued'`, id)
+	return err
+}
+
+// OpenBatchJobs counts a batch's jobs not yet ended.
+func (s *Store) OpenBatchJobs(ctx context.Context, id uuid.UUID) (int, error) {
+	var n int
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM jobs WHERE batch_id = $1 AND status IN ('queued', 'running')`, id).Scan(&n)
+	return n, err
+}
+
+// EndBatch moves a batch from one of from to status (finalizing, or an end
+// state, which also creates its output and error files). False if another
+// process moved it first.
+func (s *Store) EndBatch(ctx context.Context, b *Batch, from []string, status string) (bool, error) {
+	moved := false
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		stamp := map[string]string{"finalizing": "finalizing_at", "completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[status]
+		if stamp == "" {
+			return fmt.Errorf("store: batch status %q", status)
+		}
+		var out, errf any
+		if status != "finalizing" {
+			o, _ := uuid.NewV7()
+			e, _ := uuid.NewV7()
+			out, errf = o, e
+		}
+		tag, err := tx.Exec(ctx, `UPDATE batches SET status = $2, `+stamp+` = now(), output_file_id = coalesce($4, output_file_id),
+			error_file_id = coalesce($5, error_file_id) WHERE id = $1 AND status = ANY($3)`, b.ID, status, from, out, errf)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		moved = true
+		if out == nil {
+			return nil
+		}
+		_, err = tx.Exec(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind, bytes, lines, batch_id)
+			SELECT $2::uuid, $1::uuid, 'batch_' || replace($4::uuid::text, '-', '') || '_output.jsonl', 'batch_output', 'batch_output', 0,
+				(SELECT count(*) FROM jobs WHERE batch_id = $4::uuid AND status = 'succeeded'), $4::uuid
+			UNION ALL
+			SELECT $3::uuid, $1::uuid, 'batch_' || replace($4::uuid::text, '-', '') || '_error.jsonl', 'batch_output', 'batch_error', 0,
+				(SELECT count(*) FROM jobs WHERE batch_id = $4::uuid AND status IN ('failed', 'cancelled')), $4::uuid`, b.TenantID, out, errf, b.ID)
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("store: end batch: %w", err)
+	}
+	return moved, nil
+}
+
+// EachBatchResult streams a batch's ended jobs of one kind (output: the
+// succeeded ones; error: failed and cancelled), in line order.
+func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFile bool, fn func(j *Job, customID string) error) error {
+	statuses := []string{JobSucceeded}
+	if errorsFile {
+		statuses = []string{JobFailed, JobCancelled}
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+jobColumns+`, coalesce(custom_id, '') FROM jobs WHERE batch_id = $1 AND status = ANY($2) ORDER BY line`, batchID, statuses)
+	if err != nil {
+		return fmt.Errorf("store: batch results: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		j := &Job{}
+		var cid string
+		if err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
+			&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
+			&j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid); err != nil {
+			return err
+		}
+		if err := fn(j, cid); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// JobRefs lists a batch's queued jobs (id and model) to publish.
+func (s *Store) JobRefs(ctx context.Context, batchID uuid.UUID) ([]*Job, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, model FROM jobs WHERE batch_id = $1 AND status = 'queued' ORDER BY line`, batchID)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Job, error) {
+		j := &Job{}
+		return j, r.Scan(&j.ID, &j.Model)
+	})
+}
