@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/webhook"
 )
 
 // JobStore keeps jobs.
@@ -75,6 +75,8 @@ type jobError struct {
 
 type webhookObject struct {
 	URL string `json:"url"`
+	// Secret is shown once, in the response that created the job.
+	Secret string `json:"secret,omitempty"`
 }
 
 func unix(t *time.Time) *int64 {
@@ -175,25 +177,33 @@ func (s *Server) submitJob(c echo.Context) error {
 	if err := checkMetadata(jr.Metadata); err != nil {
 		return err
 	}
-	hook := ""
+	hook, hookSecret := "", ""
 	if jr.Webhook != nil {
-		u, err := url.Parse(jr.Webhook.URL)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return invalid("webhook.url", "invalid_url", "webhook.url must be an http(s) URL.")
+		if err := s.guard.Check(c.Request().Context(), jr.Webhook.URL); err != nil {
+			return invalid("webhook.url", "invalid_url", "%v.", err)
 		}
-		hook = jr.Webhook.URL
+		hook, hookSecret = jr.Webhook.URL, jr.Webhook.Secret
+		if hookSecret == "" {
+			hookSecret = webhook.NewSecret()
+		} else if !webhook.ValidSecret(hookSecret) {
+			return invalid("webhook.secret", "invalid_secret", "webhook.secret must be whsec_ followed by base64 of 24 to 64 bytes.")
+		}
 	}
 	idem := c.Request().Header.Get("Idempotency-Key")
 	if len(idem) > 255 {
 		return invalid("Idempotency-Key", "invalid_request", "Idempotency-Key must be at most 255 characters.")
 	}
-	j, status, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: jr.Endpoint,
-		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, IdempotencyKey: idem})
+	j, created, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: jr.Endpoint,
+		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, WebhookSecret: hookSecret, IdempotencyKey: idem})
 	if err != nil {
 		return err
 	}
 	c.Response().Header().Set("Location", "/v1/jobs/"+jobPrefix+j.ID.String())
-	return c.JSON(status, renderJob(j))
+	o := renderJob(j)
+	if o.Webhook != nil && created {
+		o.Webhook.Secret = hookSecret // shown once, when the job is created
+	}
+	return c.JSON(http.StatusAccepted, o)
 }
 
 // checkCall validates a call body the way the synchronous path does.
@@ -245,17 +255,17 @@ func checkMetadata(raw json.RawMessage) error {
 
 // enqueue stores a job and publishes it; a 202 is only ever returned when
 // both happened. A publish that fails takes the row back and answers 503.
-func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.Job, int, error) {
+func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.Job, bool, error) {
 	j, created, err := s.jobs.InsertJob(ctx, p)
 	if errors.Is(err, store.ErrIdempotencyMismatch) {
-		return nil, 0, &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
+		return nil, false, &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
 			Message: "This Idempotency-Key was already used with a different request."}
 	}
 	if err != nil {
-		return nil, 0, err
+		return nil, false, err
 	}
 	if !created && j.Status != store.JobQueued {
-		return j, http.StatusAccepted, nil // replay of a job already under way or done
+		return j, false, nil // replay of a job already under way or done
 	}
 	if err := s.queue.Publish(ctx, j.ID, j.Priority, j.Model, j.TenantID); err != nil {
 		if created {
@@ -266,13 +276,13 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.
 			}
 		}
 		s.log.Warn("publishing job", "err", err)
-		return nil, 0, s.queueUnavailable()
+		return nil, false, s.queueUnavailable()
 	}
 	s.jobs.MarkPublishedSoon(j.ID)
 	if s.wake != nil {
 		s.wake()
 	}
-	return j, http.StatusAccepted, nil
+	return j, created, nil
 }
 
 func parseJobID(s string) (uuid.UUID, bool) {

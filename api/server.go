@@ -22,6 +22,7 @@ import (
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/webhook"
 )
 
 // UsageRecorder takes usage events off the request path.
@@ -54,9 +55,11 @@ type Options struct {
 	Queue JobQueue
 	// Wake, if set, tells in-process workers a job was published.
 	Wake func()
-	// Batches and Runner enable files and batches (nil: off).
+	// Batches and Runner enable files, batches and webhooks (nil: off).
 	Batches *store.Store
 	Runner  *batch.Runner
+	// Guard checks webhook targets.
+	Guard webhook.Guard
 }
 
 // Server is the HTTP API.
@@ -72,6 +75,7 @@ type Server struct {
 	wake    func()
 	batches *store.Store
 	runner  *batch.Runner
+	guard   webhook.Guard
 	log     *slog.Logger
 	e       *echo.Echo
 	metrics *metrics
@@ -87,7 +91,7 @@ type metrics struct {
 // New builds the API and its routes.
 func New(o Options) *Server {
 	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), ledger: o.Ledger, usage: o.Usage,
-		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, batches: o.Batches, runner: o.Runner, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
+		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -137,6 +141,14 @@ func New(o Options) *Server {
 			e.GET(p+"/batches/:id", s.getBatch, auth)
 			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth)
 		}
+		e.POST("/v1/webhook_endpoints", s.createEndpoint, auth)
+		e.GET("/v1/webhook_endpoints", s.listEndpoints, auth)
+		e.GET("/v1/webhook_endpoints/:id", s.getEndpoint, auth)
+		e.POST("/v1/webhook_endpoints/:id", s.updateEndpoint, auth)
+		e.DELETE("/v1/webhook_endpoints/:id", s.deleteEndpoint, auth)
+		e.POST("/v1/webhook_endpoints/:id/rotate_secret", s.rotateEndpoint, auth)
+		e.GET("/v1/webhook_endpoints/:id/deliveries", s.endpointDeliveries, auth)
+		e.POST("/v1/webhook_deliveries/:id/resend", s.resendDelivery, auth)
 	}
 	return s
 }

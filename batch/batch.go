@@ -123,7 +123,7 @@ func appendErr(errs []LineError, code, msg string, line int) []LineError {
 
 func (r *Runner) fail(ctx context.Context, b *store.Batch, errs []LineError) error {
 	raw, _ := json.Marshal(map[string]any{"object": "list", "data": errs})
-	return r.st.FailBatch(ctx, b.ID, raw)
+	return r.st.FailBatch(ctx, b, raw)
 }
 
 // publish puts the batch's jobs on the queue. Jobs whose publish is not

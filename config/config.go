@@ -47,6 +47,7 @@ type Config struct {
 	Usage       Usage        `yaml:"usage"`
 	Queue       Queue        `yaml:"queue"`
 	Worker      Worker       `yaml:"worker"`
+	Webhooks    Webhooks     `yaml:"webhooks"`
 	Circuit     Circuit      `yaml:"circuit"`
 	Deployments []Deployment `yaml:"deployments"`
 	Models      []Model      `yaml:"models"`
@@ -76,6 +77,17 @@ type Queue struct {
 	// (Prefer: wait=N picks within them).
 	DefaultWait time.Duration `yaml:"default_wait"`
 	MaxWait     time.Duration `yaml:"max_wait"`
+}
+
+// Webhooks configures outgoing webhooks.
+type Webhooks struct {
+	// AllowLoopback and AllowPrivate open the SSRF guard (levee dev allows
+	// loopback so a local receiver works).
+	AllowLoopback bool `yaml:"allow_loopback"`
+	AllowPrivate  bool `yaml:"allow_private"`
+	// Schedule is the delay before each retry (default: Standard Webhooks'
+	// 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h, 24h).
+	Schedule []time.Duration `yaml:"schedule"`
 }
 
 // Worker configures the queue workers.

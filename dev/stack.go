@@ -32,6 +32,7 @@ type File struct {
 	Usage       config.Usage     `yaml:"usage"`
 	Queue       config.Queue     `yaml:"queue"`
 	Worker      config.Worker    `yaml:"worker"`
+	Webhooks    config.Webhooks  `yaml:"webhooks"`
 }
 
 // FileDeployment is a gateway deployment plus how the simulator serves it.
@@ -184,6 +185,8 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
 		ShutdownTimeout: 10 * time.Second}
 	cfg.Worker.Enabled = !o.NoWorkers
+	cfg.Webhooks = o.File.Webhooks
+	cfg.Webhooks.AllowLoopback = true // so a receiver on this machine works
 	for _, d := range o.File.Deployments {
 		cfg.Deployments = append(cfg.Deployments, config.Deployment{
 			Name: d.Name, Model: d.Model, Kind: d.Kind, TPM: d.TPM, RPM: d.RPM, Region: d.Region,

@@ -22,6 +22,7 @@ import (
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/webhook"
 	"github.com/levee-gw/levee/worker"
 )
 
@@ -73,7 +74,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 		func() float64 { return float64(ledger.Written()) }))
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_dropped_total", Help: "Usage rows dropped because the buffer was full."},
 		func() float64 { return float64(ledger.Dropped()) }))
-	opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log}
+	opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: Guard(cfg)}
 	var w *worker.Worker
 	var runner *batch.Runner
 	if q != nil {
@@ -110,7 +111,8 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 		go func() { _ = sh.Run(bg) }()
 	}
 	if runner != nil && w != nil {
-		go runner.Run(bg) // moves batches on where workers run
+		go runner.Run(bg) // batches and webhooks move on where workers run
+		go NewSender(st, cfg, log).Run(bg)
 	}
 	if w != nil {
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -123,6 +125,16 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 		}()
 	}
 	return g, nil
+}
+
+// NewSender builds the webhook sender configured in cfg.
+func NewSender(st *store.Store, cfg *config.Config, log *slog.Logger) *webhook.Sender {
+	return webhook.NewSender(st, Guard(cfg), cfg.Webhooks.Schedule, log)
+}
+
+// Guard is the SSRF guard configured in cfg.
+func Guard(cfg *config.Config) webhook.Guard {
+	return webhook.Guard{AllowLoopback: cfg.Webhooks.AllowLoopback, AllowPrivate: cfg.Webhooks.AllowPrivate}
 }
 
 // Done reports a serving error (not a shutdown).

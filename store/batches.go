@@ -317,8 +317,27 @@ func (s *Store) StartBatch(ctx context.Context, b *Batch, endpoint string, model
 }
 
 // FailBatch ends a batch that did not validate, with its errors.
-func (s *Store) FailBatch(ctx context.Context, id uuid.UUID, errs json.RawMessage) error {
-	_, err := s.pool.Exec(ctx, `UPDATE batches SET status = 'failed', failed_at = now(), errors = $2 WHERE id = $1 AND status = 'validating'`, id, errs)
+func (s *Store) FailBatch(ctx context.Context, b *Batch, errs json.RawMessage) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE batches SET status = 'failed', failed_at = now(), errors = $2 WHERE id = $1 AND status = 'validating'`, b.ID, errs)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		return batchEvent(ctx, tx, b, "failed")
+	})
+}
+
+// batchEvent writes batch.<status>'s event and its deliveries to the
+// tenant's matching endpoints, in the transaction that ends the batch.
+func batchEvent(ctx context.Context, tx pgx.Tx, b *Batch, status string) error {
+	_, err := tx.Exec(ctx, `WITH e AS (
+			INSERT INTO webhook_events (id, tenant_id, type, data)
+			VALUES (gen_random_uuid(), $1, 'batch.' || $2::text, jsonb_build_object('id', 'batch_' || $3::uuid::text, 'status', $2::text))
+			RETURNING id, tenant_id, type)
+		INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url)
+		SELECT gen_random_uuid(), e.id, e.tenant_id, we.id, we.url FROM e JOIN webhook_endpoints we
+			ON we.tenant_id = e.tenant_id AND we.enabled AND (cardinality(we.events) = 0 OR e.type = ANY (we.events))`,
+		b.TenantID, status, b.ID)
 	return err
 }
 
@@ -379,6 +398,9 @@ func (s *Store) EndBatch(ctx context.Context, b *Batch, from []string, status st
 		moved = true
 		if out == nil {
 			return nil
+		}
+		if err := batchEvent(ctx, tx, b, status); err != nil {
+			return err
 		}
 		_, err = tx.Exec(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind, bytes, lines, batch_id)
 			SELECT $2::uuid, $1::uuid, 'batch_' || replace($4::uuid::text, '-', '') || '_output.jsonl', 'batch_output', 'batch_output', 0,

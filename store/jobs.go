@@ -86,6 +86,7 @@ type InsertJobParams struct {
 	Priority       string
 	Metadata       json.RawMessage
 	WebhookURL     string
+	WebhookSecret  string
 	IdempotencyKey string
 }
 
@@ -105,7 +106,7 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 	if len(p.Metadata) == 0 {
 		p.Metadata = json.RawMessage("{}")
 	}
-	var key, idem, hook any
+	var key, idem, hook, hookSecret any
 	if p.KeyID != uuid.Nil {
 		key = p.KeyID
 	}
@@ -113,14 +114,14 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 		idem = p.IdempotencyKey
 	}
 	if p.WebhookURL != "" {
-		hook = p.WebhookURL
+		hook, hookSecret = p.WebhookURL, p.WebhookSecret
 	}
 	j, err := scanJob(s.pool.QueryRow(ctx, `
-		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11)
+		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)
 		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING `+jobColumns,
-		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem))
+		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret))
 	if err == nil {
 		return j, true, nil
 	}
@@ -199,12 +200,13 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 // started after this returns: starting requires the queued (or running)
 // status this sets aside.
 func (s *Store) CancelJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
-	j, err := scanJob(s.pool.QueryRow(ctx, `UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_until = NULL
-		WHERE id = $1 AND tenant_id = $2 AND status IN ('queued', 'running') RETURNING `+jobColumns, id, tenant))
-	if errors.Is(err, ErrNotFound) {
-		return s.GetJob(ctx, tenant, id)
+	_, err := s.pool.Exec(ctx, `WITH j AS (UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_until = NULL
+		WHERE id = $1 AND tenant_id = $2 AND status IN ('queued', 'running')
+		RETURNING id, tenant_id, webhook_url, webhook_secret, batch_id, status), e AS (`+jobEventSQL+`) SELECT 1`, id, tenant)
+	if err != nil {
+		return nil, fmt.Errorf("store: cancel job: %w", err)
 	}
-	return j, err
+	return s.GetJob(ctx, tenant, id)
 }
 
 // StartJob claims a job for one attempt, holding it until lease. It fails
@@ -286,8 +288,8 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
 				finished_at = now(), lease_until = NULL
 			WHERE id = $1 AND status = 'running'
-			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at
-		), u AS (
+			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at, webhook_url, webhook_secret, batch_id, status
+		), e AS (`+jobEventSQL+`), u AS (
 			INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
 				status, prompt_tokens, completion_tokens, latency_us, priority, attempts)
 			SELECT finished_at, 'job_' || id, tenant_id, key_id, $3, model, endpoint, $10, $8, $9, $11, priority, $12 FROM j
@@ -308,6 +310,23 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 	}
 	return n == 1, nil
 }
+
+// jobEventSQL emits the webhook event of the jobs in CTE j (not a batch's
+// lines: batches have their own events) and its deliveries: to the job's
+// own webhook.url if it has one, else to the tenant's matching endpoints.
+// It runs inside the statement that ends the job, so the outbox row exists
+// exactly when the job has ended.
+const jobEventSQL = `
+	INSERT INTO webhook_events (id, tenant_id, type, data)
+	SELECT gen_random_uuid(), j.tenant_id, 'job.' || j.status, jsonb_build_object('id', 'job_' || j.id, 'status', j.status)
+	FROM j WHERE j.batch_id IS NULL
+	RETURNING id, tenant_id, type
+), d AS (
+	INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url, secret)
+	SELECT gen_random_uuid(), e.id, e.tenant_id, NULL, j.webhook_url, j.webhook_secret FROM e, j WHERE j.webhook_url IS NOT NULL
+	UNION ALL
+	SELECT gen_random_uuid(), e.id, e.tenant_id, we.id, we.url, NULL FROM e, j, webhook_endpoints we
+	WHERE j.webhook_url IS NULL AND we.tenant_id = e.tenant_id AND we.enabled AND (cardinality(we.events) = 0 OR e.type = ANY (we.events))`
 
 // SweepJobs finds jobs whose message may be missing: accepted but never
 // confirmed published (the process died between insert and publish), or

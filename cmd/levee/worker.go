@@ -44,6 +44,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	sh := broker.NewSharer(q.Conn(), b, "", log)
 	go func() { _ = sh.Run(ctx) }()
 	go batch.New(st, q, b, log).Run(ctx)
+	go gateway.NewSender(st, cfg, log).Run(ctx)
 	if *metricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
