@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint bench bench-go bench-jobs bench-levelling sdk-node
+.PHONY: help build run test lint bench bench-go bench-jobs bench-levelling bench-batch sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ bench-jobs: ## end-to-end jobs/s: submit over HTTP to all succeeded (zero-latenc
 
 bench-levelling: ## queue-based load levelling: sync traffic at ~40% plus a job backlog on PTU 60k + standard 120k TPM
 	$(GO) run ./test/bench/levelling
+
+bench-batch: ## a 50,000-line batch end to end: wall time, lines/s, output checked line for line
+	$(GO) run ./test/bench/batch
 
 bench-go: ## Go micro-benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./broker/ ./api/
