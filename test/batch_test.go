@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"mime/multipart"
+	"os"
 	"net/http"
 	"strings"
 	"testing"
@@ -281,4 +282,36 @@ func (l *longLines) Read(p []byte) (int, error) {
 		}
 	}
 	return len(p), nil
+}
+
+// `levee batch submit --wait` uploads, creates, follows and writes the output.
+func TestBatchCLI(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the levee binary")
+	}
+	env := harness.Start(t, slowFile(0, 1<<30))
+	dir := t.TempDir()
+	in := dir + "/lines.jsonl"
+	if err := os.WriteFile(in, batchLines(50, "cli"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := harness.Spawn(t, []string{"LEVEE_URL=" + env.BaseURL, "LEVEE_API_KEY=" + env.APIKey}, "batch", "submit", in, "--wait")
+	done := make(chan error, 1)
+	go func() { done <- p.Cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("levee batch submit: %v\n%s", err, p.Output())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("levee batch submit did not finish:\n%s", p.Output())
+	}
+	outText := p.Output()
+	if !strings.Contains(outText, "50 completed, 0 failed") || !strings.Contains(outText, "[####") {
+		t.Fatalf("output:\n%s", outText)
+	}
+	raw, err := os.ReadFile(dir + "/lines.output.jsonl")
+	if err != nil || bytes.Count(raw, []byte("\n")) != 50 {
+		t.Fatalf("output file: %v, %d lines", err, bytes.Count(raw, []byte("\n")))
+	}
 }

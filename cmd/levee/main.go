@@ -23,6 +23,9 @@ Usage:
   levee serve  --config FILE                                      run the gateway (and workers if worker.enabled)
   levee worker --config FILE [--metrics ADDR]                     run only queue workers
   levee sim    [--listen ADDR] [--config FILE]                    run the Azure OpenAI simulator
+  levee batch submit FILE.jsonl [--endpoint E] [--wait] [--output F]  upload and run a batch, with progress
+  levee batch status BATCH_ID                                     a batch's status and counts
+                               (--url/LEVEE_URL, --api-key/LEVEE_API_KEY)
   levee migrate                 [--database-url URL]              apply database migrations
   levee tenant create NAME      [--database-url URL]              create a tenant
   levee key create --tenant NAME [--name LABEL] [--database-url URL]
@@ -59,6 +62,8 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 	switch args[0] {
 	case "serve":
 		return cmdServe(ctx, args[1:], log, getenv)
+	case "batch":
+		return cmdBatch(ctx, args[1:], stdout, getenv)
 	case "worker":
 		return cmdWorker(ctx, args[1:], log, getenv)
 	case "dev":
