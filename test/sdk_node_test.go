@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/test/harness"
 )
 
@@ -21,7 +22,11 @@ func TestOpenAINodeSDK(t *testing.T) {
 	if _, err := os.Stat(filepath.Join("sdk-node", "node_modules", "openai")); err != nil {
 		t.Skip("run `npm ci` in test/sdk-node first (make sdk-node does)")
 	}
-	env := harness.Start(t, nil)
+	f := harness.Fast(dev.DefaultFile())
+	for i := range f.Deployments {
+		f.Deployments[i].RPM = 1 << 20 // the batch flow is not about rate limits
+	}
+	env := harness.Start(t, f)
 	cmd := exec.Command(node, "check.mjs")
 	cmd.Dir = "sdk-node"
 	cmd.Env = append(os.Environ(), "BASE_URL="+env.BaseURL, "API_KEY="+env.APIKey)
@@ -29,7 +34,7 @@ func TestOpenAINodeSDK(t *testing.T) {
 	if err != nil {
 		t.Fatalf("openai-node against Levee: %v\n%s", err, out)
 	}
-	for _, want := range []string{"openai: ok", "azure: ok", "errors: ok"} {
+	for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "errors: ok"} {
 		if !strings.Contains(string(out), want) {
 			t.Fatalf("missing %q in:\n%s", want, out)
 		}

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -162,6 +163,24 @@ func TestWebhooksAreSignedAndSurviveADownReceiver(t *testing.T) {
 	if retried == 0 {
 		t.Fatal("no delivery was retried: the receiver was never down for it")
 	}
+	// A batch's end is an event too.
+	resp0, raw0 := upload(t, env, env.APIKey, bytes.NewReader(batchLines(3, "w")), "batch")
+	if resp0.StatusCode != 200 {
+		t.Fatalf("upload: %s", raw0)
+	}
+	var f struct {
+		ID string `json:"id"`
+	}
+	_ = json.Unmarshal(raw0, &f)
+	call(t, env.BaseURL, "/v1/batches", env.APIKey, map[string]any{"input_file_id": f.ID, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+	harness.Eventually(t, 15*time.Second, "batch.completed to arrive", func() bool {
+		for _, typ := range rcv.delivered() {
+			if typ == "batch.completed" {
+				return true
+			}
+		}
+		return false
+	})
 	// Every attempt is recorded and visible.
 	resp, raw := call(t, env.BaseURL, "/v1/webhook_endpoints/"+epID+"/deliveries", env.APIKey, nil)
 	if resp.StatusCode != 200 || !strings.Contains(string(raw), `"status":"delivered"`) || !strings.Contains(string(raw), `"status_code":503`) {

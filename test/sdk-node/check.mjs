@@ -33,6 +33,28 @@ for (const [name, client] of Object.entries(clients)) {
   console.log(`${name}: ok`);
 }
 
+// The documented batch flow: upload, create, poll until completed, download.
+{
+  const client = clients.openai;
+  const lines = Array.from({ length: 20 }, (_, i) => JSON.stringify({
+    custom_id: `n${i}`, method: "POST", url: "/v1/chat/completions",
+    body: { model: "gpt-4o", max_tokens: 5, messages: [{ role: "user", content: `line ${i}` }] },
+  })).join("\n") + "\n";
+  const file = await client.files.create({ file: new File([lines], "batch.jsonl"), purpose: "batch" });
+  let batch = await client.batches.create({ input_file_id: file.id, endpoint: "/v1/chat/completions", completion_window: "24h" });
+  const deadline = Date.now() + 60_000;
+  while (batch.status !== "completed") {
+    assert.ok(Date.now() < deadline, `batch still ${batch.status}`);
+    await new Promise((r) => setTimeout(r, 200));
+    batch = await client.batches.retrieve(batch.id);
+  }
+  assert.equal(batch.request_counts.completed, 20);
+  const out = await (await client.files.content(batch.output_file_id)).text();
+  const ids = out.trim().split("\n").map((l) => JSON.parse(l).custom_id).sort();
+  assert.equal(new Set(ids).size, 20);
+  console.log("batch: ok");
+}
+
 try {
   await new OpenAI({ baseURL: `${base}/v1`, apiKey: "lv-wrong-key-0000000000", maxRetries: 0 })
     .chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "x" }] });
