@@ -264,15 +264,7 @@ func (s *Server) listFiles(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	data := make([]*fileObject, len(files))
-	for i, f := range files {
-		data[i] = renderFile(f)
-	}
-	out := map[string]any{"object": "list", "data": data, "has_more": more, "first_id": nil, "last_id": nil}
-	if len(data) > 0 {
-		out["first_id"], out["last_id"] = data[0].ID, data[len(data)-1].ID
-	}
-	return c.JSON(http.StatusOK, out)
+	return c.JSON(http.StatusOK, listResponse(files, renderFile, func(o *fileObject) string { return o.ID }, more))
 }
 
 func (s *Server) deleteFile(c echo.Context) error {
@@ -506,13 +498,5 @@ func (s *Server) listBatches(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	data := make([]*batchObject, len(list))
-	for i, b := range list {
-		data[i] = renderBatch(b)
-	}
-	out := map[string]any{"object": "list", "data": data, "has_more": more, "first_id": nil, "last_id": nil}
-	if len(data) > 0 {
-		out["first_id"], out["last_id"] = data[0].ID, data[len(data)-1].ID
-	}
-	return c.JSON(http.StatusOK, out)
+	return c.JSON(http.StatusOK, listResponse(list, renderBatch, func(o *batchObject) string { return o.ID }, more))
 }

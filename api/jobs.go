@@ -341,15 +341,20 @@ func (s *Server) listJobs(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	data := make([]*jobObject, len(jobs))
-	for i, j := range jobs {
-		data[i] = renderJob(j)
+	return c.JSON(http.StatusOK, listResponse(jobs, renderJob, func(o *jobObject) string { return o.ID }, more))
+}
+
+// listResponse is OpenAI's list envelope for a page of objects.
+func listResponse[T, O any](items []T, render func(T) O, id func(O) string, more bool) map[string]any {
+	data := make([]O, len(items))
+	for i, it := range items {
+		data[i] = render(it)
 	}
 	out := map[string]any{"object": "list", "data": data, "has_more": more, "first_id": nil, "last_id": nil}
 	if len(data) > 0 {
-		out["first_id"], out["last_id"] = data[0].ID, data[len(data)-1].ID
+		out["first_id"], out["last_id"] = id(data[0]), id(data[len(data)-1])
 	}
-	return c.JSON(http.StatusOK, out)
+	return out
 }
 
 func (s *Server) cancelJob(c echo.Context) error {

@@ -125,10 +125,7 @@ func (s *Store) ListFiles(ctx context.Context, tenant, after uuid.UUID, limit in
 	if err != nil {
 		return nil, false, err
 	}
-	more := len(out) > limit
-	if more {
-		out = out[:limit]
-	}
+	out, more := page(out, limit)
 	return out, more, nil
 }
 
@@ -250,10 +247,7 @@ func (s *Store) ListBatches(ctx context.Context, tenant, after uuid.UUID, limit 
 	if err != nil {
 		return nil, false, err
 	}
-	more := len(out) > limit
-	if more {
-		out = out[:limit]
-	}
+	out, more := page(out, limit)
 	return out, more, nil
 }
 

@@ -189,10 +189,7 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 	if err != nil {
 		return nil, false, err
 	}
-	more := len(out) > p.Limit
-	if more {
-		out = out[:p.Limit]
-	}
+	out, more := page(out, p.Limit)
 	return out, more, nil
 }
 
@@ -345,6 +342,14 @@ func (s *Store) SweepJobs(ctx context.Context, olderThan time.Duration, limit in
 		return nil, fmt.Errorf("store: sweep jobs: %w", err)
 	}
 	return collectJobs(rows)
+}
+
+// page trims a query's limit+1 rows to limit and says whether more follow.
+func page[T any](rows []T, limit int) ([]T, bool) {
+	if len(rows) > limit {
+		return rows[:limit], true
+	}
+	return rows, false
 }
 
 func collectJobs(rows pgx.Rows) ([]*Job, error) {
