@@ -28,11 +28,24 @@ type Runner struct {
 	q   *queue.Queue
 	b   *broker.Broker
 	log *slog.Logger
+	// pin keeps lines naming a deployment on that deployment alone.
+	pin bool
 }
 
-// New returns a Runner.
-func New(st *store.Store, q *queue.Queue, b *broker.Broker, log *slog.Logger) *Runner {
-	return &Runner{st: st, q: q, b: b, log: log}
+// New returns a Runner; pin is config's batches.pin_deployments.
+func New(st *store.Store, q *queue.Queue, b *broker.Broker, pin bool, log *slog.Logger) *Runner {
+	return &Runner{st: st, q: q, b: b, pin: pin, log: log}
+}
+
+// resolve finds where a line's body.model runs: an alias's group; or, for
+// a deployment name, its model's group unless deployments are pinned.
+func (r *Runner) resolve(model string) (*broker.Group, bool) {
+	if _, isDeployment := r.b.Deployment(model); isDeployment && !r.pin {
+		if g, ok := r.b.ModelGroup(model); ok {
+			return g, true
+		}
+	}
+	return r.b.Resolve(model)
 }
 
 // LineError is a validation problem of one input line (OpenAI's errors.data).
@@ -82,7 +95,7 @@ func (r *Runner) Start(ctx context.Context, b *store.Batch) error {
 			errs = appendErr(errs, "invalid_request", "batch requests cannot stream", line)
 			return nil
 		}
-		g, ok := r.b.Resolve(req.Model)
+		g, ok := r.resolve(req.Model)
 		if !ok {
 			errs = appendErr(errs, "model_not_found", fmt.Sprintf("model %q is not served by this gateway", req.Model), line)
 			return nil

@@ -163,6 +163,23 @@ func (g *Group) BackgroundSlots(now time.Time, est int) int {
 	return n
 }
 
+// ModelGroup returns the alias group a deployment belongs to (the first
+// alias listing it), so work that names one deployment can use all of them.
+func (b *Broker) ModelGroup(deployment string) (*Group, bool) {
+	d, ok := b.deps[deployment]
+	if !ok {
+		return nil, false
+	}
+	for _, a := range b.aliases {
+		for _, gd := range b.groups[a].Deployments() {
+			if gd == d {
+				return b.groups[a], true
+			}
+		}
+	}
+	return nil, false
+}
+
 // Models lists the aliases clients may use.
 func (b *Broker) Models() []string { return b.aliases }
 

@@ -48,6 +48,7 @@ type Config struct {
 	Queue       Queue        `yaml:"queue"`
 	Worker      Worker       `yaml:"worker"`
 	Webhooks    Webhooks     `yaml:"webhooks"`
+	Batches     Batches      `yaml:"batches"`
 	Circuit     Circuit      `yaml:"circuit"`
 	Deployments []Deployment `yaml:"deployments"`
 	Models      []Model      `yaml:"models"`
@@ -77,6 +78,14 @@ type Queue struct {
 	// (Prefer: wait=N picks within them).
 	DefaultWait time.Duration `yaml:"default_wait"`
 	MaxWait     time.Duration `yaml:"max_wait"`
+}
+
+// Batches configures the Batch API.
+type Batches struct {
+	// PinDeployments sends a batch line whose body.model names a deployment
+	// (Azure style) to that deployment only. By default it goes to every
+	// deployment of that deployment's model group, to use all spare capacity.
+	PinDeployments bool `yaml:"pin_deployments"`
 }
 
 // Webhooks configures outgoing webhooks.

@@ -79,7 +79,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 	var runner *batch.Runner
 	if q != nil {
 		opts.Jobs, opts.Queue = st, q
-		runner = batch.New(st, q, b, log)
+		runner = batch.New(st, q, b, cfg.Batches.PinDeployments, log)
 		opts.Batches, opts.Runner = st, runner
 		if cfg.Worker.Enabled {
 			w = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)

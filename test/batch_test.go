@@ -315,3 +315,91 @@ func TestBatchCLI(t *testing.T) {
 		t.Fatalf("output file: %v, %d lines", err, bytes.Count(raw, []byte("\n")))
 	}
 }
+
+func createBatch(t *testing.T, env *harness.Env, content []byte, endpoint string) string {
+	t.Helper()
+	resp, raw := upload(t, env, env.APIKey, bytes.NewReader(content), "batch")
+	if resp.StatusCode != 200 {
+		t.Fatalf("upload: %d %s", resp.StatusCode, raw)
+	}
+	var f struct {
+		ID string `json:"id"`
+	}
+	_ = json.Unmarshal(raw, &f)
+	resp, raw = call(t, env.BaseURL, "/v1/batches", env.APIKey, map[string]any{"input_file_id": f.ID, "endpoint": endpoint, "completion_window": "24h"})
+	if resp.StatusCode != 200 {
+		t.Fatalf("create: %d %s", resp.StatusCode, raw)
+	}
+	var b struct {
+		ID string `json:"id"`
+	}
+	_ = json.Unmarshal(raw, &b)
+	return b.ID
+}
+
+type batchState struct {
+	Status        string `json:"status"`
+	OutputFileID  string `json:"output_file_id"`
+	ErrorFileID   string `json:"error_file_id"`
+	ExpiredAt     *int64 `json:"expired_at"`
+	RequestCounts struct {
+		Total, Completed, Failed int
+	} `json:"request_counts"`
+}
+
+func getBatch(t *testing.T, env *harness.Env, id string) batchState {
+	_, raw := call(t, env.BaseURL, "/v1/batches/"+id, env.APIKey, nil)
+	var b batchState
+	_ = json.Unmarshal(raw, &b)
+	return b
+}
+
+// A batch whose window passes is expired: unstarted lines go to the error
+// file as batch_expired, finished ones are still delivered.
+func TestBatchExpires(t *testing.T) {
+	f := slowFile(0, 1<<30)
+	f.Deployments[0].Sim = sim.Deployment{TTFT: 100 * time.Millisecond, CompletionTokens: 5}
+	f.Worker = config.Worker{Concurrency: 2}
+	env := harness.Start(t, f)
+	id := createBatch(t, env, batchLines(200, "e"), "/v1/chat/completions")
+	harness.Eventually(t, 20*time.Second, "some lines to finish", func() bool { return getBatch(t, env, id).RequestCounts.Completed >= 5 })
+	// The 24 h window ends now.
+	if _, err := env.Store.Pool().Exec(context.Background(), `UPDATE batches SET expires_at = now() WHERE id = $1`, strings.TrimPrefix(id, "batch_")); err != nil {
+		t.Fatal(err)
+	}
+	var b batchState
+	harness.Eventually(t, 20*time.Second, "the batch to expire", func() bool {
+		b = getBatch(t, env, id)
+		return b.Status == "expired"
+	})
+	if b.ExpiredAt == nil || b.RequestCounts.Completed == 0 || b.RequestCounts.Completed+b.RequestCounts.Failed != 200 || b.RequestCounts.Failed == 0 {
+		t.Fatalf("expired batch: %+v", b)
+	}
+	_, out := call(t, env.BaseURL, "/v1/files/"+b.OutputFileID+"/content", env.APIKey, nil)
+	_, errs := call(t, env.BaseURL, "/v1/files/"+b.ErrorFileID+"/content", env.APIKey, nil)
+	if bytes.Count(out, []byte("\n")) != b.RequestCounts.Completed || bytes.Count(errs, []byte(`"batch_expired"`)) != b.RequestCounts.Failed {
+		t.Fatalf("files: %d output lines for %d completed; %d batch_expired for %d failed",
+			bytes.Count(out, []byte("\n")), b.RequestCounts.Completed, bytes.Count(errs, []byte(`"batch_expired"`)), b.RequestCounts.Failed)
+	}
+}
+
+// Azure-style lines (url without /v1, body.model naming a deployment) run
+// over every deployment of that deployment's model.
+func TestAzureBatchLinesUseTheModelGroup(t *testing.T) {
+	env := harness.Start(t, pair(1<<30, 1<<30))
+	// The named deployment is down: the lines can only complete if they are
+	// routed over its model's group.
+	setFaults(t, env, "ptu", sim.Faults{Outage: true})
+	var in bytes.Buffer
+	for i := 0; i < 60; i++ {
+		fmt.Fprintf(&in, `{"custom_id":"az%d","method":"POST","url":"/chat/completions","body":{"model":"ptu","max_tokens":5,"messages":[{"role":"user","content":"x %d"}]}}`+"\n", i, i)
+	}
+	id := createBatch(t, env, in.Bytes(), "/v1/chat/completions")
+	harness.Eventually(t, 20*time.Second, "the batch to complete", func() bool { return getBatch(t, env, id).Status == "completed" })
+	if b := getBatch(t, env, id); b.RequestCounts.Completed != 60 {
+		t.Fatalf("%+v", b)
+	}
+	if st := env.Sim.Stats(); st["std"].Admitted != 60 {
+		t.Fatalf("the standard deployment served %d of 60 lines", st["std"].Admitted)
+	}
+}

@@ -43,7 +43,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	w := worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
 	sh := broker.NewSharer(q.Conn(), b, "", log)
 	go func() { _ = sh.Run(ctx) }()
-	go batch.New(st, q, b, log).Run(ctx)
+	go batch.New(st, q, b, cfg.Batches.PinDeployments, log).Run(ctx)
 	go gateway.NewSender(st, cfg, log).Run(ctx)
 	if *metricsAddr != "" {
 		mux := http.NewServeMux()
