@@ -34,12 +34,16 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds per path (interleaved)")
 	ramp := flag.String("ramp", "1000,2000,3000,4000,5000", "rates to try for the sustained-rate search")
 	gwEnv := flag.String("gateway-env", "", "extra environment for the gateway process, e.g. GOMAXPROCS=1")
+	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
+	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
 	flag.Parse()
 	if err := run(*rate, *dur, *rounds, *ramp, *gwEnv); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
+
+var simAddrFlag, viaFlag string
 
 func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
@@ -60,6 +64,9 @@ func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	defer pg.Stop()
 
 	simAddr, gwAddr := freeAddr(), freeAddr()
+	if simAddrFlag != "" {
+		simAddr = simAddrFlag
+	}
 	simKey := store.NewSecret()
 	simCfg := fmt.Sprintf("api_key: %s\ndeployments:\n  - name: bench\n    model: gpt-4o\n    tpm: 0\n    completion_tokens: 16\n", simKey)
 	gwCfg := fmt.Sprintf(`listen: %s
@@ -115,6 +122,10 @@ models:
 	body := []byte(`{"model":"gpt-4o","max_tokens":16,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something short about rivers."}]}`)
 	direct := target{url: "http://" + simAddr + "/openai/deployments/bench/chat/completions?api-version=2024-10-21", header: "api-key", key: simKey, body: body}
 	levee := target{url: "http://" + gwAddr + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", header: "api-key", key: key, body: body}
+	if viaFlag != "" {
+		levee = target{url: viaFlag + "/openai/deployments/bench/chat/completions?api-version=2024-10-21", header: "api-key", key: simKey, body: body}
+		fmt.Printf("measuring through %s instead of Levee\n", viaFlag)
+	}
 	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 4096, MaxIdleConnsPerHost: 4096, IdleConnTimeout: time.Minute}, Timeout: 10 * time.Second}
 
 	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores; gateway env %q\n", rounds, dur, rate, numCPU(), gwEnv)
