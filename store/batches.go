@@ -326,7 +326,9 @@ func (s *Store) FailBatch(ctx context.Context, b *Batch, errs json.RawMessage) e
 func batchEvent(ctx context.Context, tx pgx.Tx, b *Batch, status string) error {
 	_, err := tx.Exec(ctx, `WITH e AS (
 			INSERT INTO webhook_events (id, tenant_id, type, data)
-			VALUES (gen_random_uuid(), $1, 'batch.' || $2::text, jsonb_build_object('id', 'batch_' || $3::uuid::text, 'status', $2::text))
+			SELECT gen_random_uuid(), $1, 'batch.' || $2::text, jsonb_build_object('id', 'batch_' || $3::uuid::text, 'status', $2::text)
+			WHERE EXISTS (SELECT 1 FROM webhook_endpoints we WHERE we.tenant_id = $1 AND we.enabled
+				AND (cardinality(we.events) = 0 OR 'batch.' || $2::text = ANY (we.events)))
 			RETURNING id, tenant_id, type)
 		INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url)
 		SELECT gen_random_uuid(), e.id, e.tenant_id, we.id, we.url FROM e JOIN webhook_endpoints we

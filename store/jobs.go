@@ -309,14 +309,17 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 }
 
 // jobEventSQL emits the webhook event of the jobs in CTE j (not a batch's
-// lines: batches have their own events) and its deliveries: to the job's
-// own webhook.url if it has one, else to the tenant's matching endpoints.
+// lines: batches have their own events), only when someone will receive it,
+// and its deliveries: to the job's own webhook.url if it has one, else to
+// the tenant's matching endpoints.
 // It runs inside the statement that ends the job, so the outbox row exists
 // exactly when the job has ended.
 const jobEventSQL = `
 	INSERT INTO webhook_events (id, tenant_id, type, data)
 	SELECT gen_random_uuid(), j.tenant_id, 'job.' || j.status, jsonb_build_object('id', 'job_' || j.id, 'status', j.status)
-	FROM j WHERE j.batch_id IS NULL
+	FROM j WHERE j.batch_id IS NULL AND (j.webhook_url IS NOT NULL OR EXISTS (
+		SELECT 1 FROM webhook_endpoints we WHERE we.tenant_id = j.tenant_id AND we.enabled
+			AND (cardinality(we.events) = 0 OR 'job.' || j.status = ANY (we.events))))
 	RETURNING id, tenant_id, type
 ), d AS (
 	INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url, secret)

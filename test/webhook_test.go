@@ -235,3 +235,15 @@ func TestGoneDisablesEndpoint(t *testing.T) {
 		return strings.Contains(string(raw), `"enabled":false`) && strings.Contains(string(raw), "410")
 	})
 }
+
+// With no endpoint and no job webhook, ending jobs writes no events.
+func TestNoEventsWithoutReceivers(t *testing.T) {
+	env := harness.Start(t, fastWebhooks())
+	_, j := submit(t, env, env.APIKey, jobBody(5, "normal"))
+	waitJob(t, env, env.APIKey, j.ID, 10*time.Second)
+	var n int
+	_ = env.Store.Pool().QueryRow(t.Context(), `SELECT count(*) FROM webhook_events`).Scan(&n)
+	if n != 0 {
+		t.Fatalf("%d events written for nobody", n)
+	}
+}
