@@ -53,11 +53,21 @@ func NewRegistry() *prometheus.Registry {
 }
 
 // OpenQueue connects to the job queue configured in cfg (nil when none).
-func OpenQueue(ctx context.Context, cfg *config.Config, log *slog.Logger) (*queue.Queue, error) {
+// If JetStream has lost the jobs stream, every queued job's publish mark is
+// cleared so the sweeper publishes it again: an accepted job is never left
+// waiting for a message that no longer exists.
+func OpenQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*queue.Queue, error) {
 	if cfg.NATSURL == "" {
 		return nil, nil
 	}
-	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait}, log)
+	onLost := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := st.ForgetPublished(ctx); err != nil {
+			log.Error("clearing publish marks after the jobs stream was lost", "err", err)
+		}
+	}
+	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait}, onLost, log)
 }
 
 // Start listens on cfg.Listen and serves in the background; with
@@ -65,7 +75,7 @@ func OpenQueue(ctx context.Context, cfg *config.Config, log *slog.Logger) (*queu
 func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*Gateway, error) {
 	reg := NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
-	q, err := OpenQueue(ctx, cfg, log)
+	q, err := OpenQueue(ctx, cfg, st, log)
 	if err != nil {
 		return nil, err
 	}

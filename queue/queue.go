@@ -65,13 +65,29 @@ type Queue struct {
 
 	mu        sync.Mutex
 	consumers map[string]jetstream.Consumer
+	onLost    func()
 }
 
 // Open connects (reconnecting forever) and creates or updates the stream.
-func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Queue, error) {
+// onLost, if set, is called whenever the stream had to be created: at start
+// or after a reconnect, JetStream no longer had it, so messages of jobs
+// accepted earlier may be gone and must be published again.
+func Open(ctx context.Context, cfg Config, onLost func(), log *slog.Logger) (*Queue, error) {
 	cfg.defaults()
+	var q *Queue
 	nc, err := nats.Connect(cfg.URL, nats.Name("levee"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
-		nats.RetryOnFailedConnect(false))
+		nats.RetryOnFailedConnect(false), nats.ReconnectHandler(func(*nats.Conn) {
+			if q == nil {
+				return
+			}
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := q.ensureStream(ctx); err != nil {
+					log.Warn("checking the jobs stream after a reconnect", "err", err)
+				}
+			}()
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("queue: connect: %w", err)
 	}
@@ -80,8 +96,8 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Queue, error) {
 		nc.Close()
 		return nil, fmt.Errorf("queue: %w", err)
 	}
-	q := &Queue{cfg: cfg, nc: nc, js: js, log: log, consumers: map[string]jetstream.Consumer{},
-		prefix: "levee.jobs." + strings.ToLower(cfg.Stream)}
+	q = &Queue{cfg: cfg, nc: nc, js: js, log: log, consumers: map[string]jetstream.Consumer{},
+		prefix: "levee.jobs." + strings.ToLower(cfg.Stream), onLost: onLost}
 	if err := q.ensureStream(ctx); err != nil {
 		nc.Close()
 		return nil, err
@@ -90,7 +106,12 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Queue, error) {
 }
 
 func (q *Queue) ensureStream(ctx context.Context) error {
-	_, err := q.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	_, err := q.js.Stream(ctx, q.cfg.Stream)
+	missing := errors.Is(err, jetstream.ErrStreamNotFound)
+	if err != nil && !missing {
+		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
+	}
+	_, err = q.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        q.cfg.Stream,
 		Description: "Levee jobs: one message per queued job, carrying its id",
 		Subjects:    []string{q.prefix + ".>"},
@@ -101,6 +122,16 @@ func (q *Queue) ensureStream(ctx context.Context) error {
 	})
 	if err != nil {
 		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
+	}
+	if missing {
+		// Consumers went with the stream; forget the cached handles.
+		q.mu.Lock()
+		clear(q.consumers)
+		q.mu.Unlock()
+		if q.onLost != nil {
+			q.log.Warn("the jobs stream was missing and has been created; queued jobs will be published again")
+			q.onLost()
+		}
 	}
 	return nil
 }
@@ -189,6 +220,15 @@ func (q *Queue) Consumer(ctx context.Context, priority, modelToken string, tenan
 	q.consumers[name] = c
 	q.mu.Unlock()
 	return c, nil
+}
+
+// Forget drops a cached consumer handle (after a failed fetch), so it is
+// created again on next use.
+func (q *Queue) Forget(priority, modelToken string, tenant uuid.UUID) {
+	name := Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
+	q.mu.Lock()
+	delete(q.consumers, name)
+	q.mu.Unlock()
 }
 
 // Pending returns the stream's message count per subject: the jobs waiting

@@ -148,6 +148,13 @@ func (s *Store) MarkPublished(ctx context.Context, ids ...uuid.UUID) error {
 	return err
 }
 
+// ForgetPublished clears every open job's publish mark, so the sweeper
+// publishes them all again (after JetStream lost its stream).
+func (s *Store) ForgetPublished(ctx context.Context) error {
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = NULL WHERE status = 'queued'`)
+	return err
+}
+
 // DeleteJob removes a job that was never accepted (its publish failed).
 func (s *Store) DeleteJob(ctx context.Context, id uuid.UUID) error {
 	_, err := s.pool.Exec(ctx, `DELETE FROM jobs WHERE id = $1 AND status = 'queued'`, id)

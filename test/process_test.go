@@ -239,3 +239,28 @@ func TestProcessesShareOneCapacityView(t *testing.T) {
 		t.Fatal("neither synchronous calls nor jobs got through")
 	}
 }
+
+// JetStream restarted on an empty disk: the messages of accepted jobs are
+// gone, yet every job still runs, because the stream's loss is noticed and
+// the queued jobs are published again.
+func TestJetStreamLosingItsStorageLosesNoJob(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	f := slowFile(0, 1<<30)
+	f.Queue = config.Queue{AckWait: 2 * time.Second}
+	env := harness.StartWith(t, f, dev.StackOptions{NoWorkers: true})
+	var ids []string
+	for i := 0; i < 20; i++ {
+		_, j := submit(t, env, env.APIKey, jobBody(5, "low"))
+		ids = append(ids, j.ID)
+	}
+	env.RestartNATSEmpty()
+	cfgPath, penv := processConfig(t, env, "127.0.0.1:0", "queue: {ack_wait: 2s}\n")
+	harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	for _, id := range ids {
+		if j := waitJob(t, env, env.APIKey, id, 60*time.Second); j.Status != "succeeded" {
+			t.Fatalf("%s: %+v", id, j)
+		}
+	}
+}

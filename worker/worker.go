@@ -225,6 +225,7 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 	}
 	batch, err := c.FetchNoWait(n)
 	if err != nil {
+		w.q.Forget(prio, model, tenant)
 		return nil
 	}
 	var out []jetstream.Msg

@@ -35,7 +35,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	}
 	reg := gateway.NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
-	q, err := gateway.OpenQueue(ctx, cfg, log)
+	q, err := gateway.OpenQueue(ctx, cfg, st, log)
 	if err != nil {
 		return err
 	}

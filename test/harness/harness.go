@@ -127,13 +127,24 @@ func StartWith(t testing.TB, f *dev.File, o dev.StackOptions) *Env {
 
 // RestartNATS stops the embedded NATS server and starts it again on the same
 // port and storage, as a restart of the real server would.
-func (e *Env) RestartNATS() {
+func (e *Env) RestartNATS() { e.restartNATS(false) }
+
+// RestartNATSEmpty restarts the embedded NATS server with its storage wiped:
+// everything JetStream held is gone.
+func (e *Env) RestartNATSEmpty() { e.restartNATS(true) }
+
+func (e *Env) restartNATS(wipe bool) {
 	e.t.Helper()
 	if e.NATS == nil {
 		e.t.Skip("NATS_URL is set: cannot restart an external server")
 	}
 	port := e.NATS.Server.Addr().(*net.TCPAddr).Port
 	e.NATS.Stop()
+	if wipe {
+		if err := os.RemoveAll(e.NATSDir); err != nil {
+			e.t.Fatal(err)
+		}
+	}
 	n, err := dev.StartNATS(e.NATSDir, port)
 	if err != nil {
 		e.t.Fatalf("harness: restart NATS: %v", err)
