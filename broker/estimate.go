@@ -355,15 +355,25 @@ func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage, count f
 	return n
 }
 
+// maxEstimate caps an estimate: far above any deployment's TPM, and far
+// from overflowing, so an absurd max_tokens is simply "too large" and can
+// never wrap around to a negative charge that would free capacity.
+const maxEstimate = 1 << 40
+
 // Estimate is what a deployment charges on arrival (protocols.md §2): the
 // prompt plus the completion budget times the number of completions.
 func Estimate(prompt int, r *Request, defaultMaxTokens int) int {
 	if r.Op == OpEmbeddings {
-		return prompt
+		return min(prompt, maxEstimate)
 	}
 	budget := r.MaxTokens
 	if budget == 0 {
 		budget = defaultMaxTokens
 	}
-	return prompt + budget*max(r.N, r.BestOf)
+	budget = min(budget, maxEstimate)
+	copies := min(max(r.N, r.BestOf), maxEstimate)
+	if budget > 0 && copies > maxEstimate/budget {
+		return maxEstimate
+	}
+	return min(prompt+budget*copies, maxEstimate)
 }

@@ -119,6 +119,9 @@ func TestEstimateChargesLikeAzure(t *testing.T) {
 		{`{"prompt":"x","max_tokens":100,"n":2,"best_of":4}`, OpCompletions, 10 + 400},
 		{`{"messages":[{"role":"user","content":"x"}]}`, OpChat, 10 + 1024},
 		{`{"input":"x","max_tokens":100}`, OpEmbeddings, 10},
+		// Absurd values saturate instead of wrapping around to a negative charge.
+		{`{"messages":[{"role":"user","content":"x"}],"max_tokens":9223372036854775807}`, OpChat, maxEstimate},
+		{`{"messages":[{"role":"user","content":"x"}],"max_tokens":4611686018427387904,"n":4}`, OpChat, maxEstimate},
 	} {
 		r, err := ParseRequest(tc.op, []byte(tc.body))
 		if err != nil {
@@ -191,4 +194,35 @@ func TestSystemPromptCacheCountsTheSame(t *testing.T) {
 	if cl := tok.PromptTokens("cl100k_base", r); len(tok.cache) != 2 || cl == 0 {
 		t.Fatal("the cache must be per encoding")
 	}
+}
+
+// FuzzParseRequest: any body either parses or is a BadRequestError, and a
+// parsed one can always be estimated.
+func FuzzParseRequest(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":5}`,
+		`{"input":["a",[1,2],3]}`,
+		`{"prompt":[[1,2],[3]],"n":2,"best_of":3}`,
+		`{"messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url"}]}]}`,
+		`{"messages":null}`, `[]`, `"x"`, `{`,
+		`{"messages":[{"role":"user","content":"x"}],"max_tokens":9223372036854775807,"n":9223372036854775807}`,
+	} {
+		f.Add(s)
+	}
+	tok := NewTokenizers()
+	f.Fuzz(func(t *testing.T, body string) {
+		for _, op := range []Op{OpChat, OpCompletions, OpEmbeddings} {
+			r, err := ParseRequest(op, []byte(body))
+			if err != nil {
+				var be *BadRequestError
+				if !errors.As(err, &be) {
+					t.Fatalf("%q: error of type %T", body, err)
+				}
+				continue
+			}
+			if Estimate(tok.PromptTokens("o200k_base", r), r, 1024) < 0 {
+				t.Fatalf("%q: negative estimate", body)
+			}
+		}
+	})
 }

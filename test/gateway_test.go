@@ -512,3 +512,21 @@ func parallel(t *testing.T, n, c int, do func(i int) int) map[int]int {
 	wg.Wait()
 	return counts
 }
+
+// A max_tokens near the integer limit on a model with no ceiling is refused
+// as too large; it must not wrap around into a charge that frees capacity.
+func TestAbsurdMaxTokensCannotFreeCapacity(t *testing.T) {
+	f := harness.Fast(dev.DefaultFile())
+	f.Models[0].MaxTokens = 0 // no ceiling
+	env := harness.Start(t, f)
+	body := map[string]any{"model": "gpt-4o", "max_tokens": int64(9223372036854775807), "messages": []map[string]string{{"role": "user", "content": "x"}}}
+	resp, raw := call(t, env.BaseURL, "/v1/chat/completions", env.APIKey, body)
+	if resp.StatusCode != 400 || !strings.Contains(string(raw), "request_too_large") {
+		t.Fatalf("%d %s", resp.StatusCode, raw)
+	}
+	for _, d := range env.Gateway.Broker.Deployments() {
+		if tok, _ := d.Capacity.Headroom(time.Now()); tok > int64(d.TPM) {
+			t.Fatalf("%s has %d tokens of headroom, more than its TPM %d", d.Name, tok, d.TPM)
+		}
+	}
+}
