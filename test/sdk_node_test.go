@@ -6,9 +6,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/test/harness"
+	"github.com/levee-gw/levee/test/sim"
 )
 
 // TestOpenAINodeSDK runs test/sdk-node/check.mjs (the official openai-node
@@ -26,6 +29,11 @@ func TestOpenAINodeSDK(t *testing.T) {
 	for i := range f.Deployments {
 		f.Deployments[i].RPM = 1 << 20 // the batch flow is not about rate limits
 	}
+	// A slow model, so a batch can be cancelled midway.
+	f.Deployments = append(f.Deployments, dev.FileDeployment{Name: "slow", Model: "gpt-4o", TPM: 1 << 30, RPM: 1 << 30,
+		Sim: sim.Deployment{TTFT: 100 * time.Millisecond, CompletionTokens: 5}})
+	f.Models = append(f.Models, config.Model{Name: "gpt-4o-slow", Deployments: []string{"slow"}})
+	f.Worker = config.Worker{Concurrency: 4}
 	env := harness.Start(t, f)
 	cmd := exec.Command(node, "check.mjs")
 	cmd.Dir = "sdk-node"
@@ -34,7 +42,7 @@ func TestOpenAINodeSDK(t *testing.T) {
 	if err != nil {
 		t.Fatalf("openai-node against Levee: %v\n%s", err, out)
 	}
-	for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "errors: ok"} {
+	for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "cancel: ok", "errors: ok"} {
 		if !strings.Contains(string(out), want) {
 			t.Fatalf("missing %q in:\n%s", want, out)
 		}

@@ -53,6 +53,28 @@ for (const [name, client] of Object.entries(clients)) {
   const ids = out.trim().split("\n").map((l) => JSON.parse(l).custom_id).sort();
   assert.equal(new Set(ids).size, 20);
   console.log("batch: ok");
+
+  // A second batch, on a slow model, cancelled midway.
+  const slow = Array.from({ length: 100 }, (_, i) => JSON.stringify({
+    custom_id: `s${i}`, method: "POST", url: "/v1/chat/completions",
+    body: { model: "gpt-4o-slow", max_tokens: 5, messages: [{ role: "user", content: `slow ${i}` }] },
+  })).join("\n") + "\n";
+  const f2 = await client.files.create({ file: new File([slow], "slow.jsonl"), purpose: "batch" });
+  let b2 = await client.batches.create({ input_file_id: f2.id, endpoint: "/v1/chat/completions", completion_window: "24h" });
+  while (b2.request_counts.completed < 3) {
+    assert.ok(Date.now() < deadline + 60_000, `slow batch still ${b2.status}`);
+    await new Promise((r) => setTimeout(r, 100));
+    b2 = await client.batches.retrieve(b2.id);
+  }
+  b2 = await client.batches.cancel(b2.id);
+  assert.ok(["cancelling", "cancelled"].includes(b2.status), b2.status);
+  while (b2.status !== "cancelled") {
+    await new Promise((r) => setTimeout(r, 100));
+    b2 = await client.batches.retrieve(b2.id);
+  }
+  const rc = b2.request_counts;
+  assert.ok(rc.completed < 100 && rc.completed + rc.failed === 100, JSON.stringify(rc));
+  console.log("cancel: ok");
 }
 
 try {
