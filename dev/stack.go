@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -268,4 +269,25 @@ func (s *Stack) Stop(ctx context.Context) error {
 		errs = append(errs, s.Postgres.Stop())
 	}
 	return errors.Join(errs...)
+}
+
+// StartEphemeral runs a throwaway stack for a benchmark: its own temporary
+// data directory (reachable by the postgres user), Postgres without fsync, a
+// free port, logs discarded. stop shuts it down and removes the directory.
+func StartEphemeral(ctx context.Context, f *File) (s *Stack, stop func(), err error) {
+	dir, err := os.MkdirTemp("", "levee-bench-")
+	if err != nil {
+		return nil, nil, err
+	}
+	_ = os.Chmod(dir, 0o755)
+	s, err = StartStack(ctx, StackOptions{Listen: "127.0.0.1:0", DataDir: dir, File: f, Ephemeral: true,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	return s, func() {
+		_ = s.Stop(context.Background())
+		os.RemoveAll(dir)
+	}, nil
 }

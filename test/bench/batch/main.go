@@ -14,7 +14,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"mime/multipart"
 	"net/http"
 	"os"
@@ -36,23 +35,16 @@ func main() {
 
 func run(n int) error {
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "levee-bench-batch-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	_ = os.Chmod(dir, 0o755)
 	f := &dev.File{
 		Deployments: []dev.FileDeployment{{Name: "d", Model: "gpt-4o", Kind: config.Provisioned, TPM: 1 << 40, RPM: 1 << 40,
 			Sim: sim.Deployment{TPM: 0, CompletionTokens: 8}}},
 		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"d"}}},
 	}
-	s, err := dev.StartStack(ctx, dev.StackOptions{Listen: "127.0.0.1:0", DataDir: dir, File: f, Ephemeral: true,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, stop, err := dev.StartEphemeral(ctx, f)
 	if err != nil {
 		return err
 	}
-	defer s.Stop(context.Background())
+	defer stop()
 	var in bytes.Buffer
 	for i := 0; i < n; i++ {
 		fmt.Fprintf(&in, `{"custom_id":"req-%d","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o","max_tokens":8,"messages":[{"role":"user","content":"Tag request %d"}]}}`+"\n", i, i)

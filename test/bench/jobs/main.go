@@ -12,7 +12,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"runtime/pprof"
@@ -47,24 +46,17 @@ func main() {
 
 func run(n, clients, concurrency int) error {
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "levee-bench-jobs-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	_ = os.Chmod(dir, 0o755)
 	f := &dev.File{
 		Deployments: []dev.FileDeployment{{Name: "d", Model: "gpt-4o", Kind: config.Provisioned, TPM: 1 << 40, RPM: 1 << 40,
 			Sim: sim.Deployment{TPM: 0, CompletionTokens: 8}}},
 		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"d"}}},
 		Worker: config.Worker{Concurrency: concurrency},
 	}
-	s, err := dev.StartStack(ctx, dev.StackOptions{Listen: "127.0.0.1:0", DataDir: dir, File: f, Ephemeral: true,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, stop, err := dev.StartEphemeral(ctx, f)
 	if err != nil {
 		return err
 	}
-	defer s.Stop(context.Background())
+	defer stop()
 
 	body := []byte(`{"endpoint":"/v1/chat/completions","priority":"low","body":{"model":"gpt-4o","max_tokens":8,"messages":[{"role":"user","content":"Summarize the river's course in one line."}]}}`)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients * 2}}

@@ -16,7 +16,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"slices"
@@ -84,12 +83,6 @@ func (s *syncStats) p(q int) time.Duration {
 
 func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve float64) error {
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "levee-bench-levelling-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	_ = os.Chmod(dir, 0o755)
 	lat := sim.Deployment{TTFT: 250 * time.Millisecond, PerToken: 12 * time.Millisecond, Jitter: 0.3, CompletionTokens: 60}
 	f := &dev.File{
 		Deployments: []dev.FileDeployment{
@@ -99,12 +92,11 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"gpt-4o-ptu", "gpt-4o-standard"}, MaxTokens: 4096}},
 		Worker: config.Worker{Concurrency: 256, SyncReserve: reserve},
 	}
-	s, err := dev.StartStack(ctx, dev.StackOptions{Listen: "127.0.0.1:0", DataDir: dir, File: f, Ephemeral: true,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, stopStack, err := dev.StartEphemeral(ctx, f)
 	if err != nil {
 		return err
 	}
-	defer s.Stop(context.Background())
+	defer stopStack()
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}, Timeout: 2 * time.Minute}
 	post := func(path string, body []byte, hdr ...string) (int, []byte) {
 		req, _ := http.NewRequest(http.MethodPost, s.BaseURL+path, bytes.NewReader(body))
