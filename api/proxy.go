@@ -17,9 +17,6 @@ import (
 	"github.com/levee-gw/levee/store"
 )
 
-// maxUpstreamBody bounds a non-streamed response held in memory.
-const maxUpstreamBody = 64 << 20
-
 // readBody reads the request body within the configured limit.
 func (s *Server) readBody(c echo.Context) ([]byte, error) {
 	r := c.Request()
@@ -156,7 +153,7 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		return nil
 	}
 
-	raw, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, maxUpstreamBody))
+	raw, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
 	if readErr != nil {
 		res.Finish(nil, readErr)
 		return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error",
@@ -171,6 +168,9 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	h.Set("Content-Length", strconv.Itoa(len(raw)))
 	c.Response().WriteHeader(res.Resp.StatusCode)
 	_, _ = c.Response().Write(raw)
+	// net/http would send the response only after the handler returns; the
+	// bookkeeping that follows (ledger, metrics) need not delay the client.
+	c.Response().Flush()
 	return nil
 }
 

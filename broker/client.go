@@ -9,7 +9,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
 	"time"
+
+	"github.com/valyala/fasthttp"
 
 	"github.com/levee-gw/levee/config"
 )
@@ -17,8 +22,20 @@ import (
 // Client is the only code that speaks HTTP to a deployment. It builds each
 // upstream request from scratch, so nothing of the caller's credentials can
 // leak through, and adds the deployment's own.
+//
+// It has two paths. Do uses net/http and streams the response, and the
+// caller's context cancels the call. Buffered uses fasthttp, whose client
+// writes the request and reads the response on the calling goroutine: with
+// no hand-offs between goroutines it adds about 90 µs less per call than
+// net/http's transport on a 2-core machine at 1,000 calls/s (see README,
+// "Added latency"), which is most of the latency budget of a gateway. Its
+// price is that only a deadline, not a context, can stop a call already sent.
 type Client struct {
-	hc *http.Client
+	hc   *http.Client
+	fast *fasthttp.Client
+	// direct caches, per endpoint, whether the environment configures no
+	// HTTP proxy for it: the fast path speaks only directly.
+	direct sync.Map
 }
 
 // NewClient returns a client with a connection pool sized for a busy gateway.
@@ -35,10 +52,33 @@ func NewClient() *Client {
 		// Bodies are relayed byte for byte; never re-encode them.
 		DisableCompression: true,
 	}
-	return &Client{hc: &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
+	fast := &fasthttp.Client{
+		NoDefaultUserAgentHeader: true,
+		DisablePathNormalizing:   true,
+		MaxConnsPerHost:          4096,
+		MaxConnWaitTimeout:       5 * time.Second,
+		MaxIdleConnDuration:      30 * time.Second,
+		MaxResponseBodySize:      MaxResponseBody,
+		DialTimeout: func(addr string, timeout time.Duration) (net.Conn, error) {
+			return fasthttp.DialTimeout(addr, min(timeout, 5*time.Second))
+		},
+		// A POST is not retried, except when a kept-alive connection turns
+		// out to have been closed before any byte of the answer: net/http
+		// retries that case too, and it would otherwise count against a
+		// healthy deployment.
+		RetryIfErr: func(_ *fasthttp.Request, attempts int, err error) (bool, bool) {
+			// io.EOF here is "no byte of a response" (fasthttp reports it
+			// as ErrConnectionClosed once it gives up).
+			return false, attempts == 1 && (errors.Is(err, io.EOF) || errors.Is(err, fasthttp.ErrConnectionClosed))
+		},
+	}
+	return &Client{fast: fast, hc: &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
 		return http.ErrUseLastResponse
 	}}}
 }
+
+// MaxResponseBody bounds a buffered response held in memory.
+const MaxResponseBody = 64 << 20
 
 // ErrTimeout is returned when a deployment sends no response headers within
 // its configured timeout.
@@ -100,6 +140,105 @@ func (c *Client) Do(ctx context.Context, d *config.Deployment, op Op, body []byt
 	}
 	resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: func() { cancel(nil) }}
 	return resp, nil
+}
+
+// Buffered sends body to deployment d like Do, but reads the whole response
+// before returning, on the calling goroutine. The context is honoured before
+// the call and through its deadline; cancelling it cannot abort a call
+// already sent, so use Do when that matters (streams, queue workers). The
+// returned response's body must be closed.
+func (c *Client) Buffered(ctx context.Context, d *config.Deployment, op Op, body []byte, from http.Header) (*http.Response, error) {
+	if !c.isDirect(d) {
+		return c.Do(ctx, d, op, body, from)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if d.API == config.OpenAI {
+		var err error
+		if body, err = setModel(body, d.UpstreamName); err != nil {
+			return nil, err
+		}
+	}
+	deadline := time.Now().Add(d.Timeout)
+	ctxDeadline := false
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline, ctxDeadline = dl, true
+	}
+	req := fasthttp.AcquireRequest()
+	defer fasthttp.ReleaseRequest(req)
+	req.SetRequestURI(URL(d, op))
+	req.Header.SetMethod(http.MethodPost)
+	req.Header.SetContentType("application/json")
+	for _, k := range forwarded {
+		if v := from.Get(k); v != "" {
+			req.Header.Set(k, v)
+		}
+	}
+	if d.API == config.OpenAI {
+		req.Header.Set("Authorization", "Bearer "+d.Credential)
+	} else {
+		req.Header.Set("api-key", d.Credential)
+	}
+	req.SetBodyRaw(body)
+	resp := fasthttp.AcquireResponse()
+	if err := c.fast.DoDeadline(req, resp, deadline); err != nil {
+		fasthttp.ReleaseResponse(resp)
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		if errors.Is(err, fasthttp.ErrTimeout) {
+			if ctxDeadline {
+				// fasthttp can notice the deadline a moment before ctx does.
+				return nil, context.DeadlineExceeded
+			}
+			return nil, fmt.Errorf("deployment %s: %w", d.Name, ErrTimeout)
+		}
+		return nil, fmt.Errorf("deployment %s: %w", d.Name, err)
+	}
+	h := make(http.Header, 12)
+	for k, v := range resp.Header.All() {
+		h.Add(string(k), string(v))
+	}
+	b := resp.Body()
+	return &http.Response{
+		Status:        strconv.Itoa(resp.StatusCode()) + " " + http.StatusText(resp.StatusCode()),
+		StatusCode:    resp.StatusCode(),
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        h,
+		ContentLength: int64(len(b)),
+		Body:          &pooledBody{Reader: bytes.NewReader(b), resp: resp},
+	}, nil
+}
+
+// isDirect reports whether d's endpoint is reached without an HTTP proxy.
+func (c *Client) isDirect(d *config.Deployment) bool {
+	if v, ok := c.direct.Load(d.Endpoint); ok {
+		return v.(bool)
+	}
+	u, err := url.Parse(d.Endpoint)
+	direct := false
+	if err == nil {
+		p, perr := http.ProxyFromEnvironment(&http.Request{URL: u})
+		direct = perr == nil && p == nil
+	}
+	c.direct.Store(d.Endpoint, direct)
+	return direct
+}
+
+// pooledBody reads a fasthttp response's body and returns the response to
+// its pool when closed.
+type pooledBody struct {
+	*bytes.Reader
+	once sync.Once
+	resp *fasthttp.Response
+}
+
+func (b *pooledBody) Close() error {
+	b.once.Do(func() { fasthttp.ReleaseResponse(b.resp) })
+	return nil
 }
 
 type cancelOnClose struct {

@@ -312,7 +312,11 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		tried = append(tried, d)
 		attempts++
 		start := b.now()
-		resp, err := b.client.Do(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
+		send := b.client.Buffered
+		if c.Req.Stream || c.Background {
+			send = b.client.Do
+		}
+		resp, err := send(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
 		if err != nil {
 			res.Release()
 			if ctx.Err() != nil {

@@ -136,22 +136,34 @@ func (l *Ledger) add(e UsageEvent) {
 	}
 }
 
+// collectEvery is how often queued events move to the backlog. Collecting
+// on a tick instead of receiving each event means Record never wakes a
+// goroutine: on a small machine that wake-up (another thread started, on the
+// CPU the deployment or the client needs next) was measurable in every
+// call's latency. The channel holds BufferSize events between ticks.
+const collectEvery = 10 * time.Millisecond
+
 // collect moves events from the channel to the backlog, never blocking on
 // Postgres; a flush request first takes everything already queued.
 func (l *Ledger) collect(writerFlush chan<- chan struct{}) {
+	t := time.NewTicker(collectEvery)
+	defer t.Stop()
+	drain := func() {
+		for {
+			select {
+			case e := <-l.ch:
+				l.add(e)
+			default:
+				return
+			}
+		}
+	}
 	for {
 		select {
-		case e := <-l.ch:
-			l.add(e)
+		case <-t.C:
+			drain()
 		case ack := <-l.flushes:
-			for drained := false; !drained; {
-				select {
-				case e := <-l.ch:
-					l.add(e)
-				default:
-					drained = true
-				}
-			}
+			drain()
 			select {
 			case writerFlush <- ack:
 			case <-l.done:

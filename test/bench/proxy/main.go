@@ -34,6 +34,7 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds per path (interleaved)")
 	ramp := flag.String("ramp", "1000,2000,3000,4000,5000", "rates to try for the sustained-rate search")
 	gwEnv := flag.String("gateway-env", "", "extra environment for the gateway process, e.g. GOMAXPROCS=1")
+	flag.StringVar(&bEnvFlag, "b-env", "", "also run a second gateway with this environment and interleave it (A/B in one run)")
 	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
 	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
 	flag.Parse()
@@ -43,7 +44,7 @@ func main() {
 	}
 }
 
-var simAddrFlag, viaFlag string
+var simAddrFlag, viaFlag, bEnvFlag string
 
 func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
@@ -111,6 +112,22 @@ models:
 	if err := waitHTTP("http://" + gwAddr + "/readyz"); err != nil {
 		return err
 	}
+	var bAddr string
+	if bEnvFlag != "" {
+		bAddr = freeAddr()
+		bCfg := strings.Replace(gwCfg, "listen: "+gwAddr, "listen: "+bAddr, 1)
+		if err := os.WriteFile(filepath.Join(dir, "levee-b.yaml"), []byte(bCfg), 0o600); err != nil {
+			return err
+		}
+		bProc, err := start(bin, append([]string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}, strings.Fields(bEnvFlag)...), "serve", "--config", filepath.Join(dir, "levee-b.yaml"))
+		if err != nil {
+			return err
+		}
+		defer stop(bProc)
+		if err := waitHTTP("http://" + bAddr + "/readyz"); err != nil {
+			return err
+		}
+	}
 	if _, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "bench"}); err != nil {
 		return err
 	}
@@ -132,20 +149,37 @@ models:
 	// Warm both paths: connections, tokenizers, the key cache.
 	load(client, direct, rate, time.Second)
 	load(client, levee, rate, time.Second)
-	var dP50, dP99, lP50, lP99, add50, add99 []time.Duration
+	if bAddr != "" {
+		bt := levee
+		bt.url = strings.Replace(bt.url, gwAddr, bAddr, 1)
+		load(client, bt, rate, time.Second)
+	}
+	var dP50, dP99, lP50, lP99, add50, add99, sAdd50, sAdd99, bAdd50, bAdd99 []time.Duration
 	for r := 0; r < rounds; r++ {
 		d := load(client, direct, rate, dur)
 		l := load(client, levee, rate, dur)
+		if bAddr != "" {
+			bt := levee
+			bt.url = strings.Replace(bt.url, gwAddr, bAddr, 1)
+			b := load(client, bt, rate, dur)
+			fmt.Printf("  round %d  B p50 %-9v p99 %-9v errors %d\n", r+1, b.p(50), b.p(99), b.errors)
+			bAdd50, bAdd99 = append(bAdd50, b.p(50)-d.p(50)), append(bAdd99, b.p(99)-d.p(99))
+		}
 		fmt.Printf("  round %d  direct p50 %-9v p99 %-9v errors %d | levee p50 %-9v p99 %-9v errors %d\n",
 			r+1, d.p(50), d.p(99), d.errors, l.p(50), l.p(99), l.errors)
 		dP50, dP99 = append(dP50, d.p(50)), append(dP99, d.p(99))
 		lP50, lP99 = append(lP50, l.p(50)), append(lP99, l.p(99))
 		add50, add99 = append(add50, l.p(50)-d.p(50)), append(add99, l.p(99)-d.p(99))
+		sAdd50, sAdd99 = append(sAdd50, l.s(50)-d.s(50)), append(sAdd99, l.s(99)-d.s(99))
 	}
 	fmt.Printf("\nat %d req/s (medians of %d rounds)\n", rate, rounds)
 	fmt.Printf("  direct:       p50 %v  p99 %v\n", median(dP50), median(dP99))
 	fmt.Printf("  through levee: p50 %v  p99 %v\n", median(lP50), median(lP99))
 	fmt.Printf("  added:        p50 %v  p99 %v\n", median(add50), median(add99))
+	fmt.Printf("  added, timed from the actual send instead of the schedule: p50 %v  p99 %v\n", median(sAdd50), median(sAdd99))
+	if bAddr != "" {
+		fmt.Printf("  added by B (%s): p50 %v  p99 %v\n", bEnvFlag, median(bAdd50), median(bAdd99))
+	}
 
 	fmt.Printf("\nsustained rate (%v per step; sustained = ≥99%% of the rate completed, no errors, p99 < 100ms)\n", dur)
 	best := map[string]int{}
@@ -184,15 +218,21 @@ type target struct {
 }
 
 type result struct {
-	lat        []time.Duration
+	lat        []time.Duration // from each request's scheduled time
+	svc        []time.Duration // from the moment it was handed to the client
 	ok, errors int
 }
 
-func (r *result) p(q int) time.Duration {
-	if len(r.lat) == 0 {
+func (r *result) p(q int) time.Duration { return pct(r.lat, q) }
+
+// s is the percentile of the latency counted from the actual send.
+func (r *result) s(q int) time.Duration { return pct(r.svc, q) }
+
+func pct(ds []time.Duration, q int) time.Duration {
+	if len(ds) == 0 {
 		return 0
 	}
-	return r.lat[min(len(r.lat)*q/100, len(r.lat)-1)]
+	return ds[min(len(ds)*q/100, len(ds)-1)]
 }
 
 // load sends rate requests per second for dur, open loop: each request is
@@ -201,6 +241,7 @@ func (r *result) p(q int) time.Duration {
 func load(c *http.Client, t target, rate int, dur time.Duration) *result {
 	n := int(float64(rate) * dur.Seconds())
 	lat := make([]time.Duration, n)
+	svc := make([]time.Duration, n)
 	var errs, oks atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -216,6 +257,7 @@ func load(c *http.Client, t target, rate int, dur time.Duration) *result {
 			req, _ := http.NewRequest(http.MethodPost, t.url, bytes.NewReader(t.body))
 			req.Header.Set(t.header, t.key)
 			req.Header.Set("Content-Type", "application/json")
+			sent := time.Now()
 			resp, err := c.Do(req)
 			if err != nil {
 				errs.Add(1)
@@ -230,17 +272,19 @@ func load(c *http.Client, t target, rate int, dur time.Duration) *result {
 				return
 			}
 			oks.Add(1)
-			lat[i] = time.Since(at)
+			lat[i], svc[i] = time.Since(at), time.Since(sent)
 		}(i, at)
 	}
 	wg.Wait()
 	r := &result{ok: int(oks.Load()), errors: int(errs.Load())}
-	for _, l := range lat {
+	for i, l := range lat {
 		if l >= 0 {
 			r.lat = append(r.lat, l)
+			r.svc = append(r.svc, svc[i])
 		}
 	}
 	slices.Sort(r.lat)
+	slices.Sort(r.svc)
 	return r
 }
 
