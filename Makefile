@@ -1,6 +1,6 @@
 # Levee — `make help` lists the targets.
 GO ?= go
-GOFILES = $(shell git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
+GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
 .PHONY: help build run test lint bench bench-go bench-jobs bench-levelling bench-batch sdk-node
 

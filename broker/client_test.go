@@ -19,7 +19,7 @@ import (
 
 type seenRequest struct {
 	method, uri, body string
-	header             http.Header
+	header            http.Header
 }
 
 // TestBufferedAndStreamingPathsSendAndReturnTheSame holds the fasthttp path
