@@ -24,6 +24,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/valyala/fasthttp"
+
 	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/store"
 )
@@ -34,6 +36,7 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds per path (interleaved)")
 	ramp := flag.String("ramp", "1000,2000,3000,4000,5000", "rates to try for the sustained-rate search")
 	gwEnv := flag.String("gateway-env", "", "extra environment for the gateway process, e.g. GOMAXPROCS=1")
+	flag.StringVar(&loadgenFlag, "loadgen", "nethttp", "the load generator's HTTP client: nethttp or fasthttp")
 	flag.StringVar(&bEnvFlag, "b-env", "", "also run a second gateway with this environment and interleave it (A/B in one run)")
 	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
 	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
@@ -44,7 +47,7 @@ func main() {
 	}
 }
 
-var simAddrFlag, viaFlag, bEnvFlag string
+var simAddrFlag, viaFlag, bEnvFlag, loadgenFlag string
 
 func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
@@ -143,9 +146,17 @@ models:
 		levee = target{url: viaFlag + "/openai/deployments/bench/chat/completions?api-version=2024-10-21", header: "api-key", key: simKey, body: body}
 		fmt.Printf("measuring through %s instead of Levee\n", viaFlag)
 	}
-	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 4096, MaxIdleConnsPerHost: 4096, IdleConnTimeout: time.Minute}, Timeout: 10 * time.Second}
+	var client sender
+	switch loadgenFlag {
+	case "nethttp":
+		client = netHTTPSender(&http.Client{Transport: &http.Transport{MaxIdleConns: 4096, MaxIdleConnsPerHost: 4096, IdleConnTimeout: time.Minute}, Timeout: 10 * time.Second})
+	case "fasthttp":
+		client = fastHTTPSender(&fasthttp.Client{MaxConnsPerHost: 4096, DisablePathNormalizing: true, NoDefaultUserAgentHeader: true})
+	default:
+		return fmt.Errorf("-loadgen: %q is neither nethttp nor fasthttp", loadgenFlag)
+	}
 
-	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores; gateway env %q\n", rounds, dur, rate, numCPU(), gwEnv)
+	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores; gateway env %q; load generator %s\n", rounds, dur, rate, numCPU(), gwEnv, loadgenFlag)
 	// Warm both paths: connections, tokenizers, the key cache.
 	load(client, direct, rate, time.Second)
 	load(client, levee, rate, time.Second)
@@ -238,7 +249,44 @@ func pct(ds []time.Duration, q int) time.Duration {
 // load sends rate requests per second for dur, open loop: each request is
 // scheduled at its own time whether or not earlier ones have finished, and
 // its latency counts from that scheduled time.
-func load(c *http.Client, t target, rate int, dur time.Duration) *result {
+// sender sends one call and reports its status once the body is read.
+type sender func(t target) (int, error)
+
+func netHTTPSender(c *http.Client) sender {
+	return func(t target) (int, error) {
+		req, _ := http.NewRequest(http.MethodPost, t.url, bytes.NewReader(t.body))
+		req.Header.Set(t.header, t.key)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+}
+
+// fastHTTPSender writes and reads on the calling goroutine, so the load
+// generator itself wakes fewer threads per call.
+func fastHTTPSender(c *fasthttp.Client) sender {
+	return func(t target) (int, error) {
+		req, resp := fasthttp.AcquireRequest(), fasthttp.AcquireResponse()
+		defer fasthttp.ReleaseRequest(req)
+		defer fasthttp.ReleaseResponse(resp)
+		req.SetRequestURI(t.url)
+		req.Header.SetMethod(http.MethodPost)
+		req.Header.Set(t.header, t.key)
+		req.Header.SetContentType("application/json")
+		req.SetBodyRaw(t.body)
+		if err := c.DoTimeout(req, resp, 10*time.Second); err != nil {
+			return 0, err
+		}
+		return resp.StatusCode(), nil
+	}
+}
+
+func load(send sender, t target, rate int, dur time.Duration) *result {
 	n := int(float64(rate) * dur.Seconds())
 	lat := make([]time.Duration, n)
 	svc := make([]time.Duration, n)
@@ -254,19 +302,9 @@ func load(c *http.Client, t target, rate int, dur time.Duration) *result {
 		wg.Add(1)
 		go func(i int, at time.Time) {
 			defer wg.Done()
-			req, _ := http.NewRequest(http.MethodPost, t.url, bytes.NewReader(t.body))
-			req.Header.Set(t.header, t.key)
-			req.Header.Set("Content-Type", "application/json")
 			sent := time.Now()
-			resp, err := c.Do(req)
-			if err != nil {
-				errs.Add(1)
-				lat[i] = -1
-				return
-			}
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != 200 {
+			status, err := send(t)
+			if err != nil || status != http.StatusOK {
 				errs.Add(1)
 				lat[i] = -1
 				return
