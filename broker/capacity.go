@@ -87,6 +87,12 @@ type Capacity struct {
 	shared  bool
 	outbox  []Delta
 	penalty time.Time
+	// pacing is set when this process charged a background call since its
+	// last share; peers holds when each other process last said so. The
+	// background pace is split between the processes pacing at once, or N
+	// worker processes would drain at N times the rate.
+	pacing bool
+	peers  map[string]time.Time
 	// urgent wakes the Sharer when a charge leaves the deployment near its
 	// limit: then a few milliseconds of delay matter.
 	urgent chan struct{}
@@ -111,8 +117,9 @@ const paceBurst = 2.0
 
 // refill brings the pacer up to now and returns its rates per second.
 func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64) {
-	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.total)/10)
-	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.total)/10)
+	share := c.pacers(now)
+	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.total)/10) / share
+	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.total)/10) / share
 	if c.pace.at.IsZero() {
 		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
 		return
@@ -127,18 +134,26 @@ func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64
 }
 
 // Delta is a change to a deployment's windows in one bucket: what other
-// processes must add to stay in step with this one.
+// processes must add to stay in step with this one. SyncTokens and
+// SyncRequests are the synchronous part of it, which every process's pacer
+// leaves room for.
 type Delta struct {
-	Bucket   int64 `json:"b"`
-	Tokens   int64 `json:"t"`
-	Requests int64 `json:"r"`
+	Bucket       int64 `json:"b"`
+	Tokens       int64 `json:"t"`
+	Requests     int64 `json:"r"`
+	SyncTokens   int64 `json:"st,omitempty"`
+	SyncRequests int64 `json:"sr,omitempty"`
 }
 
-func (c *Capacity) record(bucket, tokens, reqs int64) {
+// peerTTL is how long another process counts as pacing background calls
+// after it last said so.
+const peerTTL = 2 * time.Second
+
+func (c *Capacity) record(d Delta) {
 	if !c.shared {
 		return
 	}
-	c.outbox = append(c.outbox, Delta{bucket, tokens, reqs})
+	c.outbox = append(c.outbox, d)
 	if c.tokens.total*10 > c.tokenLimit*9 || c.reqs.total*10 > c.reqLimit*9 {
 		select {
 		case c.urgent <- struct{}{}:
@@ -147,32 +162,57 @@ func (c *Capacity) record(bucket, tokens, reqs int64) {
 	}
 }
 
-// drain hands over the local charges not yet shared, and a penalty end if
-// one was set since.
-func (c *Capacity) drain() ([]Delta, time.Time) {
+// drain hands over the local charges not yet shared, a penalty end if one
+// was set since, and whether background calls were charged since.
+func (c *Capacity) drain() ([]Delta, time.Time, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out, p := c.outbox, c.penalty
-	c.outbox, c.penalty = nil, time.Time{}
-	return out, p
+	out, p, pacing := c.outbox, c.penalty, c.pacing
+	c.outbox, c.penalty, c.pacing = nil, time.Time{}, false
+	return out, p, pacing
 }
 
-// apply folds another process's charges into this view.
-func (c *Capacity) apply(now time.Time, ds []Delta, blockedUntil time.Time) {
+// apply folds another process's charges into this view; pacing says that
+// process is draining background calls into this deployment too.
+func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil time.Time, pacing bool) {
 	b := bucketOf(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.tokens.advance(b)
 	c.reqs.advance(b)
+	c.syncTokens.advance(b)
+	c.syncReqs.advance(b)
 	for _, d := range ds {
 		// A charge stamped ahead of this clock counts from now.
 		bk := min(d.Bucket, b)
 		c.tokens.add(bk, d.Tokens)
 		c.reqs.add(bk, d.Requests)
+		c.syncTokens.add(bk, d.SyncTokens)
+		c.syncReqs.add(bk, d.SyncRequests)
 	}
 	if blockedUntil.After(c.blockedUntil) {
 		c.blockedUntil = blockedUntil
 	}
+	if pacing {
+		if c.peers == nil {
+			c.peers = map[string]time.Time{}
+		}
+		c.peers[origin] = now
+	}
+}
+
+// pacers is how many processes share the background pace now: this one and
+// the others seen pacing within peerTTL.
+func (c *Capacity) pacers(now time.Time) float64 {
+	n := 1
+	for o, at := range c.peers {
+		if now.Sub(at) > peerTTL {
+			delete(c.peers, o)
+			continue
+		}
+		n++
+	}
+	return float64(n)
 }
 
 // NewCapacity builds the view for a deployment with the given limits.
@@ -252,11 +292,13 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 	}
 	c.tokens.add(b, e)
 	c.reqs.add(b, 1)
-	c.record(b, e, 1)
 	if background {
+		c.record(Delta{Bucket: b, Tokens: e, Requests: 1})
+		c.pacing = c.shared
 		c.pace.tokens -= float64(e)
 		c.pace.reqs--
 	} else {
+		c.record(Delta{Bucket: b, Tokens: e, Requests: 1, SyncTokens: e, SyncRequests: 1})
 		c.syncTokens.add(b, e)
 		c.syncReqs.add(b, 1)
 	}
@@ -274,7 +316,7 @@ func (r *Reservation) Commit(actual int) {
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
 		r.c.tokens.add(r.c.tokens.last, extra)
-		r.c.record(r.c.tokens.last, extra, 0)
+		r.c.record(Delta{Bucket: r.c.tokens.last, Tokens: extra})
 		r.c.mu.Unlock()
 	}
 }
@@ -288,7 +330,11 @@ func (r *Reservation) Release() {
 	r.c.mu.Lock()
 	r.c.tokens.add(r.bucket, -r.tokens)
 	r.c.reqs.add(r.bucket, -1)
-	r.c.record(r.bucket, -r.tokens, -1)
+	if r.foreground {
+		r.c.record(Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1, SyncTokens: -r.tokens, SyncRequests: -1})
+	} else {
+		r.c.record(Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1})
+	}
 	if r.foreground {
 		r.c.syncTokens.add(r.bucket, -r.tokens)
 		r.c.syncReqs.add(r.bucket, -1)

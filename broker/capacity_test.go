@@ -199,3 +199,92 @@ func TestBackgroundIsPacedAroundSyncTraffic(t *testing.T) {
 		t.Fatal("a synchronous call was held back by the background pace")
 	}
 }
+
+// linked is two processes' views of one deployment, kept in step the way a
+// Sharer does: each one's drained charges are applied to the other.
+type linked struct{ a, b *Capacity }
+
+func newLinked(tpm, rpm int) *linked {
+	l := &linked{a: NewCapacity(tpm, rpm), b: NewCapacity(tpm, rpm)}
+	l.a.shared, l.b.shared = true, true
+	return l
+}
+
+func (l *linked) share(now time.Time) {
+	ds, until, pacing := l.a.drain()
+	l.b.apply(now, "a", ds, until, pacing)
+	ds, until, pacing = l.b.drain()
+	l.a.apply(now, "b", ds, until, pacing)
+}
+
+// TestProcessesSplitTheBackgroundPace: two worker processes pacing into one
+// deployment together take what one would, not twice that.
+func TestProcessesSplitTheBackgroundPace(t *testing.T) {
+	const keep, est = 0.05, 50
+	single := NewCapacity(60_000, 60_000) // 950 tokens/s beyond the reserve
+	l := newLinked(60_000, 60_000)
+	var alone, a, b int
+	for ms := 0; ms < 30_000; ms += 50 {
+		now := t0.Add(time.Duration(ms) * time.Millisecond)
+		for {
+			if _, ok, _ := single.ReserveBackground(now, est, keep); !ok {
+				break
+			}
+			alone += est
+		}
+		for _, p := range []struct {
+			c *Capacity
+			n *int
+		}{{l.a, &a}, {l.b, &b}} {
+			for {
+				if _, ok, _ := p.c.ReserveBackground(now, est, keep); !ok {
+					break
+				}
+				*p.n += est
+			}
+		}
+		if ms%5 == 0 {
+			l.share(now)
+		}
+	}
+	t.Logf("alone %d, together %d + %d = %d", alone, a, b, a+b)
+	// 30 s at 950/s plus the cold-start burst.
+	if alone < 28_000 || alone > 31_000 {
+		t.Fatalf("one process took %d tokens in 30 s, want about 30 × 950 + a burst", alone)
+	}
+	if together := a + b; float64(together) > 1.1*float64(alone) || float64(together) < 0.8*float64(alone) {
+		t.Fatalf("two processes took %d + %d = %d tokens, want about what one takes (%d)", a, b, together, alone)
+	}
+	if a < b/2 || b < a/2 {
+		t.Fatalf("the pace is split %d / %d, want roughly even", a, b)
+	}
+}
+
+// TestAnotherProcessSyncTrafficSlowsThisPacer: synchronous calls served by
+// one process leave room in every process's background pace.
+func TestAnotherProcessSyncTrafficSlowsThisPacer(t *testing.T) {
+	l := newLinked(60_000, 60_000)
+	for i := 0; i < 10; i++ {
+		now := t0.Add(time.Duration(i) * time.Second)
+		if _, ok, _ := l.a.Reserve(now, 400); !ok {
+			t.Fatal("sync refused")
+		}
+		l.share(now)
+	}
+	now := t0.Add(10 * time.Second)
+	l.b.ReserveBackground(now, 1, 0.05) // start b's pacer
+	got := 0
+	for s := 1; s <= 5; s++ {
+		at := now.Add(time.Duration(s) * time.Second)
+		for {
+			if _, ok, _ := l.b.ReserveBackground(at, 50, 0.05); !ok {
+				break
+			}
+			got += 50
+		}
+	}
+	// 550/s once a's 400/s of sync is counted; 950/s if it were not.
+	if got > 3000+1100 {
+		t.Fatalf("b's background took %d tokens in 5 s beside a's 400/s of sync; want about 5 × 550", got)
+	}
+}

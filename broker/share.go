@@ -19,6 +19,9 @@ import (
 // levee.capacity.<deployment>; every process folds the others' into its own
 // windows at the bucket they were made in. The deployments' own
 // x-ratelimit-remaining headers still correct any drift in each process.
+// Charges carry their synchronous part and a flag for background calls, so
+// every process's background pacer sees the fleet's synchronous rate and
+// splits the background pace with the other processes pacing at the time.
 //
 // What it costs: between two flushes (every 5 ms, or at once when a charge
 // leaves a deployment within 10 % of its limit) processes do not see each
@@ -40,6 +43,9 @@ type shareMsg struct {
 	Deltas []Delta `json:"d,omitempty"`
 	// Until is a 429 penalty's end, in Unix nanoseconds.
 	Until int64 `json:"u,omitempty"`
+	// Pacing says the sender charged background calls since its last
+	// message, so it shares the background pace.
+	Pacing bool `json:"g,omitempty"`
 }
 
 // NewSharer turns sharing on for every deployment of b. prefix separates
@@ -80,7 +86,7 @@ func (s *Sharer) Run(ctx context.Context) error {
 		if sm.Until > 0 {
 			until = time.Unix(0, sm.Until)
 		}
-		d.Capacity.apply(time.Now(), sm.Deltas, until)
+		d.Capacity.apply(time.Now(), sm.Origin, sm.Deltas, until, sm.Pacing)
 	})
 	if err != nil {
 		return fmt.Errorf("broker: share: %w", err)
@@ -103,7 +109,7 @@ func (s *Sharer) Run(ctx context.Context) error {
 
 func (s *Sharer) flush() {
 	for _, d := range s.b.order {
-		ds, until := d.Capacity.drain()
+		ds, until, pacing := d.Capacity.drain()
 		if len(ds) == 0 && until.IsZero() {
 			continue
 		}
@@ -113,11 +119,13 @@ func (s *Sharer) flush() {
 			if n := len(merged); n > 0 && merged[n-1].Bucket == x.Bucket {
 				merged[n-1].Tokens += x.Tokens
 				merged[n-1].Requests += x.Requests
+				merged[n-1].SyncTokens += x.SyncTokens
+				merged[n-1].SyncRequests += x.SyncRequests
 				continue
 			}
 			merged = append(merged, x)
 		}
-		m := shareMsg{Origin: s.origin, Deltas: merged}
+		m := shareMsg{Origin: s.origin, Deltas: merged, Pacing: pacing}
 		if !until.IsZero() {
 			m.Until = until.UnixNano()
 		}
