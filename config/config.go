@@ -78,6 +78,11 @@ type Queue struct {
 	// (Prefer: wait=N picks within them).
 	DefaultWait time.Duration `yaml:"default_wait"`
 	MaxWait     time.Duration `yaml:"max_wait"`
+	// ConsumerIdle is how long a (priority, model, tenant) consumer may go
+	// unused before JetStream removes it; the next job for it creates it
+	// again. Without it every tenant that ever queued a job would keep
+	// three consumers per model forever.
+	ConsumerIdle time.Duration `yaml:"consumer_idle"`
 }
 
 // Batches configures the Batch API.
@@ -284,6 +289,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Queue.DefaultWait > c.Queue.MaxWait {
 		return &FieldError{"queue.default_wait", "must not exceed queue.max_wait"}
+	}
+	if c.Queue.ConsumerIdle == 0 {
+		c.Queue.ConsumerIdle = time.Hour
+	}
+	if c.Queue.ConsumerIdle < time.Second {
+		return &FieldError{"queue.consumer_idle", "must be at least 1s"}
 	}
 	if c.Worker.Concurrency == 0 {
 		c.Worker.Concurrency = 256

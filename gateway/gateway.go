@@ -67,7 +67,7 @@ func OpenQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *sl
 			log.Error("clearing publish marks after the jobs stream was lost", "err", err)
 		}
 	}
-	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait}, onLost, log)
+	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle}, onLost, log)
 }
 
 // Start listens on cfg.Listen and serves in the background; with

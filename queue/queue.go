@@ -35,6 +35,8 @@ type Config struct {
 	MaxAckPending int
 	// Duplicates is the dedup window for Nats-Msg-Id.
 	Duplicates time.Duration
+	// ConsumerIdle is how long an unused consumer lives (default 1 h).
+	ConsumerIdle time.Duration
 }
 
 func (c *Config) defaults() {
@@ -52,6 +54,9 @@ func (c *Config) defaults() {
 	}
 	if c.Duplicates == 0 {
 		c.Duplicates = 10 * time.Minute
+	}
+	if c.ConsumerIdle == 0 {
+		c.ConsumerIdle = time.Hour
 	}
 }
 
@@ -210,8 +215,12 @@ func (q *Queue) Consumer(ctx context.Context, priority, modelToken string, tenan
 		MaxAckPending: q.cfg.MaxAckPending,
 		// Levee counts attempts in Postgres and ends the job itself; the
 		// server must never silently drop a message.
-		MaxDeliver:        -1,
-		InactiveThreshold: 0,
+		MaxDeliver: -1,
+		// An idle consumer goes; its handle then fails to fetch, is
+		// forgotten, and the next job creates the consumer again. A
+		// message a worker still held is redelivered to the new one, and
+		// Postgres (a job ends once) makes that harmless.
+		InactiveThreshold: q.cfg.ConsumerIdle,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("queue: consumer %s: %w", name, err)

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/test/harness"
@@ -285,5 +287,42 @@ func TestJobFailsVisiblyAfterMaxAttempts(t *testing.T) {
 	done := waitJob(t, env, env.APIKey, j.ID, 15*time.Second)
 	if done.Status != "failed" || done.Error == nil || done.Error.Code != "upstream_unavailable" || done.Attempts != 2 {
 		t.Fatalf("%+v (error %+v)", done, done.Error)
+	}
+}
+
+// TestIdleConsumersGoAndComeBack: a tenant's consumer is removed once idle
+// for queue.consumer_idle, and the tenant's next job still runs.
+func TestIdleConsumersGoAndComeBack(t *testing.T) {
+	f := harness.Fast(dev.DefaultFile())
+	f.Queue.ConsumerIdle = time.Second
+	env := harness.Start(t, f)
+	js, err := jetstream.New(env.Gateway.Queue.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumers := func() []string {
+		s, err := js.Stream(t.Context(), "LEVEE_JOBS")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		l := s.ConsumerNames(t.Context())
+		for n := range l.Name() {
+			names = append(names, n)
+		}
+		return names
+	}
+	for round := 1; round <= 2; round++ {
+		resp, j := submit(t, env, env.APIKey, jobBody(10, "low"))
+		if resp.StatusCode != 202 {
+			t.Fatalf("round %d: submit %d", round, resp.StatusCode)
+		}
+		if got := waitJob(t, env, env.APIKey, j.ID, 30*time.Second); got.Status != "succeeded" {
+			t.Fatalf("round %d: job ended %s", round, got.Status)
+		}
+		if n := consumers(); len(n) == 0 {
+			t.Fatalf("round %d: no consumer after a job ran", round)
+		}
+		harness.Eventually(t, 30*time.Second, "the idle consumer to be removed", func() bool { return len(consumers()) == 0 })
 	}
 }

@@ -232,6 +232,13 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 	for m := range batch.Messages() {
 		out = append(out, m)
 	}
+	if err := batch.Error(); err != nil {
+		// Most often the consumer was removed for being idle
+		// (queue.consumer_idle): the pull is answered with an error, not
+		// by FetchNoWait. Make it again on the next turn.
+		w.log.Debug("fetch", "priority", prio, "model", model, "tenant", tenant, "err", err)
+		w.q.Forget(prio, model, tenant)
+	}
 	return out
 }
 
