@@ -33,6 +33,7 @@ type JobStore interface {
 type JobQueue interface {
 	Publish(ctx context.Context, id uuid.UUID, priority, model string, tenant uuid.UUID) error
 	WaitDone(id uuid.UUID) (wait func(ctx context.Context, tick time.Duration) bool, stop func(), err error)
+	NotifyCancelled(id uuid.UUID)
 	Ready(ctx context.Context) error
 }
 
@@ -376,6 +377,8 @@ func (s *Server) cancelJob(c echo.Context) error {
 		return &Error{Status: http.StatusConflict, Type: "invalid_request_error", Code: "job_already_ended",
 			Message: fmt.Sprintf("Job %s already %s; it cannot be cancelled.", c.Param("id"), j.Status)}
 	}
+	// A worker may be in the middle of the call: have it stop spending.
+	s.queue.NotifyCancelled(id)
 	return c.JSON(http.StatusOK, renderJob(j))
 }
 

@@ -262,6 +262,30 @@ func (q *Queue) Ready(ctx context.Context) error {
 
 func (q *Queue) doneSubject(id uuid.UUID) string { return "levee.done." + id.String() }
 
+// cancelSubject carries the ids of cancelled jobs to every worker process.
+const cancelSubject = "levee.cancelled"
+
+// NotifyCancelled tells the worker running a job that it was cancelled, so
+// it stops the upstream call (best effort: workers also notice when they
+// next extend the job's lease).
+func (q *Queue) NotifyCancelled(id uuid.UUID) {
+	_ = q.nc.Publish(cancelSubject, []byte(id.String()))
+}
+
+// OnCancelled calls f with the id of every job cancelled from now on, until
+// stop is called.
+func (q *Queue) OnCancelled(f func(uuid.UUID)) (stop func(), err error) {
+	sub, err := q.nc.Subscribe(cancelSubject, func(m *nats.Msg) {
+		if id, err := uuid.ParseBytes(m.Data); err == nil {
+			f(id)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: subscribe to cancellations: %w", err)
+	}
+	return func() { _ = sub.Unsubscribe() }, nil
+}
+
 // NotifyDone tells waiting callers a job ended (best effort: they also poll).
 func (q *Queue) NotifyDone(id uuid.UUID) {
 	_ = q.nc.Publish(q.doneSubject(id), nil)

@@ -237,10 +237,14 @@ func (s *Store) StartJob(ctx context.Context, id uuid.UUID, lease time.Duration)
 	return cur, ErrJobLeased
 }
 
-// ExtendLease keeps a long-running job held.
-func (s *Store) ExtendLease(ctx context.Context, id uuid.UUID, lease time.Duration) error {
-	_, err := s.pool.Exec(ctx, `UPDATE jobs SET lease_until = now() + $2::interval WHERE id = $1 AND status = 'running'`, id, lease.String())
-	return err
+// ExtendLease keeps a long-running job held. It reports false when the job
+// is no longer running (cancelled meanwhile).
+func (s *Store) ExtendLease(ctx context.Context, id uuid.UUID, lease time.Duration) (bool, error) {
+	tag, err := s.pool.Exec(ctx, `UPDATE jobs SET lease_until = now() + $2::interval WHERE id = $1 AND status = 'running'`, id, lease.String())
+	if err != nil {
+		return false, err
+	}
+	return tag.RowsAffected() == 1, nil
 }
 
 // RequeueJob returns a running job to the queue (its message was nak'ed).

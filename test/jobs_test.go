@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/levee-gw/levee/config"
@@ -324,5 +325,70 @@ func TestIdleConsumersGoAndComeBack(t *testing.T) {
 			t.Fatalf("round %d: no consumer after a job ran", round)
 		}
 		harness.Eventually(t, 30*time.Second, "the idle consumer to be removed", func() bool { return len(consumers()) == 0 })
+	}
+}
+
+// TestCancellingARunningJobStopsItsCall: cancel means stop spending. The
+// worker running the job aborts its upstream call, whether it hears the
+// cancel notice or (notice missed) finds at its next lease extension that
+// the job is no longer running; and the job stays cancelled.
+func TestCancellingARunningJobStopsItsCall(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		cancel func(t *testing.T, env *harness.Env, id string)
+	}{
+		{"notice", func(t *testing.T, env *harness.Env, id string) {
+			if resp, _ := call(t, env.BaseURL, "/v1/jobs/"+id+"/cancel", env.APIKey, map[string]any{}); resp.StatusCode != 200 {
+				t.Fatalf("cancel: %d", resp.StatusCode)
+			}
+		}},
+		{"missed notice", func(t *testing.T, env *harness.Env, id string) {
+			// Cancelled behind the API's back: no notice is published.
+			j, err := env.Store.JobByID(t.Context(), uuid.MustParse(strings.TrimPrefix(id, "job_")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := env.Store.CancelJob(t.Context(), j.TenantID, j.ID); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := harness.Fast(dev.DefaultFile())
+			for i := range f.Deployments {
+				f.Deployments[i].Sim = sim.Deployment{PerToken: 50 * time.Millisecond, CompletionTokens: 200} // 10 s a call
+			}
+			f.Queue.AckWait = 1500 * time.Millisecond // leases extended every 0.5 s
+			env := harness.Start(t, f)
+			resp, j := submit(t, env, env.APIKey, jobBody(400, "low"))
+			if resp.StatusCode != 202 {
+				t.Fatalf("submit %d", resp.StatusCode)
+			}
+			harness.Eventually(t, 10*time.Second, "the job to start", func() bool {
+				_, j = getJob(t, env, env.APIKey, j.ID)
+				return j.Status == "running"
+			})
+			started := time.Now()
+			tc.cancel(t, env, j.ID)
+			harness.Eventually(t, 5*time.Second, "the simulator to see the call aborted", func() bool {
+				var c int64
+				for _, st := range env.Sim.Stats() {
+					c += st.Cancelled
+				}
+				return c == 1
+			})
+			t.Logf("call aborted %v after the cancel", time.Since(started).Round(time.Millisecond))
+			time.Sleep(500 * time.Millisecond) // let a wrong outcome land, if one were coming
+			if _, j = getJob(t, env, env.APIKey, j.ID); j.Status != "cancelled" || j.Usage != nil || j.Result != nil {
+				t.Fatalf("after the abort the job is %+v", j)
+			}
+			var admitted int64
+			for _, st := range env.Sim.Stats() {
+				admitted += st.Admitted
+			}
+			if admitted != 1 {
+				t.Fatalf("the simulator admitted %d calls, want the one (no retry after the abort)", admitted)
+			}
+		})
 	}
 }

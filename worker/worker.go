@@ -61,8 +61,9 @@ type Worker struct {
 	cursor map[string]int // round-robin position per priority and model
 
 	mu         sync.Mutex
-	typical    map[string]int           // running estimate of a job per model token
-	unreserved map[string]*atomic.Int64 // tokens dispatched but not yet reserved
+	running    map[uuid.UUID]context.CancelCauseFunc // jobs whose call is in flight here
+	typical    map[string]int                        // running estimate of a job per model token
+	unreserved map[string]*atomic.Int64              // tokens dispatched but not yet reserved
 	wake       chan struct{}
 }
 
@@ -70,7 +71,7 @@ type Worker struct {
 func New(q *queue.Queue, st *store.Store, b *broker.Broker, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
 	w := &Worker{q: q, st: st, b: b, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
-		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1)}
+		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), running: map[uuid.UUID]context.CancelCauseFunc{}}
 	for _, name := range b.Models() {
 		g, _ := b.Resolve(name)
 		tok := queue.Token(name)
@@ -101,6 +102,11 @@ func (w *Worker) Run(ctx context.Context) error {
 	defer cancelWork()
 	var wg sync.WaitGroup
 	go w.sweep(ctx)
+	if stop, err := w.q.OnCancelled(w.abort); err != nil {
+		w.log.Warn("cancelled jobs will stop at their next lease extension instead", "err", err)
+	} else {
+		defer stop()
+	}
 	var (
 		pending   map[string]uint64
 		refreshed time.Time
@@ -302,7 +308,22 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	w.m.started.Inc()
 	start := time.Now()
 
-	// Keep the message and the lease alive through a long call.
+	// call ends when the job is cancelled, so a cancelled job stops spending
+	// tokens; ctx (shutdown) still governs everything else.
+	call, abort := context.WithCancelCause(ctx)
+	defer abort(nil)
+	w.mu.Lock()
+	w.running[id] = abort
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		delete(w.running, id)
+		w.mu.Unlock()
+	}()
+
+	// Keep the message and the lease alive through a long call; a lease that
+	// cannot be extended because the job is no longer running means it was
+	// cancelled (the notice may have been missed).
 	keep, stopKeep := context.WithCancel(ctx)
 	defer stopKeep()
 	go func() {
@@ -314,7 +335,9 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 				return
 			case <-t.C:
 				_ = msg.InProgress()
-				_ = w.st.ExtendLease(keep, id, w.cfg.AckWait)
+				if held, err := w.st.ExtendLease(keep, id, w.cfg.AckWait); err == nil && !held {
+					abort(errNotRunning)
+				}
 			}
 		}
 	}()
@@ -334,7 +357,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		fail("invalid_request", err.Error(), 0, nil)
 		return
 	}
-	res, err := w.b.Do(ctx, &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true})
+	res, err := w.b.Do(call, &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true})
 	w.unreserved[model].Add(-unreserved)
 	unreserved = 0
 	var nc *broker.NoCapacityError
@@ -349,6 +372,11 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	case errors.As(err, &tl):
 		fail("request_too_large", tl.Error(), 0, nil)
+		return
+	case errors.Is(context.Cause(call), errNotRunning):
+		// Cancelled while calling: Postgres has its outcome already.
+		w.m.abortedCalls.Inc()
+		_ = msg.Ack()
 		return
 	case ctx.Err() != nil:
 		// Shutting down: return the job untouched.
@@ -369,6 +397,12 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	w.learn(model, res.Estimate)
 	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, 64<<20))
 	res.Resp.Body.Close()
+	if readErr != nil && errors.Is(context.Cause(call), errNotRunning) {
+		res.Finish(nil, context.Canceled)
+		w.m.abortedCalls.Inc()
+		_ = msg.Ack()
+		return
+	}
 	if readErr != nil {
 		res.Finish(nil, readErr)
 		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, true)
@@ -388,6 +422,21 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
 	}
 	w.finish(ctx, msg, job, p)
+}
+
+// errNotRunning is the cause a job's call context ends with when the job
+// stops being this worker's while it runs: cancelled, or (after a lost
+// lease) taken back by the sweeper to run elsewhere.
+var errNotRunning = errors.New("job cancelled")
+
+// abort stops the call of a job cancelled while running in this process.
+func (w *Worker) abort(id uuid.UUID) {
+	w.mu.Lock()
+	cancel := w.running[id]
+	w.mu.Unlock()
+	if cancel != nil {
+		cancel(errNotRunning)
+	}
 }
 
 // finish records the outcome (exactly once, in Postgres), then acks. If
@@ -455,6 +504,7 @@ type metrics struct {
 	finished     *prometheus.CounterVec
 	retries      *prometheus.CounterVec
 	deadLettered prometheus.Counter
+	abortedCalls prometheus.Counter
 	latency      *prometheus.HistogramVec
 	tokens       *prometheus.CounterVec
 }
@@ -465,6 +515,7 @@ func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
 		finished:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_jobs_finished_total", Help: "Jobs ended by workers, by priority and status."}, []string{"priority", "status"}),
 		retries:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_job_retries_total", Help: "Jobs returned to the queue, by reason."}, []string{"reason"}),
 		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_jobs_dead_lettered_total", Help: "Jobs failed after their last attempt."}),
+		abortedCalls: prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_jobs_aborted_calls_total", Help: "Upstream calls stopped because their job was cancelled while running."}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "levee_job_duration_seconds", Help: "Time from a job's acceptance to its end.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 3, 12)}, []string{"priority"}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_worker_tokens_total", Help: "Tokens drained by workers, per deployment."}, []string{"deployment"}),
@@ -472,7 +523,7 @@ func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.started, m.finished, m.retries, m.deadLettered, m.latency, m.tokens, &queueCollector{st: st})
+	reg.MustRegister(m.started, m.finished, m.retries, m.deadLettered, m.abortedCalls, m.latency, m.tokens, &queueCollector{st: st})
 	return m
 }
 
