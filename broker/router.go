@@ -318,11 +318,14 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		}
 		resp, err := send(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
 		if err != nil {
-			res.Release()
 			if ctx.Err() != nil {
+				// Given up while calling: the deployment most likely has
+				// the call and charged it on arrival, so the charge stays.
+				res.Commit(0)
 				d.circuit.abandon(probe)
 				return nil, ctx.Err()
 			}
+			res.Release()
 			d.circuit.failure(b.now())
 			b.metrics.failovers.WithLabelValues(d.Name, "error").Inc()
 			b.log.Warn("deployment call failed", "deployment", d.Name, "err", err)

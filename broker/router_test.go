@@ -1,8 +1,12 @@
 package broker
 
 import (
+	"context"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"testing"
 	"time"
 
@@ -110,5 +114,50 @@ func TestResolvePinsADeploymentUnderItsAliasPolicy(t *testing.T) {
 	}
 	if _, ok := b.Resolve("nope"); ok {
 		t.Fatal("resolved an unknown name")
+	}
+}
+
+// TestCallGivenUpMidwayKeepsItsCharge: a call abandoned while the deployment
+// has it (client gone, job cancelled) was charged there on arrival, so the
+// view keeps the charge; a call that never connected gives it back.
+func TestCallGivenUpMidwayKeepsItsCharge(t *testing.T) {
+	release := make(chan struct{})
+	hang := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer hang.Close()
+	defer close(release) // before Close, which waits for the handlers
+	for _, tc := range []struct {
+		name     string
+		endpoint string
+		stream   bool
+		kept     bool
+	}{
+		{"buffered, abandoned midway", hang.URL, false, true},
+		{"streamed, abandoned midway", hang.URL, true, true},
+		{"never connected", "http://127.0.0.1:1", false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := testBroker(t, config.Deployment{Name: "d", Kind: config.Standard, TPM: 100_000})
+			b.order[0].Endpoint = tc.endpoint
+			g, _ := b.Resolve("gpt-4o")
+			body := []byte(`{"model":"gpt-4o","max_tokens":500,"stream":` + strconv.FormatBool(tc.stream) + `,"messages":[{"role":"user","content":"hi"}]}`)
+			req, err := ParseRequest(OpChat, body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+			defer cancel()
+			if _, err := b.Do(ctx, &Call{Group: g, Req: req, Body: body, Header: http.Header{}}); err == nil {
+				t.Fatal("want an error")
+			}
+			left, _ := b.order[0].Capacity.Headroom(time.Now())
+			if kept := left <= 100_000-500; kept != tc.kept {
+				t.Fatalf("headroom after the call %d: charge kept %v, want %v", left, kept, tc.kept)
+			}
+		})
 	}
 }
