@@ -55,10 +55,13 @@ func NewClient() *Client {
 	fast := &fasthttp.Client{
 		NoDefaultUserAgentHeader: true,
 		DisablePathNormalizing:   true,
-		MaxConnsPerHost:          4096,
-		MaxConnWaitTimeout:       5 * time.Second,
-		MaxIdleConnDuration:      30 * time.Second,
-		MaxResponseBodySize:      MaxResponseBody,
+		// LLM calls last seconds, so a busy deployment can have thousands in
+		// flight; like net/http's transport, do not let a local pool limit
+		// queue them (or fail them and blame the deployment).
+		MaxConnsPerHost:     1 << 16,
+		MaxConnWaitTimeout:  5 * time.Second,
+		MaxIdleConnDuration: 30 * time.Second,
+		MaxResponseBodySize: MaxResponseBody,
 		DialTimeout: func(addr string, timeout time.Duration) (net.Conn, error) {
 			return fasthttp.DialTimeout(addr, min(timeout, 5*time.Second))
 		},
