@@ -59,12 +59,13 @@ type Ledger struct {
 	mu      sync.Mutex
 	pending []UsageEvent
 	kick    chan struct{}
+	full    chan struct{} // the channel is half full: collect now
 }
 
 // NewLedger starts the writer; Close flushes and stops it.
 func (s *Store) NewLedger(cfg LedgerConfig, log *slog.Logger) *Ledger {
 	l := &Ledger{s: s, cfg: cfg, log: log, ch: make(chan UsageEvent, cfg.BufferSize), done: make(chan struct{}),
-		flushes: make(chan chan struct{}), kick: make(chan struct{}, 1)}
+		flushes: make(chan chan struct{}), kick: make(chan struct{}, 1), full: make(chan struct{}, 1)}
 	writerFlush := make(chan chan struct{})
 	go l.collect(writerFlush)
 	go l.write(writerFlush)
@@ -77,6 +78,16 @@ func (l *Ledger) Record(e UsageEvent) {
 	case l.ch <- e:
 	default:
 		l.drop()
+		return
+	}
+	// Between ticks the channel fills at the call rate; when it is half full
+	// the collector is woken rather than waiting for the tick. At ordinary
+	// rates this never happens, so Record wakes nothing.
+	if len(l.ch) >= cap(l.ch)/2 {
+		select {
+		case l.full <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -140,7 +151,8 @@ func (l *Ledger) add(e UsageEvent) {
 // on a tick instead of receiving each event means Record never wakes a
 // goroutine: on a small machine that wake-up (another thread started, on the
 // CPU the deployment or the client needs next) was measurable in every
-// call's latency. The channel holds BufferSize events between ticks.
+// call's latency. The channel holds BufferSize events between ticks, and
+// Record wakes the collector early only when it is half full.
 const collectEvery = 10 * time.Millisecond
 
 // collect moves events from the channel to the backlog, never blocking on
@@ -161,6 +173,8 @@ func (l *Ledger) collect(writerFlush chan<- chan struct{}) {
 	for {
 		select {
 		case <-t.C:
+			drain()
+		case <-l.full:
 			drain()
 		case ack := <-l.flushes:
 			drain()
