@@ -318,12 +318,17 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		}
 		resp, err := send(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
 		if err != nil {
-			if ctx.Err() != nil {
+			// The client's error can tell of the context's end a moment
+			// before ctx.Err() does.
+			if ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 				// Given up while calling: the deployment most likely has
 				// the call and charged it on arrival, so the charge stays.
 				res.Commit(0)
 				d.circuit.abandon(probe)
-				return nil, ctx.Err()
+				if cerr := ctx.Err(); cerr != nil {
+					return nil, cerr
+				}
+				return nil, err
 			}
 			res.Release()
 			d.circuit.failure(b.now())
