@@ -99,14 +99,38 @@ func URL(d *config.Deployment, op Op) string {
 	return d.Endpoint + "/openai/deployments/" + d.UpstreamName + "/" + op.Path() + "?api-version=" + d.APIVersion
 }
 
-// Do sends body to deployment d. The returned response's body must be closed;
-// closing it also frees the call's context.
-func (c *Client) Do(ctx context.Context, d *config.Deployment, op Op, body []byte, from http.Header) (*http.Response, error) {
+// upstream is the one place that decides what a deployment receives: the
+// body (with the upstream model name for OpenAI-style deployments), the
+// caller's forwarded headers and the deployment's own credential, set with
+// set. Both client paths build their requests through it.
+func upstream(d *config.Deployment, body []byte, from http.Header, set func(k, v string)) ([]byte, error) {
 	if d.API == config.OpenAI {
 		var err error
 		if body, err = setModel(body, d.UpstreamName); err != nil {
 			return nil, err
 		}
+	}
+	for _, k := range forwarded {
+		if v := from.Get(k); v != "" {
+			set(k, v)
+		}
+	}
+	set("Content-Type", "application/json")
+	if d.API == config.OpenAI {
+		set("Authorization", "Bearer "+d.Credential)
+	} else {
+		set("api-key", d.Credential)
+	}
+	return body, nil
+}
+
+// Do sends body to deployment d. The returned response's body must be closed;
+// closing it also frees the call's context.
+func (c *Client) Do(ctx context.Context, d *config.Deployment, op Op, body []byte, from http.Header) (*http.Response, error) {
+	h := make(http.Header, len(forwarded)+2)
+	body, err := upstream(d, body, from, h.Set)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, URL(d, op), bytes.NewReader(body))
@@ -114,17 +138,7 @@ func (c *Client) Do(ctx context.Context, d *config.Deployment, op Op, body []byt
 		cancel(nil)
 		return nil, fmt.Errorf("deployment %s: %w", d.Name, err)
 	}
-	for _, k := range forwarded {
-		if v := from.Get(k); v != "" {
-			req.Header.Set(k, v)
-		}
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if d.API == config.OpenAI {
-		req.Header.Set("Authorization", "Bearer "+d.Credential)
-	} else {
-		req.Header.Set("api-key", d.Credential)
-	}
+	req.Header = h
 	timer := time.AfterFunc(d.Timeout, func() { cancel(ErrTimeout) })
 	resp, err := c.hc.Do(req)
 	stopped := timer.Stop()
@@ -157,32 +171,19 @@ func (c *Client) Buffered(ctx context.Context, d *config.Deployment, op Op, body
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if d.API == config.OpenAI {
-		var err error
-		if body, err = setModel(body, d.UpstreamName); err != nil {
-			return nil, err
-		}
+	req := fasthttp.AcquireRequest()
+	defer fasthttp.ReleaseRequest(req)
+	body, err := upstream(d, body, from, req.Header.Set)
+	if err != nil {
+		return nil, err
 	}
 	deadline := time.Now().Add(d.Timeout)
 	ctxDeadline := false
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline, ctxDeadline = dl, true
 	}
-	req := fasthttp.AcquireRequest()
-	defer fasthttp.ReleaseRequest(req)
 	req.SetRequestURI(URL(d, op))
 	req.Header.SetMethod(http.MethodPost)
-	req.Header.SetContentType("application/json")
-	for _, k := range forwarded {
-		if v := from.Get(k); v != "" {
-			req.Header.Set(k, v)
-		}
-	}
-	if d.API == config.OpenAI {
-		req.Header.Set("Authorization", "Bearer "+d.Credential)
-	} else {
-		req.Header.Set("api-key", d.Credential)
-	}
 	req.SetBodyRaw(body)
 	resp := fasthttp.AcquireResponse()
 	if err := c.fast.DoDeadline(req, resp, deadline); err != nil {
