@@ -292,16 +292,17 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 	}
 	c.tokens.add(b, e)
 	c.reqs.add(b, 1)
+	d := Delta{Bucket: b, Tokens: e, Requests: 1}
 	if background {
-		c.record(Delta{Bucket: b, Tokens: e, Requests: 1})
 		c.pacing = c.shared
 		c.pace.tokens -= float64(e)
 		c.pace.reqs--
 	} else {
-		c.record(Delta{Bucket: b, Tokens: e, Requests: 1, SyncTokens: e, SyncRequests: 1})
+		d.SyncTokens, d.SyncRequests = e, 1
 		c.syncTokens.add(b, e)
 		c.syncReqs.add(b, 1)
 	}
+	c.record(d)
 	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
 }
 
@@ -330,15 +331,13 @@ func (r *Reservation) Release() {
 	r.c.mu.Lock()
 	r.c.tokens.add(r.bucket, -r.tokens)
 	r.c.reqs.add(r.bucket, -1)
+	d := Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1}
 	if r.foreground {
-		r.c.record(Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1, SyncTokens: -r.tokens, SyncRequests: -1})
-	} else {
-		r.c.record(Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1})
-	}
-	if r.foreground {
+		d.SyncTokens, d.SyncRequests = -r.tokens, -1
 		r.c.syncTokens.add(r.bucket, -r.tokens)
 		r.c.syncReqs.add(r.bucket, -1)
 	}
+	r.c.record(d)
 	r.c.mu.Unlock()
 }
 

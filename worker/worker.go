@@ -395,7 +395,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	w.learn(model, res.Estimate)
-	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, 64<<20))
+	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
 	res.Resp.Body.Close()
 	if readErr != nil && errors.Is(context.Cause(call), errNotRunning) {
 		res.Finish(nil, context.Canceled)
