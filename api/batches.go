@@ -58,6 +58,23 @@ func parsePrefixed(s, prefix string) (uuid.UUID, bool) {
 	return id, err == nil
 }
 
+// byID fetches the caller's tenant's resource named by the path's id (prefix
+// plus a UUID). An id that is malformed, unknown or another tenant's is
+// notFound alike.
+func byID[T any](c echo.Context, prefix string, notFound func(string) *Error,
+	fetch func(ctx context.Context, tenant, id uuid.UUID) (T, error)) (T, error) {
+	var zero T
+	id, ok := parsePrefixed(c.Param("id"), prefix)
+	if !ok {
+		return zero, notFound(c.Param("id"))
+	}
+	v, err := fetch(c.Request().Context(), keyOf(c).TenantID, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return zero, notFound(c.Param("id"))
+	}
+	return v, err
+}
+
 func fileNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "file_id", Code: "file_not_found",
 		Message: fmt.Sprintf("No file found with id '%s'.", id)}
@@ -241,14 +258,7 @@ func (s *Server) importFile(ctx context.Context, tenant uuid.UUID, part *multipa
 }
 
 func (s *Server) getFile(c echo.Context) error {
-	id, ok := parsePrefixed(c.Param("id"), filePrefix)
-	if !ok {
-		return fileNotFound(c.Param("id"))
-	}
-	f, err := s.batches.GetFile(c.Request().Context(), keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return fileNotFound(c.Param("id"))
-	}
+	f, err := byID(c, filePrefix, fileNotFound, s.batches.GetFile)
 	if err != nil {
 		return err
 	}
@@ -285,18 +295,11 @@ func (s *Server) deleteFile(c echo.Context) error {
 // fileContent streams a file: an upload's lines as they were sent, or a
 // batch's output or error lines produced from its jobs as they are read.
 func (s *Server) fileContent(c echo.Context) error {
-	id, ok := parsePrefixed(c.Param("id"), filePrefix)
-	if !ok {
-		return fileNotFound(c.Param("id"))
-	}
-	ctx := c.Request().Context()
-	f, err := s.batches.GetFile(ctx, keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return fileNotFound(c.Param("id"))
-	}
+	f, err := byID(c, filePrefix, fileNotFound, s.batches.GetFile)
 	if err != nil {
 		return err
 	}
+	ctx := c.Request().Context()
 	w := c.Response()
 	w.Header().Set("Content-Type", "application/jsonl")
 	w.WriteHeader(http.StatusOK)
@@ -460,14 +463,7 @@ func (s *Server) createBatch(c echo.Context) error {
 }
 
 func (s *Server) getBatch(c echo.Context) error {
-	id, ok := parsePrefixed(c.Param("id"), batchPrefix)
-	if !ok {
-		return batchNotFound(c.Param("id"))
-	}
-	b, err := s.batches.GetBatch(c.Request().Context(), keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return batchNotFound(c.Param("id"))
-	}
+	b, err := byID(c, batchPrefix, batchNotFound, s.batches.GetBatch)
 	if err != nil {
 		return err
 	}
@@ -475,14 +471,7 @@ func (s *Server) getBatch(c echo.Context) error {
 }
 
 func (s *Server) cancelBatch(c echo.Context) error {
-	id, ok := parsePrefixed(c.Param("id"), batchPrefix)
-	if !ok {
-		return batchNotFound(c.Param("id"))
-	}
-	b, err := s.batches.CancelBatch(c.Request().Context(), keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return batchNotFound(c.Param("id"))
-	}
+	b, err := byID(c, batchPrefix, batchNotFound, s.batches.CancelBatch)
 	if err != nil {
 		return err
 	}

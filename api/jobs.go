@@ -286,11 +286,6 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.
 	return j, created, nil
 }
 
-func parseJobID(s string) (uuid.UUID, bool) {
-	id, err := uuid.Parse(strings.TrimPrefix(s, jobPrefix))
-	return id, err == nil && strings.HasPrefix(s, jobPrefix)
-}
-
 func jobNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "id", Code: "job_not_found",
 		Message: fmt.Sprintf("No job found with id '%s'.", id)}
@@ -300,14 +295,7 @@ func (s *Server) getJob(c echo.Context) error {
 	if s.queue == nil {
 		return s.queueUnavailable()
 	}
-	id, ok := parseJobID(c.Param("id"))
-	if !ok {
-		return jobNotFound(c.Param("id"))
-	}
-	j, err := s.jobs.GetJob(c.Request().Context(), keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return jobNotFound(c.Param("id"))
-	}
+	j, err := byID(c, jobPrefix, jobNotFound, s.jobs.GetJob)
 	if err != nil {
 		return err
 	}
@@ -332,7 +320,7 @@ func (s *Server) listJobs(c echo.Context) error {
 		p.Limit = n
 	}
 	if v := c.QueryParam("after"); v != "" {
-		id, ok := parseJobID(v)
+		id, ok := parsePrefixed(v, jobPrefix)
 		if !ok {
 			return invalid("after", "invalid_cursor", "after must be a job id.")
 		}
@@ -362,14 +350,7 @@ func (s *Server) cancelJob(c echo.Context) error {
 	if s.queue == nil {
 		return s.queueUnavailable()
 	}
-	id, ok := parseJobID(c.Param("id"))
-	if !ok {
-		return jobNotFound(c.Param("id"))
-	}
-	j, err := s.jobs.CancelJob(c.Request().Context(), keyOf(c).TenantID, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return jobNotFound(c.Param("id"))
-	}
+	j, err := byID(c, jobPrefix, jobNotFound, s.jobs.CancelJob)
 	if err != nil {
 		return err
 	}
@@ -378,7 +359,7 @@ func (s *Server) cancelJob(c echo.Context) error {
 			Message: fmt.Sprintf("Job %s already %s; it cannot be cancelled.", c.Param("id"), j.Status)}
 	}
 	// A worker may be in the middle of the call: have it stop spending.
-	s.queue.NotifyCancelled(id)
+	s.queue.NotifyCancelled(j.ID)
 	return c.JSON(http.StatusOK, renderJob(j))
 }
 

@@ -200,7 +200,7 @@ func (q *Queue) Publish(ctx context.Context, id uuid.UUID, priority, model strin
 // Consumer returns (creating if needed) the durable consumer of one
 // priority, model and tenant.
 func (q *Queue) Consumer(ctx context.Context, priority, modelToken string, tenant uuid.UUID) (jetstream.Consumer, error) {
-	name := Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
+	name := q.consumerName(priority, modelToken, tenant)
 	q.mu.Lock()
 	c, ok := q.consumers[name]
 	q.mu.Unlock()
@@ -234,10 +234,13 @@ func (q *Queue) Consumer(ctx context.Context, priority, modelToken string, tenan
 // Forget drops a cached consumer handle (after a failed fetch), so it is
 // created again on next use.
 func (q *Queue) Forget(priority, modelToken string, tenant uuid.UUID) {
-	name := Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
 	q.mu.Lock()
-	delete(q.consumers, name)
+	delete(q.consumers, q.consumerName(priority, modelToken, tenant))
 	q.mu.Unlock()
+}
+
+func (q *Queue) consumerName(priority, modelToken string, tenant uuid.UUID) string {
+	return Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
 }
 
 // Pending returns the stream's message count per subject: the jobs waiting
