@@ -87,50 +87,51 @@ models:
   - name: gpt-4o
     deployments: [bench]
 `, gwAddr, pg.URL, simAddr)
-	for name, body := range map[string]string{"sim.yaml": simCfg, "levee.yaml": gwCfg} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
-			return err
-		}
+	if err := os.WriteFile(filepath.Join(dir, "sim.yaml"), []byte(simCfg), 0o600); err != nil {
+		return err
 	}
 	simProc, err := start(bin, nil, "sim", "--listen", simAddr, "--config", filepath.Join(dir, "sim.yaml"))
 	if err != nil {
 		return err
 	}
 	defer stop(simProc)
-	env := []string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}
-	if gwEnv != "" {
-		env = append(env, strings.Fields(gwEnv)...)
+	// serve starts a gateway on addr with extra environment and waits until
+	// it is ready; gateways start one after another, since each migrates.
+	serve := func(addr, name, extraEnv string) (*exec.Cmd, error) {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(strings.Replace(gwCfg, "listen: "+gwAddr, "listen: "+addr, 1)), 0o600); err != nil {
+			return nil, err
+		}
+		p, err := start(bin, append([]string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}, strings.Fields(extraEnv)...), "serve", "--config", path)
+		if err != nil {
+			return nil, err
+		}
+		if err := waitHTTP("http://" + addr + "/readyz"); err != nil {
+			stop(p)
+			return nil, err
+		}
+		return p, nil
 	}
-	gwProc, err := start(bin, env, "serve", "--config", filepath.Join(dir, "levee.yaml"))
+	gwProc, err := serve(gwAddr, "levee.yaml", gwEnv)
 	if err != nil {
 		return err
 	}
 	defer stop(gwProc)
+	var bAddr string
+	if bEnvFlag != "" {
+		bAddr = freeAddr()
+		bProc, err := serve(bAddr, "levee-b.yaml", bEnvFlag)
+		if err != nil {
+			return err
+		}
+		defer stop(bProc)
+	}
 
 	st, err := store.Open(ctx, pg.URL)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	if err := waitHTTP("http://" + gwAddr + "/readyz"); err != nil {
-		return err
-	}
-	var bAddr string
-	if bEnvFlag != "" {
-		bAddr = freeAddr()
-		bCfg := strings.Replace(gwCfg, "listen: "+gwAddr, "listen: "+bAddr, 1)
-		if err := os.WriteFile(filepath.Join(dir, "levee-b.yaml"), []byte(bCfg), 0o600); err != nil {
-			return err
-		}
-		bProc, err := start(bin, append([]string{"BENCH_SIM_KEY=" + simKey, "LEVEE_LOG_LEVEL=warn"}, strings.Fields(bEnvFlag)...), "serve", "--config", filepath.Join(dir, "levee-b.yaml"))
-		if err != nil {
-			return err
-		}
-		defer stop(bProc)
-		if err := waitHTTP("http://" + bAddr + "/readyz"); err != nil {
-			return err
-		}
-	}
 	if _, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "bench"}); err != nil {
 		return err
 	}
