@@ -76,6 +76,15 @@ type envelope struct {
 	} `json:"error"`
 }
 
+// simTotal sums one of the simulator's counters over its deployments.
+func simTotal(env *harness.Env, field func(sim.Stats) int64) int64 {
+	var n int64
+	for _, st := range env.Sim.Stats() {
+		n += field(st)
+	}
+	return n
+}
+
 func mustEnvelope(t *testing.T, raw []byte) envelope {
 	t.Helper()
 	var e envelope
@@ -298,11 +307,7 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	cancel()
 	resp.Body.Close()
 	harness.Eventually(t, 5*time.Second, "the simulator to see the call cancelled", func() bool {
-		var c int64
-		for _, st := range env.Sim.Stats() {
-			c += st.Cancelled
-		}
-		return c == 1
+		return simTotal(env, func(s sim.Stats) int64 { return s.Cancelled }) == 1
 	})
 }
 

@@ -371,22 +371,14 @@ func TestCancellingARunningJobStopsItsCall(t *testing.T) {
 			started := time.Now()
 			tc.cancel(t, env, j.ID)
 			harness.Eventually(t, 5*time.Second, "the simulator to see the call aborted", func() bool {
-				var c int64
-				for _, st := range env.Sim.Stats() {
-					c += st.Cancelled
-				}
-				return c == 1
+				return simTotal(env, func(s sim.Stats) int64 { return s.Cancelled }) == 1
 			})
 			t.Logf("call aborted %v after the cancel", time.Since(started).Round(time.Millisecond))
 			time.Sleep(500 * time.Millisecond) // let a wrong outcome land, if one were coming
 			if _, j = getJob(t, env, env.APIKey, j.ID); j.Status != "cancelled" || j.Usage != nil || j.Result != nil {
 				t.Fatalf("after the abort the job is %+v", j)
 			}
-			var admitted int64
-			for _, st := range env.Sim.Stats() {
-				admitted += st.Admitted
-			}
-			if admitted != 1 {
+			if admitted := simTotal(env, func(s sim.Stats) int64 { return s.Admitted }); admitted != 1 {
 				t.Fatalf("the simulator admitted %d calls, want the one (no retry after the abort)", admitted)
 			}
 		})
