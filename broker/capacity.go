@@ -172,16 +172,21 @@ func (c *Capacity) drain() ([]Delta, time.Time, bool) {
 	return out, p, pacing
 }
 
+// advance brings every window up to bucket b; c.mu must be held.
+func (c *Capacity) advance(b int64) {
+	c.tokens.advance(b)
+	c.reqs.advance(b)
+	c.syncTokens.advance(b)
+	c.syncReqs.advance(b)
+}
+
 // apply folds another process's charges into this view; pacing says that
 // process is draining background calls into this deployment too.
 func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil time.Time, pacing bool) {
 	b := bucketOf(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.tokens.advance(b)
-	c.reqs.advance(b)
-	c.syncTokens.advance(b)
-	c.syncReqs.advance(b)
+	c.advance(b)
 	for _, d := range ds {
 		// A charge stamped ahead of this clock counts from now.
 		bk := min(d.Bucket, b)
@@ -260,10 +265,7 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.tokens.advance(b)
-	c.reqs.advance(b)
-	c.syncTokens.advance(b)
-	c.syncReqs.advance(b)
+	c.advance(b)
 	if now.Before(c.blockedUntil) {
 		return nil, false, c.blockedUntil
 	}
@@ -350,8 +352,7 @@ func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int
 	b := bucketOf(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.tokens.advance(b)
-	c.reqs.advance(b)
+	c.advance(b)
 	if remainingTokens >= 0 {
 		if d := (c.tokenLimit - remainingTokens) - c.tokens.total; d > 0 {
 			c.tokens.add(b, d)
@@ -383,8 +384,7 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 	b := bucketOf(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.tokens.advance(b)
-	c.reqs.advance(b)
+	c.advance(b)
 	if now.Before(c.blockedUntil) {
 		return 0, 0
 	}
@@ -402,8 +402,7 @@ func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 	}
 	b := bucketOf(now)
 	c.mu.Lock()
-	c.syncTokens.advance(b)
-	c.syncReqs.advance(b)
+	c.advance(b)
 	c.refill(now, keep)
 	pt, pr := c.pace.tokens, c.pace.reqs
 	c.mu.Unlock()
