@@ -13,8 +13,10 @@ build: ## build bin/levee
 run: build ## start the whole stack on embedded defaults (levee dev)
 	./bin/levee dev
 
-lint: ## gofmt and go vet
+lint: ## gofmt, go vet, and no tracked file over 1 MB (build outputs are never committed)
 	@out=$$(gofmt -l $(GOFILES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@big=$$(git ls-files -z 2>/dev/null | xargs -0 -r du -k --apparent-size 2>/dev/null | awk '$$1 > 1024 {print $$2" ("$$1" KB)"}'); \
+	if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs or dumps do not belong in git):"; echo "$$big"; exit 1; fi
 	$(GO) vet ./...
 
 test: lint ## lint, then every test with the race detector (starts its own Postgres and NATS)
