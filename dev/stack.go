@@ -18,8 +18,8 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/gateway"
+	"github.com/levee-gw/levee/sim"
 	"github.com/levee-gw/levee/store"
-	"github.com/levee-gw/levee/test/sim"
 )
 
 // File is what `levee dev --config` reads: deployments (each with the

@@ -8,8 +8,8 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/sim"
 	"github.com/levee-gw/levee/test/harness"
-	"github.com/levee-gw/levee/test/sim"
 )
 
 // throttled is one deployment whose speed, not its limits, bounds the drain:

@@ -15,8 +15,8 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/sim"
 	"github.com/levee-gw/levee/test/harness"
-	"github.com/levee-gw/levee/test/sim"
 )
 
 // processConfig writes a levee.yaml for subprocesses sharing env's

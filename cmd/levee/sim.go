@@ -14,7 +14,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/levee-gw/levee/dev"
-	"github.com/levee-gw/levee/test/sim"
+	"github.com/levee-gw/levee/sim"
 )
 
 func cmdSim(ctx context.Context, args []string, out io.Writer, log *slog.Logger) error {

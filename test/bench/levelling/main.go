@@ -25,7 +25,7 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
-	"github.com/levee-gw/levee/test/sim"
+	"github.com/levee-gw/levee/sim"
 )
 
 func main() {
