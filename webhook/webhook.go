@@ -16,14 +16,10 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
-	"net/netip"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/levee-gw/levee/store"
@@ -57,68 +53,6 @@ func Sign(secrets []string, id string, ts time.Time, body []byte) string {
 		parts = append(parts, "v1,"+base64.StdEncoding.EncodeToString(m.Sum(nil)))
 	}
 	return strings.Join(parts, " ")
-}
-
-// Guard decides which addresses deliveries may reach.
-type Guard struct {
-	// AllowLoopback lets deliveries reach 127.0.0.0/8 and ::1 (levee dev).
-	AllowLoopback bool
-	// AllowPrivate lets them reach private, link-local and metadata
-	// addresses too (a receiver inside your own network).
-	AllowPrivate bool
-}
-
-// ErrBlocked is returned for a target the guard refuses.
-var ErrBlocked = errors.New("webhook target is a loopback, private, link-local or metadata address")
-
-// Allowed checks one address.
-func (g Guard) Allowed(ip netip.Addr) bool {
-	ip = ip.Unmap()
-	switch {
-	case ip.IsLoopback():
-		return g.AllowLoopback || g.AllowPrivate
-	case ip.IsPrivate(), ip.IsLinkLocalUnicast(), ip.IsLinkLocalMulticast(), ip.IsUnspecified(), ip.IsMulticast(),
-		ip == netip.MustParseAddr("169.254.169.254"), ip == netip.MustParseAddr("fd00:ec2::254"),
-		netip.MustParsePrefix("100.64.0.0/10").Contains(ip):
-		return g.AllowPrivate
-	}
-	return true
-}
-
-// Check validates a target URL now: scheme, and every address its host
-// resolves to. Sending checks again on the address actually connected to.
-func (g Guard) Check(ctx context.Context, raw string) error {
-	u, err := url.Parse(raw)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" {
-		return fmt.Errorf("webhook url must be an http(s) URL")
-	}
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", u.Hostname())
-	if err != nil {
-		return fmt.Errorf("webhook url: cannot resolve %s: %w", u.Hostname(), err)
-	}
-	for _, ip := range ips {
-		if !g.Allowed(ip) {
-			return fmt.Errorf("%w (%s resolves to %s)", ErrBlocked, u.Hostname(), ip)
-		}
-	}
-	return nil
-}
-
-// Client returns an HTTP client for deliveries: it refuses blocked addresses
-// at connect time (so DNS cannot be changed under it), follows no
-// redirects, and gives up after timeout.
-func (g Guard) Client(timeout time.Duration) *http.Client {
-	d := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
-		ap, err := netip.ParseAddrPort(address)
-		if err != nil || !g.Allowed(ap.Addr()) {
-			return ErrBlocked
-		}
-		return nil
-	}}
-	tr := &http.Transport{DialContext: d.DialContext, MaxIdleConnsPerHost: 16, IdleConnTimeout: 30 * time.Second,
-		TLSHandshakeTimeout: 5 * time.Second, ResponseHeaderTimeout: timeout}
-	return &http.Client{Transport: tr, Timeout: timeout,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 }
 
 // DefaultSchedule is Standard Webhooks' suggested retry schedule: the delay
