@@ -2,13 +2,11 @@ package api
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"mime/multipart"
 	"net/http"
 	"strconv"
 	"strings"
@@ -77,184 +75,7 @@ func byID[T any](c echo.Context, prefix string, notFound func(string) *Error,
 
 func fileNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "file_id", Code: "file_not_found",
-		Message: fmt.Sprintf("No file found with id '%s'.", id)}
-}
-
-// inputLine is one line of a batch input file.
-type inputLine struct {
-	CustomID *string         `json:"custom_id"`
-	Method   string          `json:"method"`
-	URL      string          `json:"url"`
-	Body     json.RawMessage `json:"body"`
-}
-
-type lineProblems struct {
-	list  []string
-	count int
-}
-
-func (p *lineProblems) add(line int, code, msg string) {
-	p.count++
-	if len(p.list) < 20 {
-		p.list = append(p.list, fmt.Sprintf("line %d: %s (%s)", line, msg, code))
-	}
-}
-
-// uploadFile is POST /v1/files: multipart with `file` and `purpose=batch`.
-// The file is validated line by line as it streams in and written to
-// Postgres in chunks; nothing holds it whole.
-func (s *Server) uploadFile(c echo.Context) error {
-	key := keyOf(c)
-	r := c.Request()
-	if r.ContentLength > maxFileBytes+(1<<20) {
-		return &Error{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Param: "file", Code: "file_too_large",
-			Message: fmt.Sprintf("A batch input file may be at most %d bytes.", maxFileBytes)}
-	}
-	r.Body = http.MaxBytesReader(c.Response(), r.Body, maxFileBytes+(1<<20))
-	mr, err := r.MultipartReader()
-	if err != nil {
-		return invalid("file", "invalid_request", "Upload the file as multipart/form-data with fields file and purpose.")
-	}
-	ctx := r.Context()
-	var purpose string
-	var f *store.File
-	for {
-		part, err := mr.NextPart()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return uploadError(err)
-		}
-		switch part.FormName() {
-		case "purpose":
-			b, _ := io.ReadAll(io.LimitReader(part, 64))
-			purpose = strings.TrimSpace(string(b))
-		case "file":
-			if f != nil {
-				return invalid("file", "invalid_request", "Send one file per upload.")
-			}
-			if f, err = s.importFile(ctx, key.TenantID, part); err != nil {
-				return err
-			}
-		}
-		part.Close()
-	}
-	if f == nil {
-		return invalid("file", "invalid_request", "The file field is required.")
-	}
-	if purpose != "batch" {
-		_ = s.batches.DeleteFile(context.WithoutCancel(ctx), key.TenantID, f.ID)
-		return invalid("purpose", "invalid_request", "purpose must be batch; got %q.", purpose)
-	}
-	return c.JSON(http.StatusOK, renderFile(f))
-}
-
-func uploadError(err error) error {
-	var mbe *http.MaxBytesError
-	if errors.As(err, &mbe) {
-		return &Error{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Param: "file", Code: "file_too_large",
-			Message: fmt.Sprintf("A batch input file may be at most %d bytes.", maxFileBytes)}
-	}
-	return invalid("file", "invalid_request", "Could not read the upload: %v", err)
-}
-
-// importFile validates and stores the lines of an uploaded batch file.
-func (s *Server) importFile(ctx context.Context, tenant uuid.UUID, part *multipart.Part) (*store.File, error) {
-	name := part.FileName()
-	if name == "" {
-		name = "upload.jsonl"
-	}
-	imp, err := s.batches.BeginFileImport(ctx, tenant, name, "batch")
-	if err != nil {
-		return nil, err
-	}
-	committed := false
-	defer func() {
-		if !committed {
-			imp.Rollback(context.WithoutCancel(ctx))
-		}
-	}()
-	sc := bufio.NewScanner(part)
-	sc.Buffer(make([]byte, 64<<10), maxLineBytes)
-	var (
-		problems lineProblems
-		seen     = map[string]int{}
-		url      string
-		bytesIn  int64
-		n, line  int
-	)
-	for sc.Scan() {
-		line++
-		raw := sc.Bytes()
-		bytesIn += int64(len(raw)) + 1
-		if len(bytes.TrimSpace(raw)) == 0 {
-			continue
-		}
-		n++
-		if n > maxFileLines {
-			problems.add(line, "too_many_tasks", fmt.Sprintf("a batch may have at most %d requests", maxFileLines))
-			break
-		}
-		var l inputLine
-		if err := json.Unmarshal(raw, &l); err != nil {
-			problems.add(line, "invalid_json_line", "not valid JSON")
-			continue
-		}
-		switch {
-		case l.CustomID == nil || *l.CustomID == "":
-			problems.add(line, "invalid_request", "custom_id is required")
-			continue
-		case seen[*l.CustomID] > 0:
-			problems.add(line, "duplicate_custom_id", fmt.Sprintf("custom_id %q was already used on line %d", *l.CustomID, seen[*l.CustomID]))
-			continue
-		case l.Method != "POST":
-			problems.add(line, "invalid_request", "method must be POST")
-			continue
-		case len(bytes.TrimSpace(l.Body)) == 0 || bytes.TrimSpace(l.Body)[0] != '{':
-			problems.add(line, "invalid_request", "body must be a JSON object")
-			continue
-		}
-		if _, _, ok := batch.Endpoint(l.URL); !ok {
-			problems.add(line, "invalid_request", fmt.Sprintf("url %q is not a supported endpoint", l.URL))
-			continue
-		}
-		if url == "" {
-			url = l.URL
-		} else if l.URL != url {
-			problems.add(line, "url_mismatch", fmt.Sprintf("every line must use the same url (%s), not %s", url, l.URL))
-			continue
-		}
-		seen[*l.CustomID] = line
-		if problems.count == 0 {
-			if err := imp.Add(ctx, line, *l.CustomID, raw); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := sc.Err(); err != nil {
-		if errors.Is(err, bufio.ErrTooLong) {
-			problems.add(line+1, "invalid_request", fmt.Sprintf("a line may be at most %d bytes", maxLineBytes))
-		} else {
-			return nil, uploadError(err)
-		}
-	}
-	if n == 0 && problems.count == 0 {
-		problems.add(1, "empty_file", "the file has no requests")
-	}
-	if problems.count > 0 {
-		more := ""
-		if problems.count > len(problems.list) {
-			more = fmt.Sprintf("; and %d more", problems.count-len(problems.list))
-		}
-		return nil, invalid("file", "invalid_file", "The batch input file has %d problem(s): %s%s.", problems.count, strings.Join(problems.list, "; "), more)
-	}
-	f, err := imp.Commit(ctx, bytesIn, url)
-	if err != nil {
-		return nil, err
-	}
-	committed = true
-	return f, nil
+		Message: fmt.Sprintf("No file found with id '%s'.", clip(id))}
 }
 
 func (s *Server) getFile(c echo.Context) error {
@@ -303,11 +124,11 @@ func (s *Server) fileContent(c echo.Context) error {
 	w := c.Response()
 	w.Header().Set("Content-Type", "application/jsonl")
 	w.WriteHeader(http.StatusOK)
-	bw := bufio.NewWriterSize(w, 64<<10)
+	bw := bufio.NewWriterSize(&paced{w: w, rc: http.NewResponseController(w.Writer)}, 64<<10)
 	defer bw.Flush()
 	if f.Kind == "upload" {
-		return s.batches.EachFileLine(ctx, f.ID, func(_ int, _ string, raw []byte) error {
-			bw.Write(raw)
+		return s.batches.EachFileLine(ctx, f.ID, func(l *store.FileLine) error {
+			bw.Write(l.Raw)
 			return bw.WriteByte('\n')
 		})
 	}
@@ -329,6 +150,20 @@ func (s *Server) fileContent(c echo.Context) error {
 		}
 		return enc.Encode(line)
 	})
+}
+
+// paced gives a client writeTimeout to take each buffer of a long response:
+// one that stops reading is cut off instead of holding the handler.
+type paced struct {
+	w  io.Writer
+	rc *http.ResponseController
+}
+
+const writeTimeout = 30 * time.Second
+
+func (p *paced) Write(b []byte) (int, error) {
+	_ = p.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	return p.w.Write(b)
 }
 
 func pageParams(c echo.Context, prefix string) (int, uuid.UUID, error) {
@@ -401,7 +236,7 @@ func renderBatch(b *store.Batch) *batchObject {
 
 func batchNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "batch_id", Code: "batch_not_found",
-		Message: fmt.Sprintf("No batch found with id '%s'.", id)}
+		Message: fmt.Sprintf("No batch found with id '%s'.", clip(id))}
 }
 
 // createBatch is POST /v1/batches. The batch is returned in validating; its
@@ -421,8 +256,8 @@ func (s *Server) createBatch(c echo.Context) error {
 		CompletionWindow string          `json:"completion_window"`
 		Metadata         json.RawMessage `json:"metadata"`
 	}
-	if err := json.Unmarshal(raw, &req); err != nil {
-		return invalid("", "invalid_request", "We could not parse the JSON body of your request: %v", err)
+	if err := decodeJSON(raw, &req); err != nil {
+		return err
 	}
 	if req.CompletionWindow != "24h" {
 		return invalid("completion_window", "invalid_request", "completion_window must be 24h.")

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/levee-gw/levee/store"
 )
 
 // Error is an API error; the HTTP error handler turns it into OpenAI's
@@ -66,12 +68,22 @@ func (s *Server) errorHandler(err error, c echo.Context) {
 		case http.StatusRequestEntityTooLarge:
 			e.Code = "request_too_large"
 		}
+	case store.Unavailable(err):
+		// A Postgres restart or failover: nothing was wrong with the
+		// request, and the client should simply retry.
+		s.log.Warn("Postgres unavailable", "path", c.Request().URL.Path, "err", err)
+		e = &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "database_unavailable",
+			Message: "Levee cannot reach its database right now; retry shortly.", RetryAfter: time.Second}
 	default:
 		s.log.Error("unhandled error", "path", c.Request().URL.Path, "err", err)
 		e = &Error{Status: http.StatusInternalServerError, Type: "server_error", Code: "internal_error", Message: "The server had an error while processing your request."}
 	}
 	if e.Type == "" {
 		e.Type = "invalid_request_error"
+	}
+	if e.Status == http.StatusRequestTimeout {
+		// The rest of the body may still trickle in: do not wait for it.
+		c.Response().Header().Set("Connection", "close")
 	}
 	if e.RetryAfter > 0 {
 		h := c.Response().Header()

@@ -10,31 +10,37 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
 
 	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/outbox"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 	"github.com/levee-gw/levee/webhook"
 )
 
 // JobStore keeps jobs.
 type JobStore interface {
 	InsertJob(ctx context.Context, p *store.InsertJobParams) (*store.Job, bool, error)
-	MarkPublishedSoon(id uuid.UUID)
-	DeleteJob(ctx context.Context, id uuid.UUID) error
 	GetJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 	ListJobs(ctx context.Context, p *store.ListJobsParams) ([]*store.Job, bool, error)
 	CancelJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 }
 
-// JobQueue is where accepted jobs are published.
+// JobQueue carries the notices about jobs between processes.
 type JobQueue interface {
-	Publish(ctx context.Context, id uuid.UUID, priority, model string, tenant uuid.UUID) error
 	WaitDone(id uuid.UUID) (wait func(ctx context.Context, tick time.Duration) bool, stop func(), err error)
 	NotifyCancelled(id uuid.UUID)
 	Ready(ctx context.Context) error
+}
+
+// Outbox publishes accepted jobs: at once while the client waits if NATS is
+// there, else later, from Postgres.
+type Outbox interface {
+	Publish(ctx context.Context, j *store.Job) bool
 }
 
 const jobPrefix = "job_"
@@ -148,12 +154,12 @@ func (s *Server) submitJob(c echo.Context) error {
 		return err
 	}
 	var jr jobRequest
-	if err := json.Unmarshal(raw, &jr); err != nil {
-		return invalid("", "invalid_request", "We could not parse the JSON body of your request: %v", err)
+	if err := decodeJSON(raw, &jr); err != nil {
+		return err
 	}
 	op, ok := jobEndpoints[jr.Endpoint]
 	if !ok {
-		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings; got %q.", jr.Endpoint)
+		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings; got %q.", clip(jr.Endpoint))
 	}
 	if len(bytes.TrimSpace(jr.Body)) == 0 || bytes.TrimSpace(jr.Body)[0] != '{' {
 		return invalid("body", "invalid_request", "body must be the JSON object of the call, as sent to %s.", jr.Endpoint)
@@ -173,7 +179,7 @@ func (s *Server) submitJob(c echo.Context) error {
 		}
 	}
 	if prio != "normal" && prio != "low" {
-		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", prio)
+		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", clip(prio))
 	}
 	if err := checkMetadata(jr.Metadata); err != nil {
 		return err
@@ -190,12 +196,12 @@ func (s *Server) submitJob(c echo.Context) error {
 			return invalid("webhook.secret", "invalid_secret", "webhook.secret must be whsec_ followed by base64 of 24 to 64 bytes.")
 		}
 	}
-	idem := c.Request().Header.Get("Idempotency-Key")
-	if len(idem) > 255 {
-		return invalid("Idempotency-Key", "invalid_request", "Idempotency-Key must be at most 255 characters.")
+	idem, err := idempotencyKey(c.Request())
+	if err != nil {
+		return err
 	}
 	j, created, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: jr.Endpoint,
-		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, WebhookSecret: hookSecret, IdempotencyKey: idem})
+		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, WebhookSecret: hookSecret, IdempotencyKey: idem}, nil)
 	if err != nil {
 		return err
 	}
@@ -207,56 +213,66 @@ func (s *Server) submitJob(c echo.Context) error {
 	return c.JSON(http.StatusAccepted, o)
 }
 
-// checkCall validates a call body the way the synchronous path does.
+// checkCall validates a job's call body the way the synchronous path does.
 func (s *Server) checkCall(op broker.Op, body []byte, paramPrefix string) (*broker.Group, *broker.Request, error) {
-	req, err := broker.ParseRequest(op, body)
+	g, req, err := s.broker.Admit(op, body, nil)
 	if err != nil {
-		return nil, nil, prefixParam(badRequest(err), paramPrefix)
-	}
-	if req.Model == "" {
-		return nil, nil, invalid(paramPrefix+"model", "missing_model", "You must provide a model parameter.")
-	}
-	g, ok := s.broker.Resolve(req.Model)
-	if !ok {
-		return nil, nil, &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: paramPrefix + "model", Code: "model_not_found",
-			Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", req.Model)}
-	}
-	if err := g.Check(req); err != nil {
-		return nil, nil, prefixParam(badRequest(err), paramPrefix)
+		return nil, nil, admitError(err, paramPrefix)
 	}
 	return g, req, nil
 }
 
-func prefixParam(err error, prefix string) error {
-	var e *Error
-	if errors.As(err, &e) && e.Param != "" {
-		e.Param = prefix + e.Param
-	}
-	return err
-}
+// Metadata bounds (OpenAI's): pairs, and characters of a key and a value.
+const (
+	maxMetadataPairs = 16
+	maxMetadataKey   = 64
+	maxMetadataValue = 512
+)
 
+// checkMetadata validates metadata: an object of at most 16 string pairs,
+// bounded, that Postgres can store (no NUL) and a client can read back.
 func checkMetadata(raw json.RawMessage) error {
 	if len(raw) == 0 || string(raw) == "null" {
 		return nil
 	}
 	var m map[string]string
-	if err := json.Unmarshal(raw, &m); err != nil {
+	if err := strictjson.Unmarshal(raw, &m); err != nil {
 		return invalid("metadata", "invalid_metadata", "metadata must be an object of string values.")
 	}
-	if len(m) > 16 {
-		return invalid("metadata", "invalid_metadata", "metadata may have at most 16 keys.")
+	if len(m) > maxMetadataPairs {
+		return invalid("metadata", "invalid_metadata", "metadata may have at most %d keys.", maxMetadataPairs)
 	}
 	for k, v := range m {
-		if len(k) > 64 || len(v) > 512 {
-			return invalid("metadata", "invalid_metadata", "metadata keys are at most 64 characters and values at most 512.")
+		if utf8.RuneCountInString(k) > maxMetadataKey || utf8.RuneCountInString(v) > maxMetadataValue {
+			return invalid("metadata", "invalid_metadata", "metadata keys are at most %d characters and values at most %d.", maxMetadataKey, maxMetadataValue)
+		}
+		if !strictjson.ValidText(k) || !strictjson.ValidText(v) {
+			return invalid("metadata", "invalid_metadata", "metadata keys and values may not contain NUL or other control characters.")
 		}
 	}
 	return nil
 }
 
-// enqueue stores a job and publishes it; a 202 is only ever returned when
-// both happened. A publish that fails takes the row back and answers 503.
-func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.Job, bool, error) {
+// decodeJSON reads a request body of the API's own (not a call to a
+// deployment) as strictly as a call body.
+func decodeJSON(raw []byte, v any) error {
+	if err := strictjson.Unmarshal(raw, v); err != nil {
+		var se *strictjson.Error
+		if errors.As(err, &se) {
+			return invalid(se.Param, "invalid_request", "%s", se.Msg)
+		}
+		return invalid("", "invalid_request", "We could not parse the JSON body of your request.")
+	}
+	return nil
+}
+
+// enqueue accepts a job: once its row is committed it is durable and the
+// client gets its 202, whatever NATS is doing; publishing it is the
+// outbox's certain consequence (at once if NATS is there, else as soon as it
+// is back). beforePublish, if set, runs between the two (a deferred call
+// subscribes to the job's end there, so the notice cannot be missed).
+func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePublish func(*store.Job)) (*store.Job, bool, error) {
+	p.PublishClaim = outbox.InlineClaim
 	j, created, err := s.jobs.InsertJob(ctx, p)
 	if errors.Is(err, store.ErrIdempotencyMismatch) {
 		return nil, false, &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
@@ -265,30 +281,22 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams) (*store.
 	if err != nil {
 		return nil, false, err
 	}
-	if !created && j.Status != store.JobQueued {
-		return j, false, nil // replay of a job already under way or done
+	if beforePublish != nil {
+		beforePublish(j)
 	}
-	if err := s.queue.Publish(ctx, j.ID, j.Priority, j.Model, j.TenantID); err != nil {
-		if created {
-			if derr := s.jobs.DeleteJob(context.WithoutCancel(ctx), j.ID); derr != nil {
-				// The row stays queued and unpublished: the sweeper publishes
-				// it, so the job will run although the client saw a 503.
-				s.log.Error("rolling back an unpublished job", "job", j.ID, "err", derr)
-			}
+	// A replay of a job accepted earlier is already on its way.
+	if created {
+		s.outbox.Publish(ctx, j)
+		if s.wake != nil {
+			s.wake()
 		}
-		s.log.Warn("publishing job", "err", err)
-		return nil, false, s.queueUnavailable()
-	}
-	s.jobs.MarkPublishedSoon(j.ID)
-	if s.wake != nil {
-		s.wake()
 	}
 	return j, created, nil
 }
 
 func jobNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "id", Code: "job_not_found",
-		Message: fmt.Sprintf("No job found with id '%s'.", id)}
+		Message: fmt.Sprintf("No job found with id '%s'.", clip(id))}
 }
 
 func (s *Server) getJob(c echo.Context) error {
@@ -363,6 +371,21 @@ func (s *Server) cancelJob(c echo.Context) error {
 	return c.JSON(http.StatusOK, renderJob(j))
 }
 
+// idempotencyKey reads the Idempotency-Key header: at most 255 visible
+// ASCII characters (as Stripe's), so it is stored and compared as sent.
+func idempotencyKey(r *http.Request) (string, error) {
+	k := r.Header.Get("Idempotency-Key")
+	if len(k) > 255 {
+		return "", invalid("Idempotency-Key", "invalid_request", "Idempotency-Key must be at most 255 characters.")
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] < 0x20 || k[i] > 0x7e {
+			return "", invalid("Idempotency-Key", "invalid_request", "Idempotency-Key must be printable ASCII.")
+		}
+	}
+	return k, nil
+}
+
 // preferWait reads RFC 7240's Prefer: wait=N (seconds), bounded by config.
 func (s *Server) preferWait(r *http.Request) time.Duration {
 	d := s.cfg.Queue.DefaultWait
@@ -386,34 +409,24 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 	key := keyOf(c)
 	ctx := c.Request().Context()
 	wait := s.preferWait(c.Request())
-	p := &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: "/v1/" + op.Path(), Model: g.Name, Body: body,
-		Priority: priority, IdempotencyKey: c.Request().Header.Get("Idempotency-Key")}
-	// Subscribe before publishing, so the end notice cannot be missed; the
-	// job id is only known after the insert, so the insert comes first.
-	j, created, err := s.jobs.InsertJob(ctx, p)
-	if errors.Is(err, store.ErrIdempotencyMismatch) {
-		return &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
-			Message: "This Idempotency-Key was already used with a different request."}
-	}
+	idem, err := idempotencyKey(c.Request())
 	if err != nil {
 		return err
 	}
-	waitFn, stop, err := s.queue.WaitDone(j.ID)
+	p := &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: "/v1/" + op.Path(), Model: g.Name, Body: body,
+		Priority: priority, IdempotencyKey: idem}
+	// Without the end notice (NATS away) the wait still ends: Postgres is
+	// read again every tick.
+	waitFn := func(ctx context.Context, tick time.Duration) bool { sleep(ctx, tick); return false }
+	stop := func() {}
+	defer func() { stop() }()
+	j, _, err := s.enqueue(ctx, p, func(j *store.Job) {
+		if w, st, err := s.queue.WaitDone(j.ID); err == nil {
+			waitFn, stop = w, st
+		}
+	})
 	if err != nil {
-		return s.queueUnavailable()
-	}
-	defer stop()
-	if created || j.Status == store.JobQueued {
-		if err := s.queue.Publish(ctx, j.ID, j.Priority, j.Model, j.TenantID); err != nil {
-			if created {
-				_ = s.jobs.DeleteJob(context.WithoutCancel(ctx), j.ID)
-			}
-			return s.queueUnavailable()
-		}
-		s.jobs.MarkPublishedSoon(j.ID)
-		if s.wake != nil {
-			s.wake()
-		}
+		return err
 	}
 	h := c.Response().Header()
 	h.Set("x-levee-job", jobPrefix+j.ID.String())
@@ -436,6 +449,15 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 		cur = j
 	}
 	return c.JSON(http.StatusAccepted, renderJob(cur))
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
 }
 
 // respondWithJob answers a deferred call with its job's outcome, as the

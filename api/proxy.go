@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"time"
+	"unicode/utf8"
 
 	"github.com/labstack/echo/v4"
 
@@ -33,11 +34,13 @@ func (s *Server) readBody(c echo.Context) ([]byte, error) {
 	buf := bytes.NewBuffer(make([]byte, 0, n+1))
 	_, err := buf.ReadFrom(http.MaxBytesReader(c.Response(), r.Body, limit))
 	var mbe *http.MaxBytesError
-	if errors.As(err, &mbe) {
+	switch {
+	case errors.As(err, &mbe):
 		return nil, tooLarge
-	}
-	if err != nil {
-		return nil, invalid("", "invalid_body", "Could not read the request body: %v", err)
+	case errors.Is(err, errBodyTooSlow):
+		return nil, bodyTooSlow()
+	case err != nil:
+		return nil, invalid("", "invalid_body", "Could not read the request body.")
 	}
 	return buf.Bytes(), nil
 }
@@ -50,7 +53,7 @@ func (s *Server) proxyAzure(op broker.Op) echo.HandlerFunc {
 		g, ok := s.broker.Resolve(name)
 		if !ok {
 			return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "DeploymentNotFound",
-				Message: fmt.Sprintf("The API deployment %q does not exist or you do not have access to it.", name)}
+				Message: fmt.Sprintf("The API deployment %q does not exist or you do not have access to it.", clip(name))}
 		}
 		return s.proxy(c, op, g)
 	}
@@ -92,23 +95,16 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if err != nil {
 		return err
 	}
-	req, err := broker.ParseRequest(op, body)
+	g, req, err := s.broker.Admit(op, body, g)
+	if g != nil {
+		ev.Model = g.Name
+	} else if req != nil && req.Model != "" {
+		// The name is the client's, not one Levee serves: it is not worth
+		// a line of its own in the tenant's usage (nor the room).
+		ev.Model = unknownModel
+	}
 	if err != nil {
-		return badRequest(err)
-	}
-	if g == nil {
-		ev.Model = req.Model
-		if req.Model == "" {
-			return invalid("model", "missing_model", "You must provide a model parameter.")
-		}
-		var ok bool
-		if g, ok = s.broker.Resolve(req.Model); !ok {
-			return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "model", Code: "model_not_found",
-				Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", req.Model)}
-		}
-	}
-	if err := g.Check(req); err != nil {
-		return badRequest(err)
+		return admitError(err, "")
 	}
 	if ev.Priority, err = priorityOf(c, key); err != nil {
 		return err
@@ -188,12 +184,48 @@ func estimateBudget(r *broker.Request, g *broker.Group) int {
 	return broker.Estimate(0, r, g.Policy.DefaultMaxTokens)
 }
 
-func badRequest(err error) error {
+// unknownModel is what the ledger records for a call naming a model Levee
+// does not serve.
+const unknownModel = "(unknown)"
+
+func badRequest(err error) error { return admitError(err, "") }
+
+// admitError turns the broker's refusal of a call body into the API's
+// error; prefix places the body's params (body. for a job's call).
+func admitError(err error, prefix string) error {
 	var be *broker.BadRequestError
-	if errors.As(err, &be) {
-		return invalid(be.Param, "invalid_request", "%s", be.Msg)
+	var um *broker.UnknownModelError
+	switch {
+	case errors.As(err, &be):
+		code := be.Code
+		if code == "" {
+			code = "invalid_request"
+		}
+		return invalid(prefix+be.Param, code, "%s", be.Msg)
+	case errors.As(err, &um):
+		return modelNotFound(prefix+"model", um.Name)
 	}
 	return err
+}
+
+// modelNotFound is OpenAI's answer for a model the caller cannot use.
+func modelNotFound(param, name string) *Error {
+	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: param, Code: "model_not_found",
+		Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", clip(name))}
+}
+
+// clip shortens a client's string before it is echoed in a message.
+func clip(s string) string {
+	const max = 64
+	if len(s) <= max {
+		return s
+	}
+	for i := max; i > max-4 && i > 0; i-- {
+		if utf8.RuneStart(s[i]) {
+			return s[:i] + "…"
+		}
+	}
+	return s[:max] + "…"
 }
 
 func routeError(ctx context.Context, err error, model string) *Error {

@@ -50,9 +50,10 @@ type Options struct {
 	DB       Pinger
 	Registry *prometheus.Registry
 	Log      *slog.Logger
-	// Jobs and Queue enable the jobs API and deferred calls (nil: off).
-	Jobs  JobStore
-	Queue JobQueue
+	// Jobs, Queue and Outbox enable the jobs API and deferred calls (nil: off).
+	Jobs   JobStore
+	Queue  JobQueue
+	Outbox Outbox
 	// Wake, if set, tells in-process workers a job was published.
 	Wake func()
 	// Batches and Runner enable files, batches and webhooks (nil: off).
@@ -64,34 +65,39 @@ type Options struct {
 
 // Server is the HTTP API.
 type Server struct {
-	cfg     *config.Config
-	broker  *broker.Broker
-	keys    *keyCache
-	ledger  UsageRecorder
-	usage   UsageReader
-	db      Pinger
-	jobs    JobStore
-	queue   JobQueue
-	wake    func()
-	batches *store.Store
-	runner  *batch.Runner
-	guard   webhook.Guard
-	log     *slog.Logger
-	e       *echo.Echo
-	metrics *metrics
-	idBase  string
-	idSeq   atomic.Uint64
+	cfg      *config.Config
+	broker   *broker.Broker
+	keys     *keyCache
+	failures *failureLimiter
+	ledger   UsageRecorder
+	usage    UsageReader
+	db       Pinger
+	jobs     JobStore
+	queue    JobQueue
+	outbox   Outbox
+	wake     func()
+	batches  *store.Store
+	runner   *batch.Runner
+	uploads  *uploadSlots
+	guard    webhook.Guard
+	log      *slog.Logger
+	e        *echo.Echo
+	metrics  *metrics
+	idBase   string
+	idSeq    atomic.Uint64
 }
 
 type metrics struct {
-	requests *prometheus.CounterVec
-	duration *prometheus.HistogramVec
+	requests     *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	authFailures *prometheus.CounterVec
 }
 
 // New builds the API and its routes.
 func New(o Options) *Server {
-	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), ledger: o.Ledger, usage: o.Usage,
-		db: o.DB, jobs: o.Jobs, queue: o.Queue, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log, idBase: uuid.NewString()[:8] + "-"}
+	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), failures: newFailureLimiter(o.Config.Auth), ledger: o.Ledger, usage: o.Usage,
+		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
+		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant), idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -101,11 +107,16 @@ func New(o Options) *Server {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
 		}, []string{"model"}),
 	}
-	o.Registry.MustRegister(s.metrics.requests, s.metrics.duration)
+	s.metrics.authFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "levee_auth_failures_total", Help: "Refused API keys: unknown, or not looked up because the address failed too often.",
+	}, []string{"reason"})
+	o.Registry.MustRegister(s.metrics.requests, s.metrics.duration, s.metrics.authFailures)
 
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.errorHandler
+	e.IPExtractor = ipExtractor(o.Config.HTTP)
+	e.Use(s.guardConnections)
 	s.e = e
 
 	e.GET("/healthz", func(c echo.Context) error { return c.JSON(http.StatusOK, map[string]string{"status": "ok"}) })
@@ -166,12 +177,17 @@ func (s *Server) ready(c echo.Context) error {
 	if err := s.db.Ping(ctx); err != nil {
 		return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "Postgres is not reachable."}
 	}
+	out := map[string]string{"status": "ready", "postgres": "ok"}
+	// NATS away does not make a gateway unready: it still serves calls and
+	// accepts jobs (the outbox publishes them when NATS is back), and every
+	// gateway shares the same NATS, so taking this one out would not help.
 	if s.queue != nil {
+		out["nats"] = "ok"
 		if err := s.queue.Ready(ctx); err != nil {
-			return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "NATS JetStream is not reachable."}
+			out["nats"] = "unreachable"
 		}
 	}
-	return c.JSON(http.StatusOK, map[string]string{"status": "ready"})
+	return c.JSON(http.StatusOK, out)
 }
 
 type modelObject struct {
@@ -196,8 +212,7 @@ func (s *Server) model(c echo.Context) error {
 			return c.JSON(http.StatusOK, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
 		}
 	}
-	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "model", Code: "model_not_found",
-		Message: "The model `" + name + "` does not exist or you do not have access to it."}
+	return modelNotFound("model", name)
 }
 
 type usageLine struct {

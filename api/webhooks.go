@@ -1,7 +1,6 @@
 package api
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -47,14 +46,20 @@ func renderEndpoint(e *store.WebhookEndpoint) *endpointObject {
 
 func endpointNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "id", Code: "webhook_endpoint_not_found",
-		Message: fmt.Sprintf("No webhook endpoint found with id '%s'.", id)}
+		Message: fmt.Sprintf("No webhook endpoint found with id '%s'.", clip(id))}
 }
 
+// checkEvents validates an event filter; it may name each type once.
 func checkEvents(events []string) error {
+	seen := map[string]bool{}
 	for _, e := range events {
 		if !eventTypes[e] {
-			return invalid("events", "invalid_event", "unknown event type %q.", e)
+			return invalid("events", "invalid_event", "unknown event type %q.", clip(e))
 		}
+		if seen[e] {
+			return invalid("events", "invalid_event", "event type %q is listed twice.", e)
+		}
+		seen[e] = true
 	}
 	return nil
 }
@@ -68,8 +73,8 @@ func (s *Server) createEndpoint(c echo.Context) error {
 		URL    string   `json:"url"`
 		Events []string `json:"events"`
 	}
-	if err := json.Unmarshal(raw, &req); err != nil {
-		return invalid("", "invalid_request", "We could not parse the JSON body of your request: %v", err)
+	if err := decodeJSON(raw, &req); err != nil {
+		return err
 	}
 	if err := s.guard.Check(c.Request().Context(), req.URL); err != nil {
 		return invalid("url", "invalid_url", "%v.", err)
@@ -143,8 +148,8 @@ func (s *Server) updateEndpoint(c echo.Context) error {
 		Enabled *bool    `json:"enabled"`
 		Events  []string `json:"events"`
 	}
-	if err := json.Unmarshal(raw, &req); err != nil {
-		return invalid("", "invalid_request", "We could not parse the JSON body of your request: %v", err)
+	if err := decodeJSON(raw, &req); err != nil {
+		return err
 	}
 	if err := checkEvents(req.Events); err != nil {
 		return err
@@ -179,6 +184,13 @@ func (s *Server) deleteEndpoint(c echo.Context) error {
 func (s *Server) endpointDeliveries(c echo.Context) error {
 	id, err := s.endpointParam(c)
 	if err != nil {
+		return err
+	}
+	// An unknown endpoint, or another tenant's, is a 404 like every other
+	// read of it, not an empty list.
+	if _, err := s.batches.GetWebhookEndpoint(c.Request().Context(), keyOf(c).TenantID, id); errors.Is(err, store.ErrNotFound) {
+		return endpointNotFound(c.Param("id"))
+	} else if err != nil {
 		return err
 	}
 	ds, err := s.batches.EndpointDeliveries(c.Request().Context(), keyOf(c).TenantID, id, 100)

@@ -20,6 +20,7 @@ import (
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 )
 
 // Runner starts batches and moves them on.
@@ -37,15 +38,21 @@ func New(st *store.Store, q *queue.Queue, b *broker.Broker, pin bool, log *slog.
 	return &Runner{st: st, q: q, b: b, pin: pin, log: log}
 }
 
-// resolve finds where a line's body.model runs: an alias's group; or, for
-// a deployment name, its model's group unless deployments are pinned.
-func (r *Runner) resolve(model string) (*broker.Group, bool) {
-	if _, isDeployment := r.b.Deployment(model); isDeployment && !r.pin {
-		if g, ok := r.b.ModelGroup(model); ok {
-			return g, true
+// admit checks a line's body as any call is checked, and finds where it
+// runs: an alias's group; or, for a deployment name, its model's group
+// unless deployments are pinned (the policy is the same: a deployment is
+// policed as its first alias).
+func (r *Runner) admit(op broker.Op, body []byte) (*broker.Group, *broker.Request, error) {
+	g, req, err := r.b.Admit(op, body, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, isDeployment := r.b.Deployment(req.Model); isDeployment && !r.pin {
+		if mg, ok := r.b.ModelGroup(req.Model); ok {
+			g = mg
 		}
 	}
-	return r.b.Resolve(model)
+	return g, req, nil
 }
 
 // LineError is a validation problem of one input line (OpenAI's errors.data).
@@ -77,31 +84,30 @@ func (r *Runner) Start(ctx context.Context, b *store.Batch) error {
 	models := map[string]string{}
 	var errs []LineError
 	n := 0
-	err := r.st.EachFileLine(ctx, b.InputFileID, func(line int, _ string, raw []byte) error {
+	err := r.st.EachFileLine(ctx, b.InputFileID, func(fl *store.FileLine) error {
 		n++
-		var l struct {
-			Body json.RawMessage `json:"body"`
+		line, body := fl.Line, fl.Body
+		if body == nil { // a file stored before bodies were kept apart
+			var l struct {
+				Body json.RawMessage `json:"body"`
+			}
+			if err := strictjson.Unmarshal(fl.Raw, &l); err != nil {
+				errs = appendErr(errs, "invalid_json_line", "the line is not valid JSON", line)
+				return nil
+			}
+			body = l.Body
 		}
-		if err := json.Unmarshal(raw, &l); err != nil {
-			errs = appendErr(errs, "invalid_json_line", "the line is not valid JSON", line)
+		g, req, err := r.admit(op, body)
+		var um *broker.UnknownModelError
+		switch {
+		case errors.As(err, &um):
+			errs = appendErr(errs, "model_not_found", fmt.Sprintf("model %q is not served by this gateway", um.Name), line)
 			return nil
-		}
-		req, err := broker.ParseRequest(op, l.Body)
-		if err != nil {
+		case err != nil:
 			errs = appendErr(errs, "invalid_request", err.Error(), line)
 			return nil
-		}
-		if req.Stream {
+		case req.Stream:
 			errs = appendErr(errs, "invalid_request", "batch requests cannot stream", line)
-			return nil
-		}
-		g, ok := r.resolve(req.Model)
-		if !ok {
-			errs = appendErr(errs, "model_not_found", fmt.Sprintf("model %q is not served by this gateway", req.Model), line)
-			return nil
-		}
-		if err := g.Check(req); err != nil {
-			errs = appendErr(errs, "invalid_request", err.Error(), line)
 			return nil
 		}
 		models[req.Model] = g.Name
@@ -150,7 +156,11 @@ func (r *Runner) publish(ctx context.Context, b *store.Batch, ids []uuid.UUID) e
 	for i, j := range jobs {
 		refs[i] = queue.JobRef{ID: j.ID, Priority: "batch", Model: j.Model, Tenant: b.TenantID}
 	}
-	done, perr := r.q.PublishMany(ctx, refs)
+	// Whatever is not confirmed within the jobs' publish claim is left to
+	// the outbox relays.
+	pctx, cancel := context.WithTimeout(ctx, 50*time.Second)
+	done, perr := r.q.PublishMany(pctx, refs)
+	cancel()
 	for start := 0; start < len(done); start += 5000 {
 		if err := r.st.MarkPublished(ctx, done[start:min(start+5000, len(done))]...); err != nil {
 			r.log.Warn("marking batch jobs published", "batch", b.ID, "err", err)

@@ -3,10 +3,13 @@ package broker
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 
 	"github.com/tiktoken-go/tokenizer"
+
+	"github.com/levee-gw/levee/strictjson"
 )
 
 // Op is the kind of call, which decides how a body is estimated and which
@@ -47,7 +50,9 @@ func OpFromPath(p string) (Op, bool) {
 }
 
 // Request is what Levee needs to know of a call's body: enough to route,
-// police and charge it. The body itself is forwarded as the client sent it.
+// police and charge it. The body itself is forwarded as the client sent it,
+// which is why it is read with strictjson: the deployment must read the
+// same fields Levee did.
 type Request struct {
 	Op    Op
 	Model string
@@ -62,24 +67,40 @@ type Request struct {
 	N, BestOf      int
 
 	// Parsed but not yet counted: counting needs the deployment's encoding.
-	messages []chatMessage
+	messages []message
 	texts    []string // prompt or input strings
 	rawToks  int      // token-id arrays counted as given
 	extra    int      // characters of tools/functions definitions
 }
 
 // BadRequestError is a body Levee cannot accept; Param names the field.
+// Code, when set, is a more specific error code than invalid_request.
 type BadRequestError struct {
 	Param string
 	Msg   string
+	Code  string
 }
 
 func (e *BadRequestError) Error() string { return e.Msg }
 
-type chatMessage struct {
+// message is a chat message as counted: its role, name and content, whose
+// text parts are kept and other parts only counted.
+type message struct {
+	role, name string
+	texts      []string
+	images     int
+	others     int // tokens of parts of other types
+}
+
+type wireMessage struct {
 	Role    string          `json:"role"`
 	Name    string          `json:"name"`
 	Content json.RawMessage `json:"content"`
+}
+
+type contentPart struct {
+	Type string `json:"type"`
+	Text string `json:"text"`
 }
 
 type wireRequest struct {
@@ -90,7 +111,7 @@ type wireRequest struct {
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
 	N                   *int            `json:"n"`
 	BestOf              *int            `json:"best_of"`
-	Messages            []chatMessage   `json:"messages"`
+	Messages            []wireMessage   `json:"messages"`
 	Prompt              json.RawMessage `json:"prompt"`
 	Input               json.RawMessage `json:"input"`
 	Tools               json.RawMessage `json:"tools"`
@@ -101,16 +122,32 @@ type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
 }
 
+// MaxModelName bounds a model name: it is stored with the call's usage.
+const MaxModelName = 256
+
 // ParseRequest reads the fields Levee acts on. It rejects what upstream would
 // reject anyway only where Levee must know the value to charge the call.
 func ParseRequest(op Op, body []byte) (*Request, error) {
 	var w wireRequest
-	if err := json.Unmarshal(body, &w); err != nil {
-		return nil, &BadRequestError{Msg: fmt.Sprintf("We could not parse the JSON body of your request: %v", err)}
+	if err := strictjson.Unmarshal(body, &w); err != nil {
+		return nil, badJSON(err, "")
+	}
+	if len(w.Model) > MaxModelName || !strictjson.ValidText(w.Model) {
+		return nil, &BadRequestError{Param: "model", Msg: fmt.Sprintf("model must be a name of at most %d characters, without control characters.", MaxModelName)}
 	}
 	r := &Request{Op: op, Model: w.Model, Stream: w.Stream, N: 1, BestOf: 1}
 	if w.StreamOptions != nil {
 		r.IncludeUsage = w.StreamOptions.IncludeUsage
+	}
+	// Each limit the client sets must be a real one: 0 or less would be
+	// charged as "no limit" here and refused (or worse) upstream.
+	for _, f := range []struct {
+		param string
+		v     *int
+	}{{"max_tokens", w.MaxTokens}, {"max_completion_tokens", w.MaxCompletionTokens}, {"n", w.N}, {"best_of", w.BestOf}} {
+		if f.v != nil && *f.v < 1 {
+			return nil, &BadRequestError{Param: f.param, Msg: f.param + " must be at least 1."}
+		}
 	}
 	if w.MaxTokens != nil {
 		r.MaxTokens, r.MaxTokensParam = *w.MaxTokens, "max_tokens"
@@ -118,41 +155,90 @@ func ParseRequest(op Op, body []byte) (*Request, error) {
 	if w.MaxCompletionTokens != nil && *w.MaxCompletionTokens > r.MaxTokens {
 		r.MaxTokens, r.MaxTokensParam = *w.MaxCompletionTokens, "max_completion_tokens"
 	}
-	if r.MaxTokens < 0 {
-		return nil, &BadRequestError{Param: r.MaxTokensParam, Msg: r.MaxTokensParam + " must be at least 1"}
-	}
 	if w.N != nil {
-		if *w.N < 1 {
-			return nil, &BadRequestError{Param: "n", Msg: "n must be at least 1"}
-		}
 		r.N = *w.N
 	}
 	if w.BestOf != nil {
-		if *w.BestOf < 1 {
-			return nil, &BadRequestError{Param: "best_of", Msg: "best_of must be at least 1"}
-		}
 		r.BestOf = *w.BestOf
 	}
 	r.extra = len(w.Tools) + len(w.Functions)
 	switch op {
 	case OpChat:
 		if len(w.Messages) == 0 {
-			return nil, &BadRequestError{Param: "messages", Msg: "messages is required and must not be empty"}
+			return nil, &BadRequestError{Param: "messages", Msg: "messages is required and must not be empty."}
 		}
-		r.messages = w.Messages
+		r.messages = make([]message, len(w.Messages))
+		for i, m := range w.Messages {
+			if err := r.messages[i].parse(m, fmt.Sprintf("messages[%d].content", i)); err != nil {
+				return nil, err
+			}
+		}
 	case OpCompletions:
 		if err := r.addTexts("prompt", w.Prompt); err != nil {
 			return nil, err
 		}
 	case OpEmbeddings:
 		if len(w.Input) == 0 {
-			return nil, &BadRequestError{Param: "input", Msg: "input is required"}
+			return nil, &BadRequestError{Param: "input", Msg: "input is required."}
 		}
 		if err := r.addTexts("input", w.Input); err != nil {
 			return nil, err
 		}
 	}
 	return r, nil
+}
+
+// badJSON is a strictjson error as a BadRequestError, its param under prefix.
+func badJSON(err error, prefix string) error {
+	var se *strictjson.Error
+	if !errors.As(err, &se) {
+		return &BadRequestError{Param: prefix, Msg: err.Error()}
+	}
+	p := se.Param
+	if prefix != "" {
+		p = prefix
+		if se.Param != "" {
+			p += "." + se.Param
+			if se.Param[0] == '[' {
+				p = prefix + se.Param
+			}
+		}
+	}
+	return &BadRequestError{Param: p, Msg: se.Msg}
+}
+
+// parse reads a chat message's content: a string, null, or an array of
+// content parts (strictly, like the body: a part's "TEXT" is refused).
+func (m *message) parse(w wireMessage, param string) error {
+	m.role, m.name = w.Role, w.Name
+	raw := bytes.TrimSpace(w.Content)
+	switch {
+	case len(raw) == 0 || string(raw) == "null":
+	case raw[0] == '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return &BadRequestError{Param: param, Msg: param + " must be a string or an array of content parts."}
+		}
+		m.texts = append(m.texts, s)
+	case raw[0] == '[':
+		var parts []contentPart
+		if err := strictjson.Unmarshal(raw, &parts); err != nil {
+			return badJSON(err, param)
+		}
+		for _, p := range parts {
+			switch p.Type {
+			case "text", "input_text":
+				m.texts = append(m.texts, p.Text)
+			case "image_url", "input_image":
+				m.images++
+			default:
+				m.others += len(p.Text)/4 + 1
+			}
+		}
+	default:
+		return &BadRequestError{Param: param, Msg: param + " must be a string or an array of content parts."}
+	}
+	return nil
 }
 
 // addTexts accepts the four shapes OpenAI takes for prompt/input: a string, an
@@ -305,53 +391,21 @@ func (t *Tokenizers) PromptTokens(encoding string, r *Request) int {
 	if r.Op == OpChat {
 		for _, m := range r.messages {
 			count := t.Count
-			if m.Role == "system" || m.Role == "developer" {
+			if m.role == "system" || m.role == "developer" {
 				count = t.countCached
 			}
-			n += 3 + t.roleTokens(encoding, m.Role) + t.contentTokens(encoding, m.Content, count)
-			if m.Name != "" {
-				n += 1 + t.Count(encoding, m.Name)
+			n += 3 + t.roleTokens(encoding, m.role) + m.images*imageTokens + m.others
+			for _, s := range m.texts {
+				n += count(encoding, s)
+			}
+			if m.name != "" {
+				n += 1 + t.Count(encoding, m.name)
 			}
 		}
 		n += 3
 	}
 	// Tool schemas are counted by characters: close enough, and cheap.
 	n += r.extra / 4
-	return n
-}
-
-type contentPart struct {
-	Type string `json:"type"`
-	Text string `json:"text"`
-}
-
-func (t *Tokenizers) contentTokens(encoding string, raw json.RawMessage, count func(encoding, s string) int) int {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) == 0 || string(raw) == "null" {
-		return 0
-	}
-	if raw[0] == '"' {
-		var s string
-		if json.Unmarshal(raw, &s) == nil {
-			return count(encoding, s)
-		}
-		return len(raw) / 4
-	}
-	var parts []contentPart
-	if json.Unmarshal(raw, &parts) != nil {
-		return len(raw) / 4
-	}
-	n := 0
-	for _, p := range parts {
-		switch p.Type {
-		case "text", "input_text":
-			n += count(encoding, p.Text)
-		case "image_url", "input_image":
-			n += imageTokens
-		default:
-			n += len(p.Text)/4 + 1
-		}
-	}
 	return n
 }
 

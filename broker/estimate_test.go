@@ -2,6 +2,7 @@ package broker
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -36,6 +37,29 @@ func TestParseRequest(t *testing.T) {
 		{name: "no messages", op: OpChat, body: `{"model":"x"}`, wantErr: true, wantParam: "messages"},
 		{name: "n zero", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"n":0}`, wantErr: true, wantParam: "n"},
 		{name: "negative max_tokens", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":-5}`, wantErr: true, wantParam: "max_tokens"},
+		{name: "zero max_tokens", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}`, wantErr: true, wantParam: "max_tokens"},
+		{name: "negative max_completion_tokens beside max_tokens", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_completion_tokens":-5}`, wantErr: true, wantParam: "max_completion_tokens"},
+		{name: "zero best_of", op: OpCompletions, body: `{"prompt":"x","best_of":0}`, wantErr: true, wantParam: "best_of"},
+		{name: "null max_tokens is unset", op: OpChat, body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":null}`,
+			check: func(t *testing.T, r *Request) {
+				if r.MaxTokens != 0 {
+					t.Fatalf("%+v", r)
+				}
+			}},
+		// What Levee charges must be what the deployment reads: names match
+		// exactly, and a variant of a field Levee reads is refused.
+		{name: "case variant of max_tokens", op: OpChat, body: `{"model":"gpt-4o","max_tokens":100000,"MAX_TOKENS":5,"messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "MAX_TOKENS"},
+		{name: "case variant of n", op: OpChat, body: `{"N":1,"n":8,"messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "N"},
+		{name: "case variant of max_completion_tokens", op: OpChat, body: `{"Max_Completion_Tokens":5,"messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "Max_Completion_Tokens"},
+		{name: "case variant of model", op: OpChat, body: `{"Model":"cheap","model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "Model"},
+		{name: "duplicate max_tokens", op: OpChat, body: `{"max_tokens":5,"max_tokens":100000,"messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "max_tokens"},
+		{name: "case variant of a message's content", op: OpChat, body: `{"messages":[{"role":"user","content":"hi","Content":"a very long text"}]}`, wantErr: true, wantParam: "messages[0].Content"},
+		{name: "case variant of a content part's text", op: OpChat, body: `{"messages":[{"role":"user","content":[{"type":"text","text":"hi","TEXT":"long"}]}]}`, wantErr: true, wantParam: "messages[0].content[0].TEXT"},
+		{name: "content of the wrong shape", op: OpChat, body: `{"messages":[{"role":"user","content":42}]}`, wantErr: true, wantParam: "messages[0].content"},
+		{name: "case variant of stream_options.include_usage", op: OpChat, body: `{"stream":true,"stream_options":{"INCLUDE_USAGE":true},"messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "stream_options.INCLUDE_USAGE"},
+		{name: "case variant of input", op: OpEmbeddings, body: `{"input":"x","Input":["a","b"]}`, wantErr: true, wantParam: "Input"},
+		{name: "oversized model", op: OpChat, body: `{"model":"` + strings.Repeat("m", 257) + `","messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "model"},
+		{name: "model with NUL", op: OpChat, body: `{"model":"gpt\u0000","messages":[{"role":"user","content":"hi"}]}`, wantErr: true, wantParam: "model"},
 		{name: "embeddings string", op: OpEmbeddings, body: `{"input":"hello world"}`,
 			check: func(t *testing.T, r *Request) {
 				if len(r.texts) != 1 {

@@ -149,6 +149,42 @@ func (b *Broker) Resolve(name string) (*Group, bool) {
 	return newGroup(name, p, []*Deployment{d}), true
 }
 
+// UnknownModelError is a model name (or Azure deployment in the path) that
+// no alias or deployment answers to.
+type UnknownModelError struct {
+	Name string
+}
+
+func (e *UnknownModelError) Error() string {
+	return fmt.Sprintf("the model %q does not exist", e.Name)
+}
+
+// Admit is the one check every way into Levee runs a call's body through —
+// synchronous calls, jobs, deferred calls, batch lines, and workers again
+// before they send it: parse it strictly, resolve the model it names (g,
+// when not nil, is what the path named and the body's model is not used)
+// and apply that group's policy. The group is returned whenever it was
+// resolved, even when the policy refused the call.
+func (b *Broker) Admit(op Op, body []byte, g *Group) (*Group, *Request, error) {
+	req, err := ParseRequest(op, body)
+	if err != nil {
+		return g, nil, err
+	}
+	if g == nil {
+		if req.Model == "" {
+			return nil, req, &BadRequestError{Param: "model", Code: "missing_model", Msg: "You must provide a model parameter."}
+		}
+		var ok bool
+		if g, ok = b.Resolve(req.Model); !ok {
+			return nil, req, &UnknownModelError{Name: req.Model}
+		}
+	}
+	if err := g.Check(req); err != nil {
+		return g, req, err
+	}
+	return g, req, nil
+}
+
 // BackgroundSlots counts how many background calls of est tokens the group's
 // deployments could take now, above their synchronous reserves.
 func (g *Group) BackgroundSlots(now time.Time, est int) int {

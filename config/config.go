@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"net/url"
 	"os"
 	"sort"
@@ -44,6 +45,11 @@ type Config struct {
 	// ShutdownTimeout bounds how long a graceful stop waits for in-flight calls.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 
+	// DatabaseMaxConns sizes the Postgres connection pool of each process.
+	DatabaseMaxConns int `yaml:"database_max_conns"`
+
+	HTTP        HTTP         `yaml:"http"`
+	Auth        Auth         `yaml:"auth"`
 	Usage       Usage        `yaml:"usage"`
 	Queue       Queue        `yaml:"queue"`
 	Worker      Worker       `yaml:"worker"`
@@ -52,6 +58,37 @@ type Config struct {
 	Circuit     Circuit      `yaml:"circuit"`
 	Deployments []Deployment `yaml:"deployments"`
 	Models      []Model      `yaml:"models"`
+}
+
+// HTTP bounds what one client can hold of a gateway: a connection that
+// sends nothing, a body that trickles in, a tenant's uploads in progress.
+type HTTP struct {
+	// ReadHeaderTimeout bounds the wait for a request's headers.
+	ReadHeaderTimeout time.Duration `yaml:"read_header_timeout"`
+	// IdleTimeout closes a kept-alive connection with no request.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// BodyTimeout is how long a request body may take before BodyMinRate
+	// applies: after it, the body must have arrived at BodyMinRate bytes
+	// per second on average, or the request ends with 408.
+	BodyTimeout time.Duration `yaml:"body_timeout"`
+	BodyMinRate int64         `yaml:"body_min_rate"`
+	// MaxUploadsPerTenant caps one tenant's file uploads in progress on
+	// one process; more get 429.
+	MaxUploadsPerTenant int `yaml:"max_uploads_per_tenant"`
+	// TrustedProxies are the CIDRs of proxies in front of Levee whose
+	// X-Forwarded-For names the client (for per-address limits). Empty:
+	// the connection's own address is the client's.
+	TrustedProxies []string `yaml:"trusted_proxies"`
+}
+
+// Auth bounds failed authentication, per client address.
+type Auth struct {
+	// FailureRate and FailureBurst form a token bucket of failed key
+	// checks per client address (an IPv6 client's /64). Beyond it, keys
+	// not known to be valid get 429 without a database lookup; known keys
+	// keep working, so one address cannot lock a tenant out.
+	FailureRate  float64 `yaml:"failure_rate"`
+	FailureBurst int     `yaml:"failure_burst"`
 }
 
 // Usage tunes the ledger writer that takes usage rows off the request path.
@@ -177,6 +214,9 @@ const (
 	DefaultMaxBodyBytes     = 8 << 20
 	DefaultAPIVersion       = "2024-10-21"
 	DefaultDefaultMaxTokens = 1024
+	// DefaultDatabaseMaxConns: no request path holds a connection while it
+	// waits on a client, so a small pool serves many calls.
+	DefaultDatabaseMaxConns = 16
 )
 
 // Load reads a YAML file, fills credentials from the environment, applies
@@ -238,6 +278,24 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxBodyBytes < 1024 {
 		return &FieldError{"max_body_bytes", "must be at least 1024"}
+	}
+	if c.DatabaseMaxConns == 0 {
+		c.DatabaseMaxConns = DefaultDatabaseMaxConns
+	}
+	if c.DatabaseMaxConns < 2 {
+		return &FieldError{"database_max_conns", "must be at least 2"}
+	}
+	if err := c.HTTP.validate(); err != nil {
+		return err
+	}
+	if c.Auth.FailureRate == 0 {
+		c.Auth.FailureRate = 5
+	}
+	if c.Auth.FailureBurst == 0 {
+		c.Auth.FailureBurst = 50
+	}
+	if c.Auth.FailureRate < 0 || c.Auth.FailureBurst < 1 {
+		return &FieldError{"auth.failure_rate", "failure_rate must be > 0 and failure_burst >= 1"}
 	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 30 * time.Second
@@ -439,6 +497,38 @@ func (c *Config) Validate() error {
 			}
 		}
 		c.Models = append(c.Models, m)
+	}
+	return nil
+}
+
+func (h *HTTP) validate() error {
+	if h.ReadHeaderTimeout == 0 {
+		h.ReadHeaderTimeout = 10 * time.Second
+	}
+	if h.IdleTimeout == 0 {
+		h.IdleTimeout = 120 * time.Second
+	}
+	if h.BodyTimeout == 0 {
+		h.BodyTimeout = 10 * time.Second
+	}
+	if h.BodyMinRate == 0 {
+		h.BodyMinRate = 16 << 10
+	}
+	if h.MaxUploadsPerTenant == 0 {
+		h.MaxUploadsPerTenant = 4
+	}
+	switch {
+	case h.ReadHeaderTimeout < 0 || h.IdleTimeout < 0 || h.BodyTimeout < 0:
+		return &FieldError{"http", "timeouts must be > 0"}
+	case h.BodyMinRate < 1:
+		return &FieldError{"http.body_min_rate", "must be at least 1 byte per second"}
+	case h.MaxUploadsPerTenant < 1:
+		return &FieldError{"http.max_uploads_per_tenant", "must be at least 1"}
+	}
+	for i, p := range h.TrustedProxies {
+		if _, err := netip.ParsePrefix(p); err != nil {
+			return &FieldError{fmt.Sprintf("http.trusted_proxies[%d]", i), fmt.Sprintf("%q: must be a CIDR such as 10.0.0.0/8", p)}
+		}
 	}
 	return nil
 }

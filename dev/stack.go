@@ -34,6 +34,10 @@ type File struct {
 	Queue       config.Queue     `yaml:"queue"`
 	Worker      config.Worker    `yaml:"worker"`
 	Webhooks    config.Webhooks  `yaml:"webhooks"`
+	HTTP        config.HTTP      `yaml:"http"`
+	Auth        config.Auth      `yaml:"auth"`
+	// DatabaseMaxConns sizes the gateway's Postgres pool.
+	DatabaseMaxConns int `yaml:"database_max_conns"`
 }
 
 // FileDeployment is a gateway deployment plus how the simulator serves it.
@@ -184,8 +188,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
-		ShutdownTimeout: 10 * time.Second}
-	cfg.Worker.Enabled = !o.NoWorkers
+		HTTP: o.File.HTTP, Auth: o.File.Auth, DatabaseMaxConns: o.File.DatabaseMaxConns, ShutdownTimeout: 10 * time.Second}
 	cfg.Webhooks = o.File.Webhooks
 	cfg.Webhooks.AllowLoopback = true // so a receiver on this machine works
 	for _, d := range o.File.Deployments {
@@ -200,7 +203,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	}
 	s.Config = cfg
 
-	if s.Store, err = store.Open(ctx, s.DatabaseURL); err != nil {
+	if s.Store, err = store.Open(ctx, s.DatabaseURL, cfg.DatabaseMaxConns); err != nil {
 		return nil, err
 	}
 	if err := s.Store.Migrate(ctx); err != nil {
@@ -213,7 +216,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if s.Gateway, err = gateway.Start(ctx, cfg, s.Store, log); err != nil {
+	if s.Gateway, err = gateway.Start(ctx, cfg, s.Store, gateway.Roles{API: true, Workers: !o.NoWorkers}, log); err != nil {
 		return nil, err
 	}
 	s.BaseURL = "http://" + s.Gateway.Addr

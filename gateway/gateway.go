@@ -1,7 +1,9 @@
-// Package gateway assembles one running Levee gateway process from its
-// parts — broker, usage ledger, API, HTTP server — and owns its graceful
-// stop. `levee serve`, `levee dev`, the test harness and the benchmarks all
-// start gateways through it, so they run the same wiring.
+// Package gateway is Levee's one composition root: it builds a running
+// process from its roles — the HTTP API, the queue workers, or both — with
+// the services every process needs (broker, usage ledger, capacity sharing,
+// partition upkeep), and owns the order of its graceful stop. `levee serve`,
+// `levee worker`, `levee dev`, the test harness and the benchmarks all start
+// processes through it, so they cannot drift apart.
 package gateway
 
 import (
@@ -11,38 +13,57 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/levee-gw/levee/api"
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/outbox"
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/webhook"
 	"github.com/levee-gw/levee/worker"
 )
 
-// Gateway is a serving gateway.
+// Roles are what a process does. levee serve is the API (plus workers when
+// worker.enabled), levee worker is workers alone, levee dev is both.
+type Roles struct {
+	// API serves the HTTP API on cfg.Listen.
+	API bool
+	// Workers drain the job queue, move batches on, send webhooks and sweep
+	// for lost messages. They need a queue (nats_url).
+	Workers bool
+	// MetricsAddr, for a process without the API, serves /metrics and
+	// /healthz there ("" for none). With the API they are on cfg.Listen.
+	MetricsAddr string
+}
+
+// Gateway is a running Levee process.
 type Gateway struct {
-	// Addr is the address it listens on (useful when Listen had port 0).
+	// Addr is the API's address (useful when Listen had port 0); empty
+	// without the API role.
 	Addr   string
 	Broker *broker.Broker
 	Ledger *store.Ledger
 	// Queue is nil when no NATS URL is configured; Worker is nil unless
 	// workers run in this process.
-	Queue          *queue.Queue
-	Worker         *worker.Worker
-	cfg            *config.Config
-	hs             *http.Server
-	errc           chan error
-	log            *slog.Logger
+	Queue  *queue.Queue
+	Worker *worker.Worker
+	cfg    *config.Config
+	log    *slog.Logger
+	hs     *http.Server
+	errc   chan error
+
 	stopWorker     context.CancelFunc
 	workerDone     chan struct{}
 	stopBackground context.CancelFunc
+	background     sync.WaitGroup
 }
 
 // NewRegistry returns a metrics registry with the Go and process collectors.
@@ -52,84 +73,114 @@ func NewRegistry() *prometheus.Registry {
 	return reg
 }
 
-// OpenQueue connects to the job queue configured in cfg (nil when none).
+// openQueue connects to the job queue configured in cfg (nil when none).
 // If JetStream has lost the jobs stream, every queued job's publish mark is
-// cleared so the sweeper publishes it again: an accepted job is never left
-// waiting for a message that no longer exists.
-func OpenQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*queue.Queue, error) {
+// cleared so it is published again: an accepted job is never left waiting
+// for a message that no longer exists.
+func openQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*queue.Queue, error) {
 	if cfg.NATSURL == "" {
 		return nil, nil
 	}
-	onLost := func() {
+	onLost := func() (int64, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := st.ForgetPublished(ctx); err != nil {
-			log.Error("clearing publish marks after the jobs stream was lost", "err", err)
-		}
+		return st.ForgetPublished(ctx)
 	}
 	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle}, onLost, log)
 }
 
-// Start listens on cfg.Listen and serves in the background; with
-// cfg.Worker.Enabled it also runs queue workers. The store must be migrated.
-func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*Gateway, error) {
+// Start builds a process with the given roles and starts it in the
+// background. The store must be migrated.
+func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles, log *slog.Logger) (_ *Gateway, err error) {
+	if roles.Workers && cfg.NATSURL == "" {
+		return nil, &config.FieldError{Field: "nats_url", Msg: "required for workers (or set NATS_URL)"}
+	}
 	reg := NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
-	q, err := OpenQueue(ctx, cfg, st, log)
+	q, err := openQueue(ctx, cfg, st, log)
 	if err != nil {
 		return nil, err
 	}
 	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: cfg.Usage.FlushInterval, BatchSize: cfg.Usage.BatchSize, BufferSize: cfg.Usage.BufferSize, MaxPending: cfg.Usage.MaxPending}, log)
+	g := &Gateway{Broker: b, Ledger: ledger, Queue: q, cfg: cfg, log: log, errc: make(chan error, 1)}
+	defer func() {
+		if err != nil {
+			_ = ledger.Close(context.Background())
+			if q != nil {
+				q.Close()
+			}
+		}
+	}()
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_written_total", Help: "Usage rows written to Postgres."},
 		func() float64 { return float64(ledger.Written()) }))
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_dropped_total", Help: "Usage rows dropped because the buffer was full."},
 		func() float64 { return float64(ledger.Dropped()) }))
-	opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: Guard(cfg)}
-	var w *worker.Worker
-	var runner *batch.Runner
-	if q != nil {
-		opts.Jobs, opts.Queue = st, q
-		runner = batch.New(st, q, b, cfg.Batches.PinDeployments, log)
-		opts.Batches, opts.Runner = st, runner
-		if cfg.Worker.Enabled {
-			w = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
-			opts.Wake = w.Wake
-		}
-	}
-	srv := api.New(opts)
 
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		_ = ledger.Close(context.Background())
+	guard := Guard(cfg)
+	var (
+		runner *batch.Runner
+		relay  *outbox.Relay
+	)
+	if q != nil {
+		runner = batch.New(st, q, b, cfg.Batches.PinDeployments, log)
+		relay = outbox.New(st, q, log)
+	}
+	if roles.Workers {
+		g.Worker = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
+	}
+
+	var handler http.Handler
+	listen := roles.MetricsAddr
+	if roles.API {
+		opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: guard}
 		if q != nil {
-			q.Close()
+			opts.Jobs, opts.Queue, opts.Outbox, opts.Batches, opts.Runner = st, q, relay, st, runner
+			if g.Worker != nil {
+				opts.Wake = g.Worker.Wake
+			}
 		}
-		return nil, fmt.Errorf("gateway: listen %s: %w", cfg.Listen, err)
+		handler, listen = api.New(opts).Handler(), cfg.Listen
+	} else if listen != "" {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		handler = mux
 	}
-	// Warm the tokenizers so the first call does not pay for loading them.
-	for _, d := range b.Deployments() {
-		b.Tokenizers().Count(d.Encoding, "warm")
+	if handler != nil {
+		ln, err := net.Listen("tcp", listen)
+		if err != nil {
+			return nil, fmt.Errorf("gateway: listen %s: %w", listen, err)
+		}
+		if roles.API {
+			g.Addr = ln.Addr().String()
+			// Warm the tokenizers so the first call does not pay for loading them.
+			for _, d := range b.Deployments() {
+				b.Tokenizers().Count(d.Encoding, "warm")
+			}
+		}
+		g.hs = &http.Server{Handler: handler, ReadHeaderTimeout: cfg.HTTP.ReadHeaderTimeout, IdleTimeout: cfg.HTTP.IdleTimeout}
+		go func() { g.errc <- g.hs.Serve(ln) }()
 	}
-	g := &Gateway{Addr: ln.Addr().String(), Broker: b, Ledger: ledger, Queue: q, Worker: w, cfg: cfg, log: log, errc: make(chan error, 1),
-		hs: &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}}
-	go func() { g.errc <- g.hs.Serve(ln) }()
+
+	// Background services run until Shutdown stops them, after the API and
+	// the workers have finished: a worker's calls in flight during a
+	// graceful stop are still charged to the fleet's shared capacity view.
 	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
 	g.stopBackground = cancelBG
+	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
 	if q != nil {
-		// Processes sharing deployments keep one capacity view over NATS.
 		sh := broker.NewSharer(q.Conn(), b, "", log)
-		go func() { _ = sh.Run(bg) }()
+		g.spawn(func() { _ = sh.Run(bg) })
+		g.spawn(func() { relay.Run(bg) })
 	}
-	if runner != nil && w != nil {
-		go runner.Run(bg) // batches and webhooks move on where workers run
-		go NewSender(st, cfg, log).Run(bg)
-	}
-	if w != nil {
+	if g.Worker != nil {
+		g.spawn(func() { runner.Run(bg) })
+		g.spawn(func() { webhook.NewSender(st, guard, cfg.Webhooks.Schedule, log).Run(bg) })
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 		g.stopWorker, g.workerDone = cancel, make(chan struct{})
 		go func() {
 			defer close(g.workerDone)
-			if err := w.Run(wctx); err != nil {
+			if err := g.Worker.Run(wctx); err != nil {
 				log.Error("workers stopped", "err", err)
 			}
 		}()
@@ -137,33 +188,42 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.L
 	return g, nil
 }
 
-// NewSender builds the webhook sender configured in cfg.
-func NewSender(st *store.Store, cfg *config.Config, log *slog.Logger) *webhook.Sender {
-	return webhook.NewSender(st, Guard(cfg), cfg.Webhooks.Schedule, log)
+func (g *Gateway) spawn(f func()) {
+	g.background.Add(1)
+	go func() {
+		defer g.background.Done()
+		f()
+	}()
 }
 
 // Guard is the SSRF guard configured in cfg.
 func Guard(cfg *config.Config) webhook.Guard {
-	return webhook.Guard{AllowLoopback: cfg.Webhooks.AllowLoopback, AllowPrivate: cfg.Webhooks.AllowPrivate}
+	return webhook.NewGuard(cfg.Webhooks.AllowLoopback, cfg.Webhooks.AllowPrivate)
 }
 
 // Done reports a serving error (not a shutdown).
 func (g *Gateway) Done() <-chan error { return g.errc }
 
-// Shutdown stops accepting calls, lets in-flight ones finish (bounded by ctx
-// and the configured shutdown timeout) and flushes the usage ledger.
+// Shutdown stops in order: the API stops taking calls and lets in-flight
+// ones finish; the workers stop fetching and let in-flight jobs finish (both
+// bounded by ctx and the configured shutdown timeout); then the background
+// services stop, the queue connection closes and the usage ledger is
+// flushed.
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, g.cfg.ShutdownTimeout)
 	defer cancel()
-	err := g.hs.Shutdown(ctx)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
+	var err error
+	if g.hs != nil {
+		if err = g.hs.Shutdown(ctx); errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
 	}
 	if g.stopWorker != nil {
 		g.stopWorker()
 		<-g.workerDone
 	}
 	g.stopBackground()
+	g.background.Wait()
 	if g.Queue != nil {
 		g.Queue.Close()
 	}
@@ -174,7 +234,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// Run serves until ctx ends, then shuts down.
+// Run serves until ctx ends (a signal), then shuts down.
 func (g *Gateway) Run(ctx context.Context) error {
 	select {
 	case err := <-g.errc:

@@ -70,14 +70,15 @@ type Queue struct {
 
 	mu        sync.Mutex
 	consumers map[string]jetstream.Consumer
-	onLost    func()
+	onLost    func() (int64, error)
 }
 
 // Open connects (reconnecting forever) and creates or updates the stream.
 // onLost, if set, is called whenever the stream had to be created: at start
 // or after a reconnect, JetStream no longer had it, so messages of jobs
-// accepted earlier may be gone and must be published again.
-func Open(ctx context.Context, cfg Config, onLost func(), log *slog.Logger) (*Queue, error) {
+// accepted earlier may be gone and must be published again. It returns how
+// many queued jobs it will publish again.
+func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *slog.Logger) (*Queue, error) {
 	cfg.defaults()
 	var q *Queue
 	nc, err := nats.Connect(cfg.URL, nats.Name("levee"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
@@ -134,12 +135,23 @@ func (q *Queue) ensureStream(ctx context.Context) error {
 		clear(q.consumers)
 		q.mu.Unlock()
 		if q.onLost != nil {
-			q.log.Warn("the jobs stream was missing and has been created; queued jobs will be published again")
-			q.onLost()
+			// A brand-new stream is missing too; only queued jobs make its
+			// absence a loss worth an operator's attention.
+			switch n, err := q.onLost(); {
+			case err != nil:
+				q.log.Error("the jobs stream was missing and has been created; marking queued jobs for publishing again failed", "err", err)
+			case n > 0:
+				q.log.Warn("the jobs stream was missing and has been created; queued jobs will be published again", "jobs", n)
+			default:
+				q.log.Info("created the jobs stream", "stream", q.cfg.Stream)
+			}
 		}
 	}
 	return nil
 }
+
+// Connected reports whether the NATS connection is up now.
+func (q *Queue) Connected() bool { return q.nc.IsConnected() }
 
 // Conn is the NATS connection (capacity sharing and notices use it too).
 func (q *Queue) Conn() *nats.Conn { return q.nc }

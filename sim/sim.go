@@ -21,6 +21,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	jsonv2 "github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 	"github.com/tiktoken-go/tokenizer"
 )
 
@@ -263,8 +265,16 @@ func (s *Server) byModel(w http.ResponseWriter, r *http.Request) {
 	var m struct {
 		Model string `json:"model"`
 	}
-	_ = json.Unmarshal(body, &m)
+	_ = readJSON(body, &m)
 	s.serve(w, r, m.Model, r.PathValue("op"), false, body)
+}
+
+// readJSON reads a request the way the real service does: member names
+// match exactly, and a repeated name's last value wins (Python's json, and
+// most servers). Go's encoding/json would match names case-insensitively,
+// which no upstream does.
+func readJSON(data []byte, v any) error {
+	return jsonv2.Unmarshal(data, v, jsontext.AllowDuplicateNames(true))
 }
 
 func readBody(r *http.Request) ([]byte, error) {
@@ -319,7 +329,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		}
 	}
 	var req request
-	if err := json.Unmarshal(body, &req); err != nil {
+	if err := readJSON(body, &req); err != nil {
 		azureError(w, 400, "400", "Invalid JSON body: "+err.Error())
 		return
 	}
@@ -501,14 +511,14 @@ func (d *deployment) promptTokens(op string, req *request) int {
 
 func (d *deployment) contentTokens(raw json.RawMessage) int {
 	var s string
-	if json.Unmarshal(raw, &s) == nil {
+	if readJSON(raw, &s) == nil {
 		return d.count(s)
 	}
 	var parts []struct {
 		Type string `json:"type"`
 		Text string `json:"text"`
 	}
-	if json.Unmarshal(raw, &parts) == nil {
+	if readJSON(raw, &parts) == nil {
 		n := 0
 		for _, p := range parts {
 			if p.Type == "text" {
@@ -524,20 +534,20 @@ func (d *deployment) contentTokens(raw json.RawMessage) int {
 
 func (d *deployment) textTokens(raw json.RawMessage) int {
 	var s string
-	if json.Unmarshal(raw, &s) == nil {
+	if readJSON(raw, &s) == nil {
 		return d.count(s)
 	}
 	var many []json.RawMessage
-	if json.Unmarshal(raw, &many) != nil {
+	if readJSON(raw, &many) != nil {
 		return len(raw) / 4
 	}
 	n := 0
 	for _, m := range many {
-		if json.Unmarshal(m, &s) == nil {
+		if readJSON(m, &s) == nil {
 			n += d.count(s)
 		} else if len(m) > 0 && m[0] == '[' {
 			var ids []int
-			_ = json.Unmarshal(m, &ids)
+			_ = readJSON(m, &ids)
 			n += len(ids)
 		} else {
 			n++
@@ -713,7 +723,7 @@ func (d *deployment) stream(w http.ResponseWriter, r *http.Request, op string, r
 
 func (d *deployment) embeddings(w http.ResponseWriter, req *request, prompt int) {
 	var inputs []json.RawMessage
-	if json.Unmarshal(req.Input, &inputs) != nil || (len(inputs) > 0 && inputs[0][0] != '"' && inputs[0][0] != '[') {
+	if readJSON(req.Input, &inputs) != nil || (len(inputs) > 0 && inputs[0][0] != '"' && inputs[0][0] != '[') {
 		inputs = []json.RawMessage{req.Input}
 	}
 	dims := req.Dimensions

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/google/uuid"
@@ -36,76 +37,63 @@ func scanFile(row pgx.Row) (*File, error) {
 	return f, err
 }
 
-// FileImport writes an uploaded file's lines as they are read: nothing holds
-// the whole file. It is one transaction: Commit makes the file visible,
-// Rollback (after a bad line) leaves no trace.
-type FileImport struct {
-	tx    pgx.Tx
-	file  *File
-	rows  [][]any
-	bytes int64
+// FileLine is one line of an uploaded file: as uploaded, and its body and
+// the model the body names (nil and "" for files stored before they were
+// kept apart).
+type FileLine struct {
+	Line     int
+	CustomID string
+	Raw      []byte
+	Body     []byte
+	Model    string
 }
 
-// BeginFileImport starts importing a file for a tenant.
-func (s *Store) BeginFileImport(ctx context.Context, tenant uuid.UUID, filename, purpose string) (*FileImport, error) {
-	tx, err := s.pool.Begin(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("store: import: %w", err)
-	}
+// ImportFileParams describe an upload that was received whole and validated
+// before any of it reaches Postgres: no connection waits on a client.
+type ImportFileParams struct {
+	TenantID          uuid.UUID
+	Filename, Purpose string
+	// URL is the lines' common endpoint; Bytes the file's size.
+	URL   string
+	Bytes int64
+	// Next returns the lines in order, then io.EOF.
+	Next func() (*FileLine, error)
+}
+
+// ImportFile stores an upload in one transaction: the file row and its
+// lines, copied in with COPY. Either the whole file is stored or nothing.
+func (s *Store) ImportFile(ctx context.Context, p *ImportFileParams) (*File, error) {
 	id, _ := uuid.NewV7()
-	f := &File{ID: id, TenantID: tenant, Filename: filename, Purpose: purpose, Kind: "upload"}
-	if err := tx.QueryRow(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind) VALUES ($1, $2, $3, $4, 'upload') RETURNING created_at`,
-		f.ID, f.TenantID, f.Filename, f.Purpose).Scan(&f.CreatedAt); err != nil {
-		_ = tx.Rollback(ctx)
-		return nil, fmt.Errorf("store: import file: %w", err)
-	}
-	return &FileImport{tx: tx, file: f}, nil
-}
-
-const importChunk = 1000
-
-// Add appends one line (raw is copied).
-func (fi *FileImport) Add(ctx context.Context, line int, customID string, raw []byte) error {
-	fi.rows = append(fi.rows, []any{fi.file.ID, int32(line), customID, append([]byte(nil), raw...)})
-	fi.file.Lines++
-	fi.bytes += int64(len(raw)) + 1
-	if len(fi.rows) >= importChunk {
-		return fi.flush(ctx)
-	}
-	return nil
-}
-
-func (fi *FileImport) flush(ctx context.Context) error {
-	if len(fi.rows) == 0 {
-		return nil
-	}
-	if _, err := fi.tx.CopyFrom(ctx, pgx.Identifier{"file_lines"}, []string{"file_id", "line", "custom_id", "raw"}, pgx.CopyFromRows(fi.rows)); err != nil {
-		return fmt.Errorf("store: import lines: %w", err)
-	}
-	fi.rows = fi.rows[:0]
-	return nil
-}
-
-// Commit stores the file row with its size and the lines' common URL.
-func (fi *FileImport) Commit(ctx context.Context, bytes int64, url string) (*File, error) {
-	if err := fi.flush(ctx); err != nil {
-		return nil, err
-	}
-	f := fi.file
-	f.Bytes, f.URL = bytes, url
-	_, err := fi.tx.Exec(ctx, `UPDATE files SET bytes = $2, lines = $3, url = $4 WHERE id = $1`, f.ID, f.Bytes, f.Lines, f.URL)
+	f := &File{ID: id, TenantID: p.TenantID, Filename: p.Filename, Purpose: p.Purpose, Kind: "upload", Bytes: p.Bytes, URL: p.URL}
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind, bytes, url) VALUES ($1, $2, $3, $4, 'upload', $5, $6) RETURNING created_at`,
+			f.ID, f.TenantID, f.Filename, f.Purpose, f.Bytes, f.URL).Scan(&f.CreatedAt); err != nil {
+			return err
+		}
+		var row []any
+		n, err := tx.CopyFrom(ctx, pgx.Identifier{"file_lines"}, []string{"file_id", "line", "custom_id", "raw", "body", "model"}, pgx.CopyFromFunc(func() ([]any, error) {
+			l, err := p.Next()
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					return nil, nil
+				}
+				return nil, err
+			}
+			row = append(row[:0], f.ID, int32(l.Line), l.CustomID, l.Raw, l.Body, l.Model)
+			return row, nil
+		}))
+		if err != nil {
+			return err
+		}
+		f.Lines = int(n)
+		_, err = tx.Exec(ctx, `UPDATE files SET lines = $2 WHERE id = $1`, f.ID, f.Lines)
+		return err
+	})
 	if err != nil {
-		_ = fi.tx.Rollback(ctx)
 		return nil, fmt.Errorf("store: import file: %w", err)
-	}
-	if err := fi.tx.Commit(ctx); err != nil {
-		return nil, fmt.Errorf("store: import commit: %w", err)
 	}
 	return f, nil
 }
-
-// Rollback abandons the import.
-func (fi *FileImport) Rollback(ctx context.Context) { _ = fi.tx.Rollback(ctx) }
 
 // GetFile returns a tenant's file; another tenant's is ErrNotFound.
 func (s *Store) GetFile(ctx context.Context, tenant, id uuid.UUID) (*File, error) {
@@ -141,25 +129,62 @@ func (s *Store) DeleteFile(ctx context.Context, tenant, id uuid.UUID) error {
 	return nil
 }
 
-// EachFileLine streams an uploaded file's lines in order.
-func (s *Store) EachFileLine(ctx context.Context, fileID uuid.UUID, fn func(line int, customID string, raw []byte) error) error {
-	rows, err := s.pool.Query(ctx, `SELECT line, custom_id, raw FROM file_lines WHERE file_id = $1 ORDER BY line`, fileID)
-	if err != nil {
-		return fmt.Errorf("store: file lines: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var line int
-		var cid string
-		var raw []byte
-		if err := rows.Scan(&line, &cid, &raw); err != nil {
+// Pages of rows read before they are handed on: whatever fn does with them
+// (write to a slow client), no connection is held meanwhile.
+const (
+	pageRows  = 1000
+	pageBytes = 4 << 20
+)
+
+// EachFileLine calls fn with an uploaded file's lines in order, a page at a
+// time.
+func (s *Store) EachFileLine(ctx context.Context, fileID uuid.UUID, fn func(*FileLine) error) error {
+	return eachPage(ctx, func(after int) (pgx.Rows, error) {
+		return s.pool.Query(ctx, `SELECT line, custom_id, raw, body, coalesce(model, '') FROM file_lines
+			WHERE file_id = $1 AND line > $2 ORDER BY line LIMIT $3`, fileID, after, pageRows)
+	}, func(rows pgx.Rows) (*FileLine, int, int, error) {
+		l := &FileLine{}
+		err := rows.Scan(&l.Line, &l.CustomID, &l.Raw, &l.Body, &l.Model)
+		return l, l.Line, len(l.Raw) + len(l.Body), err
+	}, fn)
+}
+
+// eachPage pages through an ordered query by its line number: query(after)
+// returns the rows after a line, scan reads one (with its line and size),
+// and fn runs on each once the page is read and its connection released.
+func eachPage[T any](ctx context.Context, query func(after int) (pgx.Rows, error), scan func(pgx.Rows) (T, int, int, error), fn func(T) error) error {
+	after := -1
+	for {
+		rows, err := query(after)
+		if err != nil {
+			return fmt.Errorf("store: page: %w", err)
+		}
+		var page []T
+		size := 0
+		for size < pageBytes && rows.Next() {
+			v, line, n, err := scan(rows)
+			if err != nil {
+				rows.Close()
+				return fmt.Errorf("store: page: %w", err)
+			}
+			page, after, size = append(page, v), line, size+n
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("store: page: %w", err)
+		}
+		for _, v := range page {
+			if err := fn(v); err != nil {
+				return err
+			}
+		}
+		if len(page) == 0 || (len(page) < pageRows && size < pageBytes) {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := fn(line, cid, raw); err != nil {
-			return err
-		}
 	}
-	return rows.Err()
 }
 
 // Batch is an OpenAI-style batch.
@@ -260,6 +285,10 @@ func (s *Store) OpenBatches(ctx context.Context) ([]*Batch, error) {
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Batch, error) { return scanBatch(r) })
 }
 
+// batchPublishClaim leaves a starting batch's jobs to its own publisher
+// for a minute before outbox relays take over the ones it did not publish.
+const batchPublishClaim = time.Minute
+
 // StartBatch turns every line of the batch's input file into a queued job
 // at batch priority, inside Postgres (no line passes through memory), and
 // moves the batch to in_progress, in one transaction: either all lines are
@@ -285,13 +314,15 @@ func (s *Store) StartBatch(ctx context.Context, b *Batch, endpoint string, model
 			return ErrJobTerminal // another process started it, or it was cancelled
 		}
 		rows, err := tx.Query(ctx, `
-			INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line)
-			SELECT gen_random_uuid(), $2, $3, m.alias, convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8'),
-				'\x'::bytea, 'batch', 'queued', '{}', $4, fl.custom_id, fl.line
+			INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line, publish_claim)
+			SELECT gen_random_uuid(), $2, $3, m.alias,
+				coalesce(fl.body, convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8')),
+				'\x'::bytea, 'batch', 'queued', '{}', $4, fl.custom_id, fl.line, now() + $7::interval
 			FROM file_lines fl
-			JOIN unnest($5::text[], $6::text[]) AS m(model, alias) ON m.model = convert_from(fl.raw, 'UTF8')::jsonb -> 'body' ->> 'model'
+			JOIN unnest($5::text[], $6::text[]) AS m(model, alias)
+				ON m.model = coalesce(fl.model, convert_from(fl.raw, 'UTF8')::jsonb -> 'body' ->> 'model')
 			WHERE fl.file_id = $1
-			RETURNING id`, b.InputFileID, b.TenantID, endpoint, b.ID, from, to)
+			RETURNING id`, b.InputFileID, b.TenantID, endpoint, b.ID, from, to, batchPublishClaim.String())
 		if err != nil {
 			return err
 		}
@@ -412,31 +443,30 @@ func (s *Store) EndBatch(ctx context.Context, b *Batch, from []string, status st
 	return moved, nil
 }
 
-// EachBatchResult streams a batch's ended jobs of one kind (output: the
-// succeeded ones; error: failed and cancelled), in line order.
+// EachBatchResult calls fn with a batch's ended jobs of one kind (output:
+// the succeeded ones; error: failed and cancelled), in line order, a page at
+// a time.
 func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFile bool, fn func(j *Job, customID string) error) error {
 	statuses := []string{JobSucceeded}
 	if errorsFile {
 		statuses = []string{JobFailed, JobCancelled}
 	}
-	rows, err := s.pool.Query(ctx, `SELECT `+jobColumns+`, coalesce(custom_id, '') FROM jobs WHERE batch_id = $1 AND status = ANY($2) ORDER BY line`, batchID, statuses)
-	if err != nil {
-		return fmt.Errorf("store: batch results: %w", err)
+	type row struct {
+		j   *Job
+		cid string
 	}
-	defer rows.Close()
-	for rows.Next() {
+	return eachPage(ctx, func(after int) (pgx.Rows, error) {
+		return s.pool.Query(ctx, `SELECT `+jobColumns+`, coalesce(custom_id, ''), line FROM jobs
+			WHERE batch_id = $1 AND status = ANY($2) AND line > $3 ORDER BY line LIMIT $4`, batchID, statuses, after, pageRows)
+	}, func(rows pgx.Rows) (row, int, int, error) {
 		j := &Job{}
 		var cid string
-		if err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
+		var line int
+		err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
 			&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-			&j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid); err != nil {
-			return err
-		}
-		if err := fn(j, cid); err != nil {
-			return err
-		}
-	}
-	return rows.Err()
+			&j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
+		return row{j, cid}, line, len(j.Body) + len(j.ResultBody), err
+	}, func(r row) error { return fn(r.j, r.cid) })
 }
 
 // JobRefs lists a batch's queued jobs (id and model) to publish.

@@ -88,6 +88,9 @@ type InsertJobParams struct {
 	WebhookURL     string
 	WebhookSecret  string
 	IdempotencyKey string
+	// PublishClaim holds the job back from outbox relays for a moment,
+	// while the process that accepted it publishes it itself.
+	PublishClaim time.Duration
 }
 
 // InsertJob stores a queued job. With an idempotency key already used by the
@@ -117,11 +120,11 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 		hook, hookSecret = p.WebhookURL, p.WebhookSecret
 	}
 	j, err := scanJob(s.pool.QueryRow(ctx, `
-		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12)
+		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret, publish_claim)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval)
 		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING `+jobColumns,
-		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret))
+		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String()))
 	if err == nil {
 		return j, true, nil
 	}
@@ -148,11 +151,14 @@ func (s *Store) MarkPublished(ctx context.Context, ids ...uuid.UUID) error {
 	return err
 }
 
-// ForgetPublished clears every open job's publish mark, so the sweeper
-// publishes them all again (after JetStream lost its stream).
-func (s *Store) ForgetPublished(ctx context.Context) error {
-	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = NULL WHERE status = 'queued'`)
-	return err
+// ForgetPublished clears every queued job's publish mark, so they are all
+// published again (after JetStream lost its stream), and says how many.
+func (s *Store) ForgetPublished(ctx context.Context) (int64, error) {
+	tag, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = NULL WHERE status = 'queued'`)
+	if err != nil {
+		return 0, fmt.Errorf("store: forget published: %w", err)
+	}
+	return tag.RowsAffected(), nil
 }
 
 // DeleteJob removes a job that was never accepted (its publish failed).
@@ -339,17 +345,34 @@ const jobEventSQL = `
 	SELECT gen_random_uuid(), e.id, e.tenant_id, we.id, we.url, NULL FROM e, j, webhook_endpoints we
 	WHERE j.webhook_url IS NULL AND we.tenant_id = e.tenant_id AND we.enabled AND (cardinality(we.events) = 0 OR e.type = ANY (we.events))`
 
-// SweepJobs finds jobs whose message may be missing: accepted but never
-// confirmed published (the process died between insert and publish), or
-// running with a lease long expired (JetStream would have redelivered a
-// message it still had). It stamps them published now, so concurrent
-// sweepers do not take the same ones. Queued jobs with a confirmed publish
-// are left alone: JetStream holds their messages.
+// ClaimUnpublished takes up to limit queued jobs whose publish is not
+// confirmed and whose claim has passed — accepted while NATS was away, or by
+// a process that died before publishing — and claims them for claim, so
+// concurrent relays take different ones. A relay that fails to publish
+// leaves them to be claimed again when the claim passes.
+func (s *Store) ClaimUnpublished(ctx context.Context, limit int, claim time.Duration) ([]*Job, error) {
+	rows, err := s.pool.Query(ctx, `UPDATE jobs SET publish_claim = now() + $2::interval WHERE id IN (
+			SELECT id FROM jobs WHERE status = 'queued' AND published_at IS NULL AND publish_claim <= now()
+			ORDER BY publish_claim LIMIT $1 FOR UPDATE SKIP LOCKED)
+		RETURNING id, tenant_id, priority, model`, limit, claim.String())
+	if err != nil {
+		return nil, fmt.Errorf("store: claim unpublished jobs: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Job, error) {
+		j := &Job{}
+		return j, r.Scan(&j.ID, &j.TenantID, &j.Priority, &j.Model)
+	})
+}
+
+// SweepJobs finds running jobs whose message may be missing: held by a
+// worker whose lease ran out long ago (JetStream would have redelivered a
+// message it still had). It stamps them, so concurrent sweepers do not take
+// the same ones, and an unconfirmed republish is tried again after
+// olderThan. Queued jobs are the outbox relay's (ClaimUnpublished).
 func (s *Store) SweepJobs(ctx context.Context, olderThan time.Duration, limit int) ([]*Job, error) {
 	rows, err := s.pool.Query(ctx, `UPDATE jobs SET published_at = now() WHERE id IN (
 			SELECT id FROM jobs
-			WHERE (status = 'queued' AND published_at IS NULL AND created_at < now() - $1::interval)
-			   OR (status = 'running' AND lease_until < now() - $1::interval AND coalesce(published_at, created_at) < now() - $1::interval)
+			WHERE status = 'running' AND lease_until < now() - $1::interval AND coalesce(published_at, created_at) < now() - $1::interval
 			ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
 		RETURNING `+jobColumns, olderThan.String(), limit)
 	if err != nil {

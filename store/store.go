@@ -41,14 +41,15 @@ type Store struct {
 	markDone chan struct{}
 }
 
-// Open connects to url; it does not migrate.
-func Open(ctx context.Context, url string) (*Store, error) {
+// Open connects to url with a pool of at most maxConns connections (0: the
+// URL's pool_max_conns, else pgx's default); it does not migrate.
+func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: parse database url: %w", err)
 	}
-	if cfg.MaxConns < 8 {
-		cfg.MaxConns = 8
+	if maxConns > 0 {
+		cfg.MaxConns = int32(maxConns)
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
@@ -126,23 +127,7 @@ func (s *Store) Migrate(ctx context.Context) error {
 	if _, err := p.Up(ctx); err != nil {
 		return fmt.Errorf("store: migrate: %w", err)
 	}
-	return s.ensurePartitions(ctx, time.Now())
-}
-
-// ensurePartitions creates this month's and next month's ledger partitions.
-func (s *Store) ensurePartitions(ctx context.Context, now time.Time) error {
-	m := time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC)
-	for i := 0; i < 2; i++ {
-		from, to := m.AddDate(0, i, 0), m.AddDate(0, i+1, 0)
-		name := fmt.Sprintf("usage_events_%04d%02d", from.Year(), from.Month())
-		_, err := s.pool.Exec(ctx, fmt.Sprintf(
-			`CREATE TABLE IF NOT EXISTS %s PARTITION OF usage_events FOR VALUES FROM ('%s') TO ('%s')`,
-			name, from.Format(time.DateOnly), to.Format(time.DateOnly)))
-		if err != nil && !isDuplicate(err) {
-			return fmt.Errorf("store: partition %s: %w", name, err)
-		}
-	}
-	return nil
+	return s.MaintainPartitions(ctx, time.Now())
 }
 
 func isDuplicate(err error) bool {

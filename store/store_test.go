@@ -25,7 +25,7 @@ func migrated(t *testing.T) (*dev.Postgres, *store.Store, string) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	pg := startCluster(t, dir+"/pg", 0)
 	t.Cleanup(func() { pg.Stop() })
-	st, err := store.Open(context.Background(), pg.URL)
+	st, err := store.Open(context.Background(), pg.URL, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

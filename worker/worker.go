@@ -352,7 +352,9 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		fail("model_not_found", fmt.Sprintf("model %q is not served by this gateway", job.Model), 0, nil)
 		return
 	}
-	req, err := broker.ParseRequest(op, job.Body)
+	// Checked again as it is sent: the policy may have changed since the
+	// job was accepted, and what goes upstream is what was checked.
+	g, req, err := w.b.Admit(op, job.Body, g)
 	if err != nil {
 		fail("invalid_request", err.Error(), 0, nil)
 		return

@@ -19,7 +19,7 @@ func openStore(ctx context.Context, fs *flag.FlagSet, args []string, getenv func
 	if *url == "" {
 		return nil, nil, errors.New("no database: pass --database-url or set DATABASE_URL (levee dev prints it)")
 	}
-	st, err := store.Open(ctx, *url)
+	st, err := store.Open(ctx, *url, 2)
 	if err != nil {
 		return nil, nil, err
 	}

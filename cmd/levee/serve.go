@@ -21,7 +21,7 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 		return err
 	}
 	defer st.Close()
-	g, err := gateway.Start(ctx, cfg, st, log)
+	g, err := gateway.Start(ctx, cfg, st, gateway.Roles{API: true, Workers: cfg.Worker.Enabled}, log)
 	if err != nil {
 		return err
 	}
@@ -38,7 +38,7 @@ func loadAndOpen(ctx context.Context, path string, getenv func(string) string) (
 	if cfg.DatabaseURL == "" {
 		return nil, nil, &config.FieldError{Field: "database_url", Msg: "required (or set DATABASE_URL)"}
 	}
-	st, err := store.Open(ctx, cfg.DatabaseURL)
+	st, err := store.Open(ctx, cfg.DatabaseURL, cfg.DatabaseMaxConns)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -127,7 +127,7 @@ models:
 		defer stop(bProc)
 	}
 
-	st, err := store.Open(ctx, pg.URL)
+	st, err := store.Open(ctx, pg.URL, 0)
 	if err != nil {
 		return err
 	}
