@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint bench bench-go bench-jobs bench-levelling bench-batch sdk-node
+.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-batch sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,11 @@ lint: ## gofmt, go vet, and no tracked file over 1 MB (build outputs are never c
 
 test: lint ## lint, then every test with the race detector (starts its own Postgres and NATS)
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+chaos: ## 10,000 jobs through 2 gateways and 2 workers while NATS and Postgres restart and processes are killed (LEVEE_CHAOS_JOBS to change)
+	@out=$$(mktemp); status=0; \
+	LEVEE_CHAOS_JOBS=$${LEVEE_CHAOS_JOBS:-10000} $(GO) test -count=1 -timeout 30m -run '^TestChaos$$' -v ./test/ > $$out 2>&1 || status=$$?; \
+	grep -v 'level=' $$out | grep -E 'chaos_test|^(---|ok|FAIL|PASS)'; rm -f $$out; exit $$status
 
 sdk-node: ## install the pinned openai-node SDK so `make test` also runs it against Levee
 	cd test/sdk-node && npm ci --no-audit --no-fund

@@ -60,6 +60,9 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"missing env", "PTU_KEY", "NOT_SET", "deployments[0].credential_env"},
 		{"unknown field", "tpm: 120000", "tpms: 120000", "tpms"},
 		{"negative priority", "priority: 1", "priority: -1", "deployments[1].priority"},
+		{"trusted proxy not a CIDR", "listen:", "http: {trusted_proxies: [10.0.0.1]}\nlisten:", "http.trusted_proxies[0]"},
+		{"body rate", "listen:", "http: {body_min_rate: -1}\nlisten:", "http.body_min_rate"},
+		{"pool", "listen:", "database_max_conns: 1\nlisten:", "database_max_conns"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(strings.Replace(good, tc.from, tc.to, 1)), keys)
@@ -93,5 +96,8 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if len(c.Deployments) != 4 || len(c.Models) != 2 || c.DatabaseURL != "postgres://x" {
 		t.Fatalf("%+v", c)
+	}
+	if c.HTTP.BodyMinRate != 16384 || c.HTTP.MaxUploadsPerTenant != 4 || c.Auth.FailureBurst != 50 || c.DatabaseMaxConns != 16 {
+		t.Fatalf("%+v %+v %d", c.HTTP, c.Auth, c.DatabaseMaxConns)
 	}
 }

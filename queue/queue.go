@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -112,12 +113,7 @@ func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *sl
 }
 
 func (q *Queue) ensureStream(ctx context.Context) error {
-	_, err := q.js.Stream(ctx, q.cfg.Stream)
-	missing := errors.Is(err, jetstream.ErrStreamNotFound)
-	if err != nil && !missing {
-		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
-	}
-	_, err = q.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	want := jetstream.StreamConfig{
 		Name:        q.cfg.Stream,
 		Description: "Levee jobs: one message per queued job, carrying its id",
 		Subjects:    []string{q.prefix + ".>"},
@@ -125,7 +121,23 @@ func (q *Queue) ensureStream(ctx context.Context) error {
 		Storage:     jetstream.FileStorage,
 		Replicas:    q.cfg.Replicas,
 		Duplicates:  q.cfg.Duplicates,
-	})
+	}
+	s, err := q.js.Stream(ctx, q.cfg.Stream)
+	missing := errors.Is(err, jetstream.ErrStreamNotFound)
+	if err != nil && !missing {
+		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
+	}
+	// Every process checks the stream at start and after each reconnect;
+	// one that is as wanted is left alone (an update per process after a
+	// NATS restart would only churn the server's metadata).
+	if !missing {
+		have := s.CachedInfo().Config
+		if have.Description == want.Description && slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
+			have.Storage == want.Storage && have.Replicas == want.Replicas && have.Duplicates == want.Duplicates {
+			return nil
+		}
+	}
+	_, err = q.js.CreateOrUpdateStream(ctx, want)
 	if err != nil {
 		return fmt.Errorf("queue: stream %s: %w", q.cfg.Stream, err)
 	}

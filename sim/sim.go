@@ -221,10 +221,29 @@ func (s *Server) Reset() {
 func (s *Server) stats(w http.ResponseWriter, _ *http.Request) { writeJSON(w, 200, s.Stats()) }
 
 func (s *Server) setFaults(w http.ResponseWriter, r *http.Request) {
-	var f Faults
-	if err := json.NewDecoder(r.Body).Decode(&f); err != nil {
+	// delay is a Go duration ("2s") or nanoseconds.
+	var in struct {
+		Faults
+		Delay json.RawMessage `json:"delay"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
 		azureError(w, 400, "400", "invalid faults: "+err.Error())
 		return
+	}
+	f := in.Faults
+	if len(in.Delay) > 0 {
+		var s string
+		if json.Unmarshal(in.Delay, &s) == nil {
+			d, err := time.ParseDuration(s)
+			if err != nil {
+				azureError(w, 400, "400", "invalid faults: "+err.Error())
+				return
+			}
+			f.Delay = d
+		} else if err := json.Unmarshal(in.Delay, &f.Delay); err != nil {
+			azureError(w, 400, "400", "invalid faults: delay must be a duration such as \"2s\"")
+			return
+		}
 	}
 	if !s.SetFaults(r.PathValue("dep"), f) {
 		azureError(w, 404, "DeploymentNotFound", "no such deployment")

@@ -88,7 +88,8 @@ func NewDatabase(t testing.TB) string {
 // Env is a running stack for one test.
 type Env struct {
 	*dev.Stack
-	t testing.TB
+	t        testing.TB
+	natsPort int
 }
 
 // Start runs a stack with the given dev file (nil: levee dev's defaults,
@@ -98,8 +99,8 @@ func Start(t testing.TB, f *dev.File) *Env {
 	return StartWith(t, f, dev.StackOptions{})
 }
 
-// StartWith is Start with more options (Listen, DataDir, DatabaseURL, File,
-// Ephemeral and Log are the harness's).
+// StartWith is Start with more options (Listen, DataDir, File, Ephemeral and
+// Log are the harness's; DatabaseURL too unless set).
 func StartWith(t testing.TB, f *dev.File, o dev.StackOptions) *Env {
 	t.Helper()
 	if f == nil {
@@ -107,7 +108,10 @@ func StartWith(t testing.TB, f *dev.File, o dev.StackOptions) *Env {
 	}
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	o.Listen, o.DataDir, o.DatabaseURL, o.File, o.Ephemeral, o.Log = "127.0.0.1:0", dir, NewDatabase(t), f, true, log
+	if o.DatabaseURL == "" {
+		o.DatabaseURL = NewDatabase(t)
+	}
+	o.Listen, o.DataDir, o.File, o.Ephemeral, o.Log = "127.0.0.1:0", dir, f, true, log
 	if o.NATSURL == "" {
 		o.NATSURL = os.Getenv("NATS_URL")
 	}
@@ -135,21 +139,79 @@ func (e *Env) RestartNATSEmpty() { e.restartNATS(true) }
 
 func (e *Env) restartNATS(wipe bool) {
 	e.t.Helper()
-	if e.NATS == nil {
-		e.t.Skip("NATS_URL is set: cannot restart an external server")
-	}
-	port := e.NATS.Server.Addr().(*net.TCPAddr).Port
-	e.NATS.Stop()
+	e.StopNATS()
 	if wipe {
 		if err := os.RemoveAll(e.NATSDir); err != nil {
 			e.t.Fatal(err)
 		}
 	}
-	n, err := dev.StartNATS(e.NATSDir, port)
+	e.StartNATS()
+}
+
+// StopNATS stops the embedded NATS server (StartNATS brings it back on the
+// same port and storage).
+func (e *Env) StopNATS() {
+	e.t.Helper()
+	if e.NATS == nil {
+		e.t.Skip("NATS_URL is set: cannot restart an external server")
+	}
+	e.natsPort = e.NATS.Server.Addr().(*net.TCPAddr).Port
+	e.NATS.Stop()
+}
+
+// StartNATS starts the server StopNATS stopped.
+func (e *Env) StartNATS() {
+	e.t.Helper()
+	n, err := dev.StartNATS(e.NATSDir, e.natsPort)
 	if err != nil {
 		e.t.Fatalf("harness: restart NATS: %v", err)
 	}
 	e.NATS = n
+}
+
+// Postgres is a private cluster of one test's own, which it may restart.
+type Postgres struct {
+	*dev.Postgres
+	t   testing.TB
+	dir string
+}
+
+// PrivatePostgres starts a cluster for one test (stopped at cleanup).
+func PrivatePostgres(t testing.TB) *Postgres {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "levee-test-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = os.Chmod(dir, 0o755)
+	pg, err := dev.StartPostgres(context.Background(), dir+"/pg", dev.PostgresOptions{Ephemeral: true})
+	if err != nil {
+		t.Fatalf("harness: %v", err)
+	}
+	p := &Postgres{Postgres: pg, t: t, dir: dir}
+	t.Cleanup(func() {
+		_ = p.Postgres.Stop()
+		os.RemoveAll(dir)
+	})
+	return p
+}
+
+// Stop stops the server (fast shutdown: sessions are cut, nothing lost).
+func (p *Postgres) Stop() {
+	p.t.Helper()
+	if err := p.Postgres.Stop(); err != nil {
+		p.t.Fatalf("harness: %v", err)
+	}
+}
+
+// Start starts it again on the same port and data.
+func (p *Postgres) Start() {
+	p.t.Helper()
+	pg, err := dev.StartPostgres(context.Background(), p.Dir, dev.PostgresOptions{Ephemeral: true, Port: p.Port})
+	if err != nil {
+		p.t.Fatalf("harness: restart Postgres: %v", err)
+	}
+	p.Postgres = pg
 }
 
 var (
