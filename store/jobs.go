@@ -161,12 +161,6 @@ func (s *Store) ForgetPublished(ctx context.Context) (int64, error) {
 	return tag.RowsAffected(), nil
 }
 
-// DeleteJob removes a job that was never accepted (its publish failed).
-func (s *Store) DeleteJob(ctx context.Context, id uuid.UUID) error {
-	_, err := s.pool.Exec(ctx, `DELETE FROM jobs WHERE id = $1 AND status = 'queued'`, id)
-	return err
-}
-
 // GetJob returns a tenant's job; another tenant's id is ErrNotFound.
 func (s *Store) GetJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
 	return scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE id = $1 AND tenant_id = $2`, id, tenant))

@@ -318,15 +318,8 @@ func TestBatchCLI(t *testing.T) {
 
 func createBatch(t *testing.T, env *harness.Env, content []byte, endpoint string) string {
 	t.Helper()
-	resp, raw := upload(t, env, env.APIKey, bytes.NewReader(content), "batch")
-	if resp.StatusCode != 200 {
-		t.Fatalf("upload: %d %s", resp.StatusCode, raw)
-	}
-	var f struct {
-		ID string `json:"id"`
-	}
-	_ = json.Unmarshal(raw, &f)
-	resp, raw = call(t, env.BaseURL, "/v1/batches", env.APIKey, map[string]any{"input_file_id": f.ID, "endpoint": endpoint, "completion_window": "24h"})
+	file := uploadFile(t, env, env.APIKey, content)
+	resp, raw := call(t, env.BaseURL, "/v1/batches", env.APIKey, map[string]any{"input_file_id": file, "endpoint": endpoint, "completion_window": "24h"})
 	if resp.StatusCode != 200 {
 		t.Fatalf("create: %d %s", resp.StatusCode, raw)
 	}

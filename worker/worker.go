@@ -288,7 +288,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	job, err := w.st.StartJob(ctx, id, w.cfg.AckWait)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		_ = msg.Term() // never accepted: its publish was rolled back
+		_ = msg.Term() // no such job (its tenant's data was deleted)
 		return
 	case errors.Is(err, store.ErrJobTerminal):
 		_ = msg.Ack() // done already (a redelivery, or cancelled): nothing to run

@@ -38,6 +38,8 @@ func main() {
 	gwEnv := flag.String("gateway-env", "", "extra environment for the gateway process, e.g. GOMAXPROCS=1")
 	flag.StringVar(&loadgenFlag, "loadgen", "nethttp", "the load generator's HTTP client: nethttp or fasthttp")
 	flag.StringVar(&bEnvFlag, "b-env", "", "also run a second gateway with this environment and interleave it (A/B in one run)")
+	flag.StringVar(&bBinFlag, "b-bin", "", "also run a second gateway from this levee binary (e.g. built from an earlier commit) and interleave it")
+	flag.StringVar(&hopFlag, "hop", "", "also measure a do-nothing hop (tcp, fast, stdfast or std; see test/bench/hop) in the same rounds")
 	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
 	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
 	flag.Parse()
@@ -47,7 +49,7 @@ func main() {
 	}
 }
 
-var simAddrFlag, viaFlag, bEnvFlag, loadgenFlag string
+var simAddrFlag, viaFlag, bEnvFlag, bBinFlag, hopFlag, loadgenFlag string
 
 func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
@@ -97,7 +99,7 @@ models:
 	defer stop(simProc)
 	// serve starts a gateway on addr with extra environment and waits until
 	// it is ready; gateways start one after another, since each migrates.
-	serve := func(addr, name, extraEnv string) (*exec.Cmd, error) {
+	serve := func(bin, addr, name, extraEnv string) (*exec.Cmd, error) {
 		path := filepath.Join(dir, name)
 		if err := os.WriteFile(path, []byte(strings.Replace(gwCfg, "listen: "+gwAddr, "listen: "+addr, 1)), 0o600); err != nil {
 			return nil, err
@@ -112,19 +114,41 @@ models:
 		}
 		return p, nil
 	}
-	gwProc, err := serve(gwAddr, "levee.yaml", gwEnv)
+	gwProc, err := serve(bin, gwAddr, "levee.yaml", gwEnv)
 	if err != nil {
 		return err
 	}
 	defer stop(gwProc)
-	var bAddr string
-	if bEnvFlag != "" {
-		bAddr = freeAddr()
-		bProc, err := serve(bAddr, "levee-b.yaml", bEnvFlag)
+	// B is a second gateway: the same binary with other environment, or
+	// another binary.
+	var bAddr, bName string
+	if bEnvFlag != "" || bBinFlag != "" {
+		bAddr, bName = freeAddr(), strings.TrimSpace(bEnvFlag+" "+bBinFlag)
+		bb := bin
+		if bBinFlag != "" {
+			bb = bBinFlag
+		}
+		bProc, err := serve(bb, bAddr, "levee-b.yaml", bEnvFlag)
 		if err != nil {
 			return err
 		}
 		defer stop(bProc)
+	}
+	var hopAddr string
+	if hopFlag != "" {
+		hopBin := filepath.Join(dir, "hop")
+		if out, err := exec.Command("go", "build", "-o", hopBin, "./test/bench/hop").CombinedOutput(); err != nil {
+			return fmt.Errorf("build hop: %v: %s", err, out)
+		}
+		hopAddr = freeAddr()
+		hopProc, err := start(hopBin, nil, hopFlag, hopAddr, simAddr)
+		if err != nil {
+			return err
+		}
+		defer stop(hopProc)
+		if err := waitTCP(hopAddr); err != nil {
+			return err
+		}
 	}
 
 	st, err := store.Open(ctx, pg.URL, 0)
@@ -159,23 +183,31 @@ models:
 
 	fmt.Printf("levee bench: %d rounds of %v at %d req/s per path, interleaved; %d cores; gateway env %q; load generator %s\n", rounds, dur, rate, numCPU(), gwEnv, loadgenFlag)
 	// Warm both paths: connections, tokenizers, the key cache.
+	bt := levee
+	bt.url = strings.Replace(bt.url, gwAddr, bAddr, 1)
+	ht := direct
+	ht.url = strings.Replace(ht.url, simAddr, hopAddr, 1)
 	load(client, direct, rate, time.Second)
 	load(client, levee, rate, time.Second)
 	if bAddr != "" {
-		bt := levee
-		bt.url = strings.Replace(bt.url, gwAddr, bAddr, 1)
 		load(client, bt, rate, time.Second)
 	}
-	var dP50, dP99, lP50, lP99, add50, add99, sAdd50, sAdd99, bAdd50, bAdd99 []time.Duration
+	if hopAddr != "" {
+		load(client, ht, rate, time.Second)
+	}
+	var dP50, dP99, lP50, lP99, add50, add99, sAdd50, sAdd99, bAdd50, bAdd99, hAdd50, hAdd99 []time.Duration
 	for r := 0; r < rounds; r++ {
 		d := load(client, direct, rate, dur)
 		l := load(client, levee, rate, dur)
 		if bAddr != "" {
-			bt := levee
-			bt.url = strings.Replace(bt.url, gwAddr, bAddr, 1)
 			b := load(client, bt, rate, dur)
 			fmt.Printf("  round %d  B p50 %-9v p99 %-9v errors %d\n", r+1, b.p(50), b.p(99), b.errors)
 			bAdd50, bAdd99 = append(bAdd50, b.p(50)-d.p(50)), append(bAdd99, b.p(99)-d.p(99))
+		}
+		if hopAddr != "" {
+			h := load(client, ht, rate, dur)
+			fmt.Printf("  round %d  hop p50 %-9v p99 %-9v errors %d\n", r+1, h.p(50), h.p(99), h.errors)
+			hAdd50, hAdd99 = append(hAdd50, h.p(50)-d.p(50)), append(hAdd99, h.p(99)-d.p(99))
 		}
 		fmt.Printf("  round %d  direct p50 %-9v p99 %-9v errors %d | levee p50 %-9v p99 %-9v errors %d\n",
 			r+1, d.p(50), d.p(99), d.errors, l.p(50), l.p(99), l.errors)
@@ -190,7 +222,11 @@ models:
 	fmt.Printf("  added:        p50 %v  p99 %v\n", median(add50), median(add99))
 	fmt.Printf("  added, timed from the actual send instead of the schedule: p50 %v  p99 %v\n", median(sAdd50), median(sAdd99))
 	if bAddr != "" {
-		fmt.Printf("  added by B (%s): p50 %v  p99 %v\n", bEnvFlag, median(bAdd50), median(bAdd99))
+		fmt.Printf("  added by B (%s): p50 %v  p99 %v\n", bName, median(bAdd50), median(bAdd99))
+	}
+	if hopAddr != "" {
+		fmt.Printf("  added by a do-nothing hop (%s): p50 %v  p99 %v\n", hopFlag, median(hAdd50), median(hAdd99))
+		fmt.Printf("  levee beyond the hop: p50 %v  p99 %v\n", median(add50)-median(hAdd50), median(add99)-median(hAdd99))
 	}
 
 	fmt.Printf("\nsustained rate (%v per step; sustained = ≥99%% of the rate completed, no errors, p99 < 100ms)\n", dur)
@@ -358,6 +394,18 @@ func stop(cmd *exec.Cmd) {
 	case <-time.After(10 * time.Second):
 		_ = cmd.Process.Kill()
 	}
+}
+
+func waitTCP(addr string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s did not listen", addr)
 }
 
 func waitHTTP(url string) error {
