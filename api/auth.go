@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
-	"golang.org/x/time/rate"
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/store"
@@ -35,6 +34,9 @@ type keyCache struct {
 	good map[[32]byte]cachedKey
 	bad  map[[32]byte]time.Time
 	keys KeyStore
+	// lookups bounds the database lookups in flight, so a flood of new
+	// keys from many addresses takes part of the pool, never all of it.
+	lookups chan struct{}
 }
 
 type cachedKey struct {
@@ -49,8 +51,9 @@ const (
 	keyCacheLimit = 100_000
 )
 
-func newKeyCache(ks KeyStore) *keyCache {
-	return &keyCache{good: map[[32]byte]cachedKey{}, bad: map[[32]byte]time.Time{}, keys: ks}
+func newKeyCache(ks KeyStore, maxLookups int) *keyCache {
+	return &keyCache{good: map[[32]byte]cachedKey{}, bad: map[[32]byte]time.Time{}, keys: ks,
+		lookups: make(chan struct{}, max(maxLookups, 1))}
 }
 
 // errUnknownKey is a presented key that is not (or no longer) valid.
@@ -60,26 +63,40 @@ var errUnknownKey = errors.New("unknown API key")
 // be good, so it is not looked up.
 var errThrottled = errors.New("too many failed authentications")
 
-// lookup authenticates secret. allowLookup is asked before a database
-// lookup of a key not known to be valid.
-func (kc *keyCache) lookup(ctx context.Context, secret string, allowLookup func() bool) (*store.Key, error) {
+// lookup authenticates secret. A key that is not known to be valid costs a
+// failure from the caller's budget first (take), given back if it turns out
+// valid: so concurrent guesses cannot all slip past one check of the budget.
+func (kc *keyCache) lookup(ctx context.Context, secret string, take func() (refund func(), ok bool)) (*store.Key, error) {
 	h := sha256.Sum256([]byte(secret))
 	now := time.Now()
 	kc.mu.RLock()
 	e, known := kc.good[h]
 	badUntil, bad := kc.bad[h]
 	kc.mu.RUnlock()
-	switch {
-	case known && now.Before(e.expires):
+	if known && now.Before(e.expires) {
 		return e.key, nil
-	case bad && now.Before(badUntil):
+	}
+	// A key that was valid a moment ago is always checked again, without
+	// charging the address: one that failed too often cannot lock its
+	// tenant out.
+	refund := func() {}
+	if !known {
+		var ok bool
+		if refund, ok = take(); !ok {
+			return nil, errThrottled
+		}
+	}
+	if bad && now.Before(badUntil) {
 		return nil, errUnknownKey
-	case !known && !allowLookup():
-		// A key that was valid a moment ago is always checked again, so
-		// an address that failed too often cannot lock its tenant out.
-		return nil, errThrottled
+	}
+	select {
+	case kc.lookups <- struct{}{}:
+	case <-ctx.Done():
+		refund()
+		return nil, ctx.Err()
 	}
 	k, err := kc.keys.KeyBySecret(ctx, secret)
+	<-kc.lookups
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		kc.mu.Lock()
@@ -91,8 +108,10 @@ func (kc *keyCache) lookup(ctx context.Context, secret string, allowLookup func(
 		kc.mu.Unlock()
 		return nil, errUnknownKey
 	case err != nil:
+		refund()
 		return nil, err
 	}
+	refund()
 	kc.mu.Lock()
 	if len(kc.good) >= keyCacheLimit {
 		clear(kc.good)
@@ -104,23 +123,29 @@ func (kc *keyCache) lookup(ctx context.Context, secret string, allowLookup func(
 
 // failureLimiter is a token bucket of failed authentications per client
 // address: an IPv4 address, or an IPv6 client's /64 (one host is given a
-// whole /64). The table is bounded; when it fills, idle addresses go first.
+// whole /64). A failure is taken before the check that may fail and given
+// back when the key was valid; golang.org/x/time/rate cannot give back a
+// token once its reservation is due, hence a bucket of its own. The table is
+// bounded: when it is full even of recent addresses (a flood from a whole
+// IPv6 range), new ones share one bucket rather than wiping everyone's.
 type failureLimiter struct {
-	mu    sync.Mutex
-	rate  rate.Limit
-	burst int
-	addrs map[netip.Prefix]*addrLimit
+	mu       sync.Mutex
+	rate     float64 // tokens per second
+	burst    float64
+	addrs    map[netip.Prefix]*bucket
+	overflow *bucket
 }
 
-type addrLimit struct {
-	lim  *rate.Limiter
-	seen time.Time
+type bucket struct {
+	tokens float64
+	at     time.Time
 }
 
 const failureTableLimit = 65_536
 
 func newFailureLimiter(c config.Auth) *failureLimiter {
-	return &failureLimiter{rate: rate.Limit(c.FailureRate), burst: c.FailureBurst, addrs: map[netip.Prefix]*addrLimit{}}
+	return &failureLimiter{rate: c.FailureRate, burst: float64(c.FailureBurst), addrs: map[netip.Prefix]*bucket{},
+		overflow: &bucket{tokens: float64(c.FailureBurst)}}
 }
 
 func clientPrefix(ip string) netip.Prefix {
@@ -136,37 +161,44 @@ func clientPrefix(ip string) netip.Prefix {
 	return p
 }
 
-// allowed reports whether the address has failures left in its budget.
-func (f *failureLimiter) allowed(ip string) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	a := f.addrs[clientPrefix(ip)]
-	return a == nil || a.lim.Tokens() >= 1
-}
-
-// failed charges one failure to the address.
-func (f *failureLimiter) failed(ip string) {
-	p := clientPrefix(ip)
+// take charges one failure to the address now, ahead of a check that may
+// fail; refund gives it back. ok is false when the budget is spent.
+func (f *failureLimiter) take(ip string) (refund func(), ok bool) {
 	now := time.Now()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	a := f.addrs[p]
-	if a == nil {
-		if len(f.addrs) >= failureTableLimit {
-			for k, v := range f.addrs {
-				if now.Sub(v.seen) > time.Minute {
-					delete(f.addrs, k)
-				}
-			}
-			if len(f.addrs) >= failureTableLimit {
-				clear(f.addrs)
+	b := f.bucket(clientPrefix(ip), now)
+	b.tokens = min(f.burst, b.tokens+now.Sub(b.at).Seconds()*f.rate)
+	b.at = now
+	if b.tokens < 1 {
+		return nil, false
+	}
+	b.tokens--
+	return func() {
+		f.mu.Lock()
+		b.tokens = min(f.burst, b.tokens+1)
+		f.mu.Unlock()
+	}, true
+}
+
+func (f *failureLimiter) bucket(p netip.Prefix, now time.Time) *bucket {
+	if b := f.addrs[p]; b != nil {
+		return b
+	}
+	if len(f.addrs) >= failureTableLimit {
+		for k, b := range f.addrs {
+			// An idle bucket has refilled: forgetting it loses nothing.
+			if b.tokens+now.Sub(b.at).Seconds()*f.rate >= f.burst {
+				delete(f.addrs, k)
 			}
 		}
-		a = &addrLimit{lim: rate.NewLimiter(f.rate, f.burst)}
-		f.addrs[p] = a
+		if len(f.addrs) >= failureTableLimit {
+			return f.overflow
+		}
 	}
-	a.seen = now
-	a.lim.AllowN(now, 1)
+	b := &bucket{tokens: f.burst, at: now}
+	f.addrs[p] = b
+	return b
 }
 
 // presentedKey takes the key from api-key (Azure) or Authorization: Bearer
@@ -192,10 +224,11 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 				Message: "You didn't provide an API key. Provide it in the api-key header or as Authorization: Bearer."}
 		}
 		ip := c.RealIP()
-		k, err := s.keys.lookup(c.Request().Context(), secret, func() bool { return s.failures.allowed(ip) })
+		ctx, cancel := s.dbContext(c.Request().Context())
+		k, err := s.keys.lookup(ctx, secret, func() (func(), bool) { return s.failures.take(ip) })
+		cancel()
 		switch {
 		case errors.Is(err, errUnknownKey):
-			s.failures.failed(ip)
 			s.metrics.authFailures.WithLabelValues("unknown_key").Inc()
 			return &Error{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key",
 				Message: "Incorrect API key provided."}

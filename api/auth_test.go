@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"errors"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -29,8 +30,8 @@ func (k *countingKeys) KeyBySecret(_ context.Context, secret string) (*store.Key
 
 func TestUnknownKeysAreCachedToo(t *testing.T) {
 	ks := &countingKeys{good: "lv-good"}
-	kc := newKeyCache(ks)
-	always := func() bool { return true }
+	kc := newKeyCache(ks, 4)
+	always := func() (func(), bool) { return func() {}, true }
 	for i := 0; i < 100; i++ {
 		if _, err := kc.lookup(context.Background(), "lv-nope", always); !errors.Is(err, errUnknownKey) {
 			t.Fatalf("unknown key: %v", err)
@@ -51,13 +52,10 @@ func TestUnknownKeysAreCachedToo(t *testing.T) {
 
 func TestFailedAuthenticationsAreLimitedPerAddress(t *testing.T) {
 	ks := &countingKeys{good: "lv-good"}
-	kc := newKeyCache(ks)
+	kc := newKeyCache(ks, 4)
 	f := newFailureLimiter(config.Auth{FailureRate: 0.001, FailureBurst: 5})
 	try := func(ip, secret string) error {
-		_, err := kc.lookup(context.Background(), secret, func() bool { return f.allowed(ip) })
-		if errors.Is(err, errUnknownKey) {
-			f.failed(ip)
-		}
+		_, err := kc.lookup(context.Background(), secret, func() (func(), bool) { return f.take(ip) })
 		return err
 	}
 	// The good key is used (and so known) before the flood.
@@ -99,5 +97,32 @@ func TestFailedAuthenticationsAreLimitedPerAddress(t *testing.T) {
 	}
 	if err := try("2001:db8:1:3::1", "lv-guess-z"); !errors.Is(err, errUnknownKey) {
 		t.Fatalf("another /64: %v", err)
+	}
+}
+
+// Concurrent guesses cannot all pass one check of the budget: each takes its
+// failure before its lookup, and only a valid key gives it back.
+func TestConcurrentGuessesStayWithinTheBudget(t *testing.T) {
+	ks := &countingKeys{good: "lv-good"}
+	kc := newKeyCache(ks, 8)
+	f := newFailureLimiter(config.Auth{FailureRate: 0.001, FailureBurst: 10})
+	var wg sync.WaitGroup
+	for i := 0; i < 200; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = kc.lookup(context.Background(), "lv-guess-"+uuid.NewString(), func() (func(), bool) { return f.take("198.51.100.9") })
+		}()
+	}
+	wg.Wait()
+	if n := ks.lookups.Load(); n > 10 {
+		t.Fatalf("200 concurrent guesses cost %d lookups with a budget of 10", n)
+	}
+	// Valid keys refund what they took: a tenant's keys never use it up.
+	for i := 0; i < 50; i++ {
+		kc.good = map[[32]byte]cachedKey{} // forget it, so each use is a lookup
+		if _, err := kc.lookup(context.Background(), "lv-good", func() (func(), bool) { return f.take("198.51.100.10") }); err != nil {
+			t.Fatalf("valid key, use %d: %v", i, err)
+		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 )
 
 // Limits of a batch input file (OpenAI's).
@@ -75,7 +76,7 @@ func byID[T any](c echo.Context, prefix string, notFound func(string) *Error,
 
 func fileNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "file_id", Code: "file_not_found",
-		Message: fmt.Sprintf("No file found with id '%s'.", clip(id))}
+		Message: fmt.Sprintf("No file found with id '%s'.", strictjson.Clip(id))}
 }
 
 func (s *Server) getFile(c echo.Context) error {
@@ -116,7 +117,11 @@ func (s *Server) deleteFile(c echo.Context) error {
 // fileContent streams a file: an upload's lines as they were sent, or a
 // batch's output or error lines produced from its jobs as they are read.
 func (s *Server) fileContent(c echo.Context) error {
-	f, err := byID(c, filePrefix, fileNotFound, s.batches.GetFile)
+	f, err := byID(c, filePrefix, fileNotFound, func(ctx context.Context, tenant, id uuid.UUID) (*store.File, error) {
+		ctx, cancel := s.dbContext(ctx)
+		defer cancel()
+		return s.batches.GetFile(ctx, tenant, id)
+	})
 	if err != nil {
 		return err
 	}
@@ -236,7 +241,7 @@ func renderBatch(b *store.Batch) *batchObject {
 
 func batchNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "batch_id", Code: "batch_not_found",
-		Message: fmt.Sprintf("No batch found with id '%s'.", clip(id))}
+		Message: fmt.Sprintf("No batch found with id '%s'.", strictjson.Clip(id))}
 }
 
 // createBatch is POST /v1/batches. The batch is returned in validating; its

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
@@ -99,7 +100,7 @@ func (s *Server) uploadFile(c echo.Context) error {
 			if up != nil {
 				return invalid("file", "invalid_request", "Send one file per upload.")
 			}
-			if up, err = receive(part); err != nil {
+			if up, err = receive(part, s.uploads.dir); err != nil {
 				return err
 			}
 		default:
@@ -109,13 +110,22 @@ func (s *Server) uploadFile(c echo.Context) error {
 		}
 		part.Close()
 	}
+	// Whatever follows the closing boundary is read too, so the connection
+	// can serve the client's next request.
+	_, _ = io.Copy(io.Discard, io.LimitReader(r.Body, 64<<10))
 	if up == nil {
 		return invalid("file", "invalid_request", "The file field is required.")
 	}
 	if purpose != "batch" {
-		return invalid("purpose", "invalid_request", "purpose must be batch; got %q.", clip(purpose))
+		return invalid("purpose", "invalid_request", "purpose must be batch; got %q.", strictjson.Clip(purpose))
 	}
-	f, err := up.store(r.Context(), s.batches, key.TenantID)
+	// Copying into Postgres is bounded like any other wait on it, plus a
+	// second per MiB of file.
+	ctx, cancel := s.dbContext(r.Context())
+	defer cancel()
+	ctx, cancelCopy := context.WithTimeout(ctx, s.cfg.DatabaseTimeout+time.Duration(up.bytes>>20)*time.Second)
+	defer cancelCopy()
+	f, err := up.store(ctx, s.batches, key.TenantID)
 	if err != nil {
 		return err
 	}
@@ -156,7 +166,7 @@ func (u *upload) close() {
 // JSON read strictly, a unique custom_id of bounded size, method POST, one
 // supported url for every line, a body that is an object, and OpenAI's
 // bounds on lines and bytes. Problems are reported by line number.
-func receive(part *multipart.Part) (_ *upload, err error) {
+func receive(part *multipart.Part, dir string) (_ *upload, err error) {
 	name := part.FileName()
 	if name == "" {
 		name = "upload.jsonl"
@@ -164,7 +174,7 @@ func receive(part *multipart.Part) (_ *upload, err error) {
 	if len(name) > maxFilename || !strictjson.ValidText(name) {
 		return nil, invalid("file", "invalid_request", "The file name must be at most %d bytes of text, without control characters.", maxFilename)
 	}
-	spool, err := os.CreateTemp("", "levee-upload-*.spool")
+	spool, err := os.CreateTemp(dir, "upload-*.spool")
 	if err != nil {
 		return nil, fmt.Errorf("api: spool upload: %w", err)
 	}
@@ -212,7 +222,7 @@ func receive(part *multipart.Part) (_ *upload, err error) {
 			problems.add(line, "invalid_request", fmt.Sprintf("custom_id must be at most %d bytes of text, without control characters", maxCustomID))
 			continue
 		case seen[*l.CustomID] > 0:
-			problems.add(line, "duplicate_custom_id", fmt.Sprintf("custom_id %q was already used on line %d", clip(*l.CustomID), seen[*l.CustomID]))
+			problems.add(line, "duplicate_custom_id", fmt.Sprintf("custom_id %q was already used on line %d", strictjson.Clip(*l.CustomID), seen[*l.CustomID]))
 			continue
 		case l.Method != "POST":
 			problems.add(line, "invalid_request", "method must be POST")
@@ -222,13 +232,13 @@ func receive(part *multipart.Part) (_ *upload, err error) {
 			continue
 		}
 		if _, _, ok := batch.Endpoint(l.URL); !ok {
-			problems.add(line, "invalid_request", fmt.Sprintf("url %q is not a supported endpoint", clip(l.URL)))
+			problems.add(line, "invalid_request", fmt.Sprintf("url %q is not a supported endpoint", strictjson.Clip(l.URL)))
 			continue
 		}
 		if u.url == "" {
 			u.url = l.URL
 		} else if l.URL != u.url {
-			problems.add(line, "url_mismatch", fmt.Sprintf("every line must use the same url (%s), not %s", u.url, clip(l.URL)))
+			problems.add(line, "url_mismatch", fmt.Sprintf("every line must use the same url (%s), not %s", u.url, strictjson.Clip(l.URL)))
 			continue
 		}
 		// The body's model, read as strictly as the body will be, is kept
@@ -249,6 +259,9 @@ func receive(part *multipart.Part) (_ *upload, err error) {
 			// The body is spooled as where it sits in the line: its bytes
 			// as the client sent them.
 			at := bytes.Index(raw, l.Body)
+			if at < 0 { // cannot be: the body is a slice of the line as read
+				return nil, fmt.Errorf("api: line %d: its body is not where it was read", line)
+			}
 			rec = binary.AppendUvarint(rec[:0], uint64(line))
 			rec = appendChunk(rec, []byte(*l.CustomID))
 			rec = appendChunk(rec, []byte(bm.Model))
@@ -313,7 +326,7 @@ func (u *upload) store(ctx context.Context, st *store.Store, tenant uuid.UUID) (
 		if err != nil || at+n > uint64(len(raw)) {
 			return nil, io.ErrUnexpectedEOF
 		}
-		return &store.FileLine{Line: int(line), CustomID: string(cid), Raw: raw, Body: raw[at : at+n], Model: string(model)}, nil
+		return &store.FileLine{Line: int(line), CustomID: string(cid), Raw: raw, BodyAt: int(at), BodyLen: int(n), Model: string(model)}, nil
 	}
 	return st.ImportFile(ctx, &store.ImportFileParams{TenantID: tenant, Filename: u.name, Purpose: "batch", URL: u.url, Bytes: u.bytes, Next: next})
 }

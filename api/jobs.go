@@ -159,7 +159,7 @@ func (s *Server) submitJob(c echo.Context) error {
 	}
 	op, ok := jobEndpoints[jr.Endpoint]
 	if !ok {
-		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings; got %q.", clip(jr.Endpoint))
+		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings; got %q.", strictjson.Clip(jr.Endpoint))
 	}
 	if len(bytes.TrimSpace(jr.Body)) == 0 || bytes.TrimSpace(jr.Body)[0] != '{' {
 		return invalid("body", "invalid_request", "body must be the JSON object of the call, as sent to %s.", jr.Endpoint)
@@ -179,7 +179,7 @@ func (s *Server) submitJob(c echo.Context) error {
 		}
 	}
 	if prio != "normal" && prio != "low" {
-		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", clip(prio))
+		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", strictjson.Clip(prio))
 	}
 	if err := checkMetadata(jr.Metadata); err != nil {
 		return err
@@ -296,7 +296,7 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePu
 
 func jobNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "id", Code: "job_not_found",
-		Message: fmt.Sprintf("No job found with id '%s'.", clip(id))}
+		Message: fmt.Sprintf("No job found with id '%s'.", strictjson.Clip(id))}
 }
 
 func (s *Server) getJob(c echo.Context) error {
@@ -420,19 +420,26 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 	waitFn := func(ctx context.Context, tick time.Duration) bool { sleep(ctx, tick); return false }
 	stop := func() {}
 	defer func() { stop() }()
-	j, _, err := s.enqueue(ctx, p, func(j *store.Job) {
+	ictx, cancel := s.dbContext(ctx)
+	j, _, err := s.enqueue(ictx, p, func(j *store.Job) {
 		if w, st, err := s.queue.WaitDone(j.ID); err == nil {
 			waitFn, stop = w, st
 		}
 	})
+	cancel()
 	if err != nil {
 		return err
+	}
+	getJob := func(ctx context.Context) (*store.Job, error) {
+		ctx, cancel := s.dbContext(ctx)
+		defer cancel()
+		return s.jobs.GetJob(ctx, key.TenantID, j.ID)
 	}
 	h := c.Response().Header()
 	h.Set("x-levee-job", jobPrefix+j.ID.String())
 	deadline := time.Now().Add(wait)
 	for {
-		cur, err := s.jobs.GetJob(ctx, key.TenantID, j.ID)
+		cur, err := getJob(ctx)
 		if err == nil && cur.Terminal() {
 			return s.respondWithJob(c, cur)
 		}
@@ -444,7 +451,7 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 	}
 	h.Set("Location", "/v1/jobs/"+jobPrefix+j.ID.String())
 	h.Set("Preference-Applied", fmt.Sprintf("wait=%d", int(wait.Seconds())))
-	cur, err := s.jobs.GetJob(context.WithoutCancel(ctx), key.TenantID, j.ID)
+	cur, err := getJob(context.WithoutCancel(ctx))
 	if err != nil {
 		cur = j
 	}

@@ -10,12 +10,12 @@ import (
 	"net/http"
 	"strconv"
 	"time"
-	"unicode/utf8"
 
 	"github.com/labstack/echo/v4"
 
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 )
 
 // readBody reads the request body within the configured limit.
@@ -53,7 +53,7 @@ func (s *Server) proxyAzure(op broker.Op) echo.HandlerFunc {
 		g, ok := s.broker.Resolve(name)
 		if !ok {
 			return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Code: "DeploymentNotFound",
-				Message: fmt.Sprintf("The API deployment %q does not exist or you do not have access to it.", clip(name))}
+				Message: fmt.Sprintf("The API deployment %q does not exist or you do not have access to it.", strictjson.Clip(name))}
 		}
 		return s.proxy(c, op, g)
 	}
@@ -211,21 +211,7 @@ func admitError(err error, prefix string) error {
 // modelNotFound is OpenAI's answer for a model the caller cannot use.
 func modelNotFound(param, name string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: param, Code: "model_not_found",
-		Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", clip(name))}
-}
-
-// clip shortens a client's string before it is echoed in a message.
-func clip(s string) string {
-	const max = 64
-	if len(s) <= max {
-		return s
-	}
-	for i := max; i > max-4 && i > 0; i-- {
-		if utf8.RuneStart(s[i]) {
-			return s[:i] + "…"
-		}
-	}
-	return s[:max] + "…"
+		Message: fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", strictjson.Clip(name))}
 }
 
 func routeError(ctx context.Context, err error, model string) *Error {

@@ -95,9 +95,9 @@ type metrics struct {
 
 // New builds the API and its routes.
 func New(o Options) *Server {
-	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys), failures: newFailureLimiter(o.Config.Auth), ledger: o.Ledger, usage: o.Usage,
+	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys, o.Config.DatabaseMaxConns/2), failures: newFailureLimiter(o.Config.Auth), ledger: o.Ledger, usage: o.Usage,
 		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
-		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant), idBase: uuid.NewString()[:8] + "-"}
+		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -125,7 +125,7 @@ func New(o Options) *Server {
 
 	// Auth is attached per route, not with e.Group: a group with middleware
 	// registers a catch-all that would turn every 405 into a 404.
-	auth := s.authenticate
+	auth, db := s.authenticate, s.bounded
 	for _, op := range []broker.Op{broker.OpChat, broker.OpCompletions, broker.OpEmbeddings} {
 		e.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op), auth)
 		e.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op), auth)
@@ -135,31 +135,33 @@ func New(o Options) *Server {
 		e.GET(p, s.models, auth)
 		e.GET(p+"/:model", s.model, auth)
 	}
-	e.GET("/v1/usage", s.usageHandler, auth)
-	e.POST("/v1/jobs", s.submitJob, auth)
-	e.GET("/v1/jobs", s.listJobs, auth)
-	e.GET("/v1/jobs/:id", s.getJob, auth)
-	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth)
+	e.GET("/v1/usage", s.usageHandler, auth, db)
+	e.POST("/v1/jobs", s.submitJob, auth, db)
+	e.GET("/v1/jobs", s.listJobs, auth, db)
+	e.GET("/v1/jobs/:id", s.getJob, auth, db)
+	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth, db)
 	if s.batches != nil {
 		for _, p := range []string{"/v1", "/openai", "/openai/v1"} {
+			// Uploads and file contents bound their own database work:
+			// their clients may rightly take long.
 			e.POST(p+"/files", s.uploadFile, auth)
-			e.GET(p+"/files", s.listFiles, auth)
-			e.GET(p+"/files/:id", s.getFile, auth)
-			e.DELETE(p+"/files/:id", s.deleteFile, auth)
+			e.GET(p+"/files", s.listFiles, auth, db)
+			e.GET(p+"/files/:id", s.getFile, auth, db)
+			e.DELETE(p+"/files/:id", s.deleteFile, auth, db)
 			e.GET(p+"/files/:id/content", s.fileContent, auth)
-			e.POST(p+"/batches", s.createBatch, auth)
-			e.GET(p+"/batches", s.listBatches, auth)
-			e.GET(p+"/batches/:id", s.getBatch, auth)
-			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth)
+			e.POST(p+"/batches", s.createBatch, auth, db)
+			e.GET(p+"/batches", s.listBatches, auth, db)
+			e.GET(p+"/batches/:id", s.getBatch, auth, db)
+			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth, db)
 		}
-		e.POST("/v1/webhook_endpoints", s.createEndpoint, auth)
-		e.GET("/v1/webhook_endpoints", s.listEndpoints, auth)
-		e.GET("/v1/webhook_endpoints/:id", s.getEndpoint, auth)
-		e.POST("/v1/webhook_endpoints/:id", s.updateEndpoint, auth)
-		e.DELETE("/v1/webhook_endpoints/:id", s.deleteEndpoint, auth)
-		e.POST("/v1/webhook_endpoints/:id/rotate_secret", s.rotateEndpoint, auth)
-		e.GET("/v1/webhook_endpoints/:id/deliveries", s.endpointDeliveries, auth)
-		e.POST("/v1/webhook_deliveries/:id/resend", s.resendDelivery, auth)
+		e.POST("/v1/webhook_endpoints", s.createEndpoint, auth, db)
+		e.GET("/v1/webhook_endpoints", s.listEndpoints, auth, db)
+		e.GET("/v1/webhook_endpoints/:id", s.getEndpoint, auth, db)
+		e.POST("/v1/webhook_endpoints/:id", s.updateEndpoint, auth, db)
+		e.DELETE("/v1/webhook_endpoints/:id", s.deleteEndpoint, auth, db)
+		e.POST("/v1/webhook_endpoints/:id/rotate_secret", s.rotateEndpoint, auth, db)
+		e.GET("/v1/webhook_endpoints/:id/deliveries", s.endpointDeliveries, auth, db)
+		e.POST("/v1/webhook_deliveries/:id/resend", s.resendDelivery, auth, db)
 	}
 	return s
 }
@@ -175,7 +177,7 @@ func (s *Server) ready(c echo.Context) error {
 	ctx, cancel := context.WithTimeout(c.Request().Context(), 2*time.Second)
 	defer cancel()
 	if err := s.db.Ping(ctx); err != nil {
-		return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "Postgres is not reachable."}
+		return &Error{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "not_ready", Message: "Postgres is not reachable.", RetryAfter: time.Second}
 	}
 	out := map[string]string{"status": "ready", "postgres": "ok"}
 	// NATS away does not make a gateway unready: it still serves calls and

@@ -11,6 +11,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 	"github.com/levee-gw/levee/webhook"
 )
 
@@ -46,7 +47,7 @@ func renderEndpoint(e *store.WebhookEndpoint) *endpointObject {
 
 func endpointNotFound(id string) *Error {
 	return &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: "id", Code: "webhook_endpoint_not_found",
-		Message: fmt.Sprintf("No webhook endpoint found with id '%s'.", clip(id))}
+		Message: fmt.Sprintf("No webhook endpoint found with id '%s'.", strictjson.Clip(id))}
 }
 
 // checkEvents validates an event filter; it may name each type once.
@@ -54,7 +55,7 @@ func checkEvents(events []string) error {
 	seen := map[string]bool{}
 	for _, e := range events {
 		if !eventTypes[e] {
-			return invalid("events", "invalid_event", "unknown event type %q.", clip(e))
+			return invalid("events", "invalid_event", "unknown event type %q.", strictjson.Clip(e))
 		}
 		if seen[e] {
 			return invalid("events", "invalid_event", "event type %q is listed twice.", e)

@@ -86,8 +86,8 @@ func (r *Runner) Start(ctx context.Context, b *store.Batch) error {
 	n := 0
 	err := r.st.EachFileLine(ctx, b.InputFileID, func(fl *store.FileLine) error {
 		n++
-		line, body := fl.Line, fl.Body
-		if body == nil { // a file stored before bodies were kept apart
+		line, body := fl.Line, fl.Body()
+		if body == nil { // a file stored before bodies' places were kept
 			var l struct {
 				Body json.RawMessage `json:"body"`
 			}

@@ -47,6 +47,9 @@ type Config struct {
 
 	// DatabaseMaxConns sizes the Postgres connection pool of each process.
 	DatabaseMaxConns int `yaml:"database_max_conns"`
+	// DatabaseTimeout bounds how long a request waits on Postgres (a
+	// frozen primary, a failover) before it is answered 503.
+	DatabaseTimeout time.Duration `yaml:"database_timeout"`
 
 	HTTP        HTTP         `yaml:"http"`
 	Auth        Auth         `yaml:"auth"`
@@ -73,8 +76,10 @@ type HTTP struct {
 	BodyTimeout time.Duration `yaml:"body_timeout"`
 	BodyMinRate int64         `yaml:"body_min_rate"`
 	// MaxUploadsPerTenant caps one tenant's file uploads in progress on
-	// one process; more get 429.
+	// one process, MaxUploads all of them (each spools up to 200 MB to
+	// disk); more get 429.
 	MaxUploadsPerTenant int `yaml:"max_uploads_per_tenant"`
+	MaxUploads          int `yaml:"max_uploads"`
 	// TrustedProxies are the CIDRs of proxies in front of Levee whose
 	// X-Forwarded-For names the client (for per-address limits). Empty:
 	// the connection's own address is the client's.
@@ -284,6 +289,12 @@ func (c *Config) Validate() error {
 	}
 	if c.DatabaseMaxConns < 2 {
 		return &FieldError{"database_max_conns", "must be at least 2"}
+	}
+	if c.DatabaseTimeout == 0 {
+		c.DatabaseTimeout = 10 * time.Second
+	}
+	if c.DatabaseTimeout < 100*time.Millisecond {
+		return &FieldError{"database_timeout", "must be at least 100ms"}
 	}
 	if err := c.HTTP.validate(); err != nil {
 		return err
@@ -517,6 +528,9 @@ func (h *HTTP) validate() error {
 	if h.MaxUploadsPerTenant == 0 {
 		h.MaxUploadsPerTenant = 4
 	}
+	if h.MaxUploads == 0 {
+		h.MaxUploads = 32
+	}
 	switch {
 	case h.ReadHeaderTimeout < 0 || h.IdleTimeout < 0 || h.BodyTimeout < 0:
 		return &FieldError{"http", "timeouts must be > 0"}
@@ -524,6 +538,8 @@ func (h *HTTP) validate() error {
 		return &FieldError{"http.body_min_rate", "must be at least 1 byte per second"}
 	case h.MaxUploadsPerTenant < 1:
 		return &FieldError{"http.max_uploads_per_tenant", "must be at least 1"}
+	case h.MaxUploads < h.MaxUploadsPerTenant:
+		return &FieldError{"http.max_uploads", "must be at least http.max_uploads_per_tenant"}
 	}
 	for i, p := range h.TrustedProxies {
 		if _, err := netip.ParsePrefix(p); err != nil {

@@ -217,6 +217,11 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		if err = g.hs.Shutdown(ctx); errors.Is(err, http.ErrServerClosed) {
 			err = nil
 		}
+		if err != nil {
+			// Out of time: cut what is still open, so its handlers end
+			// (and record their usage) before the ledger is flushed.
+			_ = g.hs.Close()
+		}
 	}
 	if g.stopWorker != nil {
 		g.stopWorker()
@@ -227,7 +232,11 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	if g.Queue != nil {
 		g.Queue.Close()
 	}
-	if lerr := g.Ledger.Close(ctx); lerr != nil {
+	// The ledger's last flush has its own time: the deadline above may have
+	// been spent waiting for calls.
+	fctx, cancelFlush := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancelFlush()
+	if lerr := g.Ledger.Close(fctx); lerr != nil {
 		g.log.Error("flushing usage", "err", lerr)
 		err = errors.Join(err, lerr)
 	}

@@ -37,15 +37,23 @@ func scanFile(row pgx.Row) (*File, error) {
 	return f, err
 }
 
-// FileLine is one line of an uploaded file: as uploaded, and its body and
-// the model the body names (nil and "" for files stored before they were
-// kept apart).
+// FileLine is one line of an uploaded file: as uploaded, where its body
+// sits in it, and the model the body names (BodyLen 0 and Model "" for files
+// stored before these were kept).
 type FileLine struct {
-	Line     int
-	CustomID string
-	Raw      []byte
-	Body     []byte
-	Model    string
+	Line            int
+	CustomID        string
+	Raw             []byte
+	BodyAt, BodyLen int
+	Model           string
+}
+
+// Body is the line's body as uploaded, or nil if its place is not known.
+func (l *FileLine) Body() []byte {
+	if l.BodyLen == 0 || l.BodyAt+l.BodyLen > len(l.Raw) {
+		return nil
+	}
+	return l.Raw[l.BodyAt : l.BodyAt+l.BodyLen]
 }
 
 // ImportFileParams describe an upload that was received whole and validated
@@ -71,7 +79,7 @@ func (s *Store) ImportFile(ctx context.Context, p *ImportFileParams) (*File, err
 			return err
 		}
 		var row []any
-		n, err := tx.CopyFrom(ctx, pgx.Identifier{"file_lines"}, []string{"file_id", "line", "custom_id", "raw", "body", "model"}, pgx.CopyFromFunc(func() ([]any, error) {
+		n, err := tx.CopyFrom(ctx, pgx.Identifier{"file_lines"}, []string{"file_id", "line", "custom_id", "raw", "body_at", "body_len", "model"}, pgx.CopyFromFunc(func() ([]any, error) {
 			l, err := p.Next()
 			if err != nil {
 				if errors.Is(err, io.EOF) {
@@ -79,7 +87,7 @@ func (s *Store) ImportFile(ctx context.Context, p *ImportFileParams) (*File, err
 				}
 				return nil, err
 			}
-			row = append(row[:0], f.ID, int32(l.Line), l.CustomID, l.Raw, l.Body, l.Model)
+			row = append(row[:0], f.ID, int32(l.Line), l.CustomID, l.Raw, int32(l.BodyAt), int32(l.BodyLen), l.Model)
 			return row, nil
 		}))
 		if err != nil {
@@ -130,48 +138,37 @@ func (s *Store) DeleteFile(ctx context.Context, tenant, id uuid.UUID) error {
 }
 
 // Pages of rows read before they are handed on: whatever fn does with them
-// (write to a slow client), no connection is held meanwhile.
+// (write to a slow client), no connection is held meanwhile. Reading one
+// page may take pageTimeout at most, so a database that stops answering
+// ends the read instead of holding it.
 const (
-	pageRows  = 1000
-	pageBytes = 4 << 20
+	pageRows    = 1000
+	pageBytes   = 4 << 20
+	pageTimeout = 30 * time.Second
 )
 
 // EachFileLine calls fn with an uploaded file's lines in order, a page at a
 // time.
 func (s *Store) EachFileLine(ctx context.Context, fileID uuid.UUID, fn func(*FileLine) error) error {
-	return eachPage(ctx, func(after int) (pgx.Rows, error) {
-		return s.pool.Query(ctx, `SELECT line, custom_id, raw, body, coalesce(model, '') FROM file_lines
+	return eachPage(ctx, func(ctx context.Context, after int) (pgx.Rows, error) {
+		return s.pool.Query(ctx, `SELECT line, custom_id, raw, coalesce(body_at, 0), coalesce(body_len, 0), coalesce(model, '') FROM file_lines
 			WHERE file_id = $1 AND line > $2 ORDER BY line LIMIT $3`, fileID, after, pageRows)
 	}, func(rows pgx.Rows) (*FileLine, int, int, error) {
 		l := &FileLine{}
-		err := rows.Scan(&l.Line, &l.CustomID, &l.Raw, &l.Body, &l.Model)
-		return l, l.Line, len(l.Raw) + len(l.Body), err
+		err := rows.Scan(&l.Line, &l.CustomID, &l.Raw, &l.BodyAt, &l.BodyLen, &l.Model)
+		return l, l.Line, len(l.Raw), err
 	}, fn)
 }
 
 // eachPage pages through an ordered query by its line number: query(after)
 // returns the rows after a line, scan reads one (with its line and size),
 // and fn runs on each once the page is read and its connection released.
-func eachPage[T any](ctx context.Context, query func(after int) (pgx.Rows, error), scan func(pgx.Rows) (T, int, int, error), fn func(T) error) error {
+func eachPage[T any](ctx context.Context, query func(ctx context.Context, after int) (pgx.Rows, error), scan func(pgx.Rows) (T, int, int, error), fn func(T) error) error {
 	after := -1
 	for {
-		rows, err := query(after)
+		page, size, err := readPage(ctx, &after, query, scan)
 		if err != nil {
-			return fmt.Errorf("store: page: %w", err)
-		}
-		var page []T
-		size := 0
-		for size < pageBytes && rows.Next() {
-			v, line, n, err := scan(rows)
-			if err != nil {
-				rows.Close()
-				return fmt.Errorf("store: page: %w", err)
-			}
-			page, after, size = append(page, v), line, size+n
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("store: page: %w", err)
+			return err
 		}
 		for _, v := range page {
 			if err := fn(v); err != nil {
@@ -185,6 +182,31 @@ func eachPage[T any](ctx context.Context, query func(after int) (pgx.Rows, error
 			return err
 		}
 	}
+}
+
+// readPage reads the rows after *after, moving it to the last one read.
+func readPage[T any](ctx context.Context, after *int, query func(ctx context.Context, after int) (pgx.Rows, error), scan func(pgx.Rows) (T, int, int, error)) ([]T, int, error) {
+	ctx, cancel := context.WithTimeout(ctx, pageTimeout)
+	defer cancel()
+	rows, err := query(ctx, *after)
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: page: %w", err)
+	}
+	defer rows.Close()
+	var page []T
+	size := 0
+	for size < pageBytes && rows.Next() {
+		v, line, n, err := scan(rows)
+		if err != nil {
+			return nil, 0, fmt.Errorf("store: page: %w", err)
+		}
+		page, *after, size = append(page, v), line, size+n
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, 0, fmt.Errorf("store: page: %w", err)
+	}
+	return page, size, nil
 }
 
 // Batch is an OpenAI-style batch.
@@ -316,7 +338,8 @@ func (s *Store) StartBatch(ctx context.Context, b *Batch, endpoint string, model
 		rows, err := tx.Query(ctx, `
 			INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line, publish_claim)
 			SELECT gen_random_uuid(), $2, $3, m.alias,
-				coalesce(fl.body, convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8')),
+				CASE WHEN fl.body_len IS NOT NULL THEN substring(fl.raw FROM fl.body_at + 1 FOR fl.body_len)
+					ELSE convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8') END,
 				'\x'::bytea, 'batch', 'queued', '{}', $4, fl.custom_id, fl.line, now() + $7::interval
 			FROM file_lines fl
 			JOIN unnest($5::text[], $6::text[]) AS m(model, alias)
@@ -455,7 +478,7 @@ func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFi
 		j   *Job
 		cid string
 	}
-	return eachPage(ctx, func(after int) (pgx.Rows, error) {
+	return eachPage(ctx, func(ctx context.Context, after int) (pgx.Rows, error) {
 		return s.pool.Query(ctx, `SELECT `+jobColumns+`, coalesce(custom_id, ''), line FROM jobs
 			WHERE batch_id = $1 AND status = ANY($2) AND line > $3 ORDER BY line LIMIT $4`, batchID, statuses, after, pageRows)
 	}, func(rows pgx.Rows) (row, int, int, error) {

@@ -51,6 +51,11 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 	if maxConns > 0 {
 		cfg.MaxConns = int32(maxConns)
 	}
+	// A server that does not answer a connection attempt must not hold
+	// the caller longer than this (callers bound their queries too).
+	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > 5*time.Second {
+		cfg.ConnConfig.ConnectTimeout = 5 * time.Second
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)

@@ -54,6 +54,7 @@ type Ledger struct {
 	done    chan struct{}
 	dropped atomic.Int64
 	written atomic.Int64
+	closed  atomic.Bool
 	once    sync.Once
 
 	mu      sync.Mutex
@@ -72,8 +73,13 @@ func (s *Store) NewLedger(cfg LedgerConfig, log *slog.Logger) *Ledger {
 	return l
 }
 
-// Record queues an event without blocking.
+// Record queues an event without blocking. After Close it only counts
+// the event as dropped: nothing would write it.
 func (l *Ledger) Record(e UsageEvent) {
+	if l.closed.Load() {
+		l.drop()
+		return
+	}
 	select {
 	case l.ch <- e:
 	default:
@@ -121,6 +127,7 @@ func (l *Ledger) Flush(ctx context.Context) error {
 func (l *Ledger) Close(ctx context.Context) error {
 	var err error
 	l.once.Do(func() {
+		l.closed.Store(true)
 		err = l.Flush(ctx)
 		close(l.done)
 	})

@@ -42,7 +42,8 @@ func Unmarshal(data []byte, v any) error {
 	w := walkers.Get().(*walker)
 	defer walkers.Put(w)
 	w.r.Reset(data)
-	w.dec.Reset(&w.r)
+	// Unmarshal has refused duplicate names already: the walk need not track them.
+	w.dec.Reset(&w.r, jsontext.AllowDuplicateNames(true))
 	if err := checkNames(&w.dec, reflect.TypeOf(v), ""); err != nil {
 		var e *Error
 		if errors.As(err, &e) {
@@ -59,12 +60,12 @@ func describe(err error) *Error {
 	var ye *jsontext.SyntacticError
 	switch {
 	case errors.As(err, &ye) && errors.Is(ye.Err, jsontext.ErrDuplicateName):
-		p := Param(ye.JSONPointer)
+		p := Clip(Param(ye.JSONPointer))
 		return &Error{Param: p, Msg: fmt.Sprintf("%s appears more than once in its object; send each field once.", quote(p))}
 	case errors.As(err, &ye):
 		return &Error{Msg: fmt.Sprintf("We could not parse the JSON body of your request: %v.", ye.Err)}
 	case errors.As(err, &se):
-		p := Param(se.JSONPointer)
+		p := Clip(Param(se.JSONPointer))
 		what := "a JSON " + se.JSONKind.String()
 		if se.JSONKind == 0 {
 			what = "this value"
@@ -79,6 +80,20 @@ func describe(err error) *Error {
 		return &Error{Param: p, Msg: fmt.Sprintf("%s must be %s, not %s.", p, want, what)}
 	}
 	return &Error{Msg: fmt.Sprintf("We could not parse the JSON body of your request: %v.", err)}
+}
+
+// Clip shortens a client's string before it is echoed in a message or a
+// param: at most 64 bytes, cut at a character boundary, marked with "…".
+func Clip(s string) string {
+	const max = 64
+	if len(s) <= max {
+		return s
+	}
+	i := max
+	for i > max-4 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
 }
 
 func quote(p string) string {
@@ -132,6 +147,8 @@ func Param(p jsontext.Pointer) string {
 type fields struct {
 	exact  map[string]reflect.Type
 	folded map[string]string
+	// longest is the longest folded name: anything longer is no variant.
+	longest int
 }
 
 var fieldCache sync.Map // reflect.Type → *fields
@@ -154,31 +171,64 @@ func fieldsOf(t reflect.Type) *fields {
 			name = sf.Name
 		}
 		f.exact[name] = sf.Type
-		f.folded[fold(name)] = name
+		k := fold(name, nil)
+		f.folded[string(k)] = name
+		f.longest = max(f.longest, len(k))
 	}
 	fieldCache.Store(t, f)
 	return f
 }
 
-// fold is as loose as any reader upstream might be: Unicode case folding
-// (Go's encoding/json also folds the Kelvin sign and long s), and '_' and '-'
-// ignored (as encoding/json/v2's case-insensitive mode does).
-func fold(name string) string {
-	var b strings.Builder
+// variant returns the field name is a variant of, if any.
+func (f *fields) variant(name []byte) (string, bool) {
+	var buf [64]byte
+	k := fold(name, buf[:0])
+	if len(k) > f.longest {
+		return "", false
+	}
+	canon, ok := f.folded[string(k)]
+	return canon, ok
+}
+
+// fold is as loose as any reader upstream might be: '_' and '-' ignored (as
+// encoding/json/v2's case-insensitive mode does), ASCII lowered, and any
+// other letter mapped through upper and lower case and its case-folding
+// orbit (so the Kelvin sign reads as k, the long s as s, and the dotted and
+// dotless i as i). It appends to buf.
+func fold[T string | []byte](name T, buf []byte) []byte {
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c >= utf8.RuneSelf {
+			return foldSlow(string(name), buf[:0])
+		}
+		switch {
+		case c == '_' || c == '-':
+		case 'A' <= c && c <= 'Z':
+			buf = append(buf, c+'a'-'A')
+		default:
+			buf = append(buf, c)
+		}
+	}
+	return buf
+}
+
+func foldSlow(name string, buf []byte) []byte {
 	for _, r := range name {
 		if r == '_' || r == '-' {
 			continue
 		}
+		r = unicode.ToLower(unicode.ToUpper(r))
 		// The smallest rune of r's folding orbit stands for all of it.
-		min := r
+		least := r
 		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
-			if f < min {
-				min = f
-			}
+			least = min(least, f)
 		}
-		b.WriteRune(min)
+		if least < utf8.RuneSelf {
+			least = unicode.ToLower(least)
+		}
+		buf = utf8.AppendRune(buf, least)
 	}
-	return b.String()
+	return buf
 }
 
 var rawType = reflect.TypeFor[jsontext.Value]()
@@ -234,8 +284,8 @@ func checkNames(dec *jsontext.Decoder, t reflect.Type, path string) error {
 				}
 				continue
 			}
-			if canon, ok := f.folded[fold(string(name))]; ok {
-				p := join(path, string(name))
+			if canon, ok := f.variant(name); ok {
+				p := Clip(join(path, string(name)))
 				return &Error{Param: p, Msg: fmt.Sprintf("%s is not a parameter: names are case-sensitive, and a variant of %s is refused rather than guessed at.",
 					p, join(path, canon))}
 			}

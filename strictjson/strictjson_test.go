@@ -2,6 +2,7 @@ package strictjson
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -40,7 +41,11 @@ func TestUnmarshal(t *testing.T) {
 		{name: "case variant beside the field", in: `{"model":"m","max_tokens":100000,"MAX_TOKENS":5}`, wantErr: true, param: "MAX_TOKENS"},
 		{name: "case variant alone", in: `{"model":"m","Max_Tokens":5}`, wantErr: true, param: "Max_Tokens"},
 		{name: "dash variant", in: `{"model":"m","max-tokens":5}`, wantErr: true, param: "max-tokens"},
+		{name: "dotless i in a read name", in: `{"model":"m","MODEL_\u0131D":"x","m\u0131n":1}`},
+		{name: "dotless i variant of a field", in: `{"model":"m","messages":[],"max_tokens":1,"stream_opt\u0131ons":{}}`, wantErr: true, param: "stream_opt\u0131ons"},
 		{name: "kelvin sign variant", in: `{"model":"m","max_to\u212aens":5}`, wantErr: true, param: "max_to\u212aens"},
+		{name: "dotless i variant", in: `{"model":"m","max_tokens":5,"max_tokens_\u0131":5}`, wantErr: false, maxTokens: 5},
+		{name: "dotted capital I variant", in: `{"model":"m","Max_Tokens":5}`, wantErr: true, param: "Max_Tokens"},
 		{name: "exact duplicate", in: `{"model":"m","max_tokens":1,"max_tokens":2}`, wantErr: true, param: "max_tokens"},
 		{name: "duplicate deep inside a raw value", in: `{"model":"m","raw":{"a":{"b":1,"b":2}}}`, wantErr: true, param: "raw.a.b"},
 		{name: "duplicate in an unread member", in: `{"model":"m","tools":[{"x":1,"x":1}]}`, wantErr: true, param: "tools[0].x"},
@@ -106,6 +111,24 @@ func BenchmarkStdlibUnmarshalChat(b *testing.B) {
 	for b.Loop() {
 		var v body
 		if err := json.Unmarshal(in, &v); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// A body of many unknown names costs a fold each; it must stay cheap.
+func BenchmarkUnmarshalManyUnknownNames(b *testing.B) {
+	var sb strings.Builder
+	sb.WriteString(`{"model":"m"`)
+	for i := 0; i < 10000; i++ {
+		fmt.Fprintf(&sb, `,"unknown_field_%d":1`, i)
+	}
+	sb.WriteString(`}`)
+	in := []byte(sb.String())
+	b.SetBytes(int64(len(in)))
+	for b.Loop() {
+		var v body
+		if err := Unmarshal(in, &v); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -44,7 +44,7 @@ func TestAbuseCaseVariantsAndDuplicateKeys(t *testing.T) {
 		{"chat Max_Completion_Tokens", "/v1/chat/completions", `{"model":"gpt-4o","max_completion_tokens":100000,"Max_Completion_Tokens":5,` + hi + `}`, nil, "Max_Completion_Tokens"},
 		{"chat N", "/v1/chat/completions", `{"model":"gpt-4o","n":4,"N":1,` + hi + `}`, nil, "N"},
 		{"chat variant alone", "/v1/chat/completions", `{"model":"gpt-4o","Max_Tokens":5,` + hi + `}`, nil, "Max_Tokens"},
-		{"chat duplicate max_tokens", "/v1/chat/completions", `{"model":"gpt-4o","max_tokens":5,"max_tokens":100000,` + hi + `}`, nil, "max_tokens"},
+		{"chat duplicate max_tokens", "/v1/chat/completions", `{"model":"gpt-4o","max_tokens":100000,"max_tokens":5,` + hi + `}`, nil, "max_tokens"},
 		{"chat duplicate deep in an unread field", "/v1/chat/completions", `{"model":"gpt-4o","response_format":{"type":"text","type":"json_object"},` + hi + `}`, nil, "response_format.type"},
 		{"chat message Content", "/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi","Content":"a much longer prompt"}]}`, nil, "messages[0].Content"},
 		{"chat content part TEXT", "/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"hi","TEXT":"long"}]}]}`, nil, "messages[0].content[0].TEXT"},
@@ -60,7 +60,7 @@ func TestAbuseCaseVariantsAndDuplicateKeys(t *testing.T) {
 		{"job duplicate metadata key", "/v1/jobs", `{"endpoint":"/v1/chat/completions","metadata":{"k":"a","k":"b"},"body":{"model":"gpt-4o",` + hi + `}}`, nil, "metadata.k"},
 		{"job webhook URL", "/v1/jobs", `{"endpoint":"/v1/chat/completions","webhook":{"url":"http://127.0.0.1:9/a","URL":"http://127.0.0.1:9/b"},"body":{"model":"gpt-4o",` + hi + `}}`, nil, "webhook.URL"},
 		{"batch INPUT_FILE_ID", "/v1/batches", `{"input_file_id":"` + f + `","INPUT_FILE_ID":"file-x","endpoint":"/v1/chat/completions","completion_window":"24h"}`, nil, "INPUT_FILE_ID"},
-		{"batch duplicate endpoint", "/v1/batches", `{"input_file_id":"` + f + `","endpoint":"/v1/chat/completions","endpoint":"/v1/embeddings","completion_window":"24h"}`, nil, "endpoint"},
+		{"batch duplicate completion_window", "/v1/batches", `{"input_file_id":"` + f + `","endpoint":"/v1/chat/completions","completion_window":"1h","completion_window":"24h"}`, nil, "completion_window"},
 		{"webhook endpoint URL", "/v1/webhook_endpoints", `{"url":"http://127.0.0.1:9/a","URL":"http://127.0.0.1:9/b"}`, nil, "URL"},
 		{"webhook endpoint update Enabled", "/v1/webhook_endpoints/" + ep, `{"enabled":true,"Enabled":false}`, nil, "Enabled"},
 	} {
@@ -103,42 +103,46 @@ func TestAbuseCaseVariantsAndDuplicateKeys(t *testing.T) {
 func TestAbuseStalledUploadsFreezeNobody(t *testing.T) {
 	f := harness.Fast(dev.DefaultFile())
 	f.DatabaseMaxConns = 8 // the pool the stalls used to exhaust
-	f.HTTP = config.HTTP{BodyTimeout: 4 * time.Second, BodyMinRate: 1 << 20}
+	f.HTTP = config.HTTP{BodyTimeout: 4 * time.Second, BodyMinRate: 1 << 20, MaxUploads: 64}
 	env := harness.Start(t, f)
 
+	// Every key is made first: the stalls must not be what a helper of the
+	// test waits on.
+	keys := make([]string, 13)
+	for i := range keys {
+		keys[i] = env.NewKey(fmt.Sprintf("stall-%d", i))
+	}
+	other := env.NewKey("bystander") // never used: its first call needs Postgres
 	type stall struct {
 		conn net.Conn
 		br   *bufio.Reader
 	}
-	var stalls []stall
-	for i := 0; i < 50; i++ {
-		key := env.NewKey(fmt.Sprintf("stall-%d", i/4)) // 4 per tenant: the per-tenant cap
+	open := func(key string) stall {
 		c, err := net.Dial("tcp", strings.TrimPrefix(env.BaseURL, "http://"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		t.Cleanup(func() { c.Close() })
 		part := "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n" +
 			string(batchLines(1, "s"))
 		fmt.Fprintf(c, "POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n%s", key, part)
-		stalls = append(stalls, stall{c, bufio.NewReader(c)})
+		return stall{c, bufio.NewReader(c)}
+	}
+	var stalls []stall
+	for i := 0; i < 50; i++ {
+		stalls = append(stalls, open(keys[i/4])) // 4 per tenant: the per-tenant cap
 	}
 	time.Sleep(500 * time.Millisecond) // let every handler reach its stalled read
 
 	// A fifth upload of one tenant is refused at once.
-	over := env.NewKey("stall-0")
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	req, _ := http.NewRequest(http.MethodPost, env.BaseURL+"/v1/files", pr)
-	req.Header.Set("Authorization", "Bearer "+over)
-	req.Header.Set("Content-Type", "multipart/form-data; boundary=b")
-	quick := &http.Client{Timeout: 3 * time.Second}
-	if resp, err := quick.Do(req); err != nil || resp.StatusCode != 429 {
+	fifth := open(keys[0])
+	_ = fifth.conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if resp, err := http.ReadResponse(fifth.br, nil); err != nil || resp.StatusCode != 429 {
 		t.Fatalf("a fifth concurrent upload of one tenant: %v %v", resp, err)
 	}
 
 	// Meanwhile everyone else is served as usual.
-	other := env.NewKey("bystander") // never used: its first call needs Postgres
+	quick := &http.Client{Timeout: 3 * time.Second}
 	for _, check := range []struct {
 		name   string
 		do     func() (*http.Response, error)
@@ -185,6 +189,32 @@ func TestAbuseStalledUploadsFreezeNobody(t *testing.T) {
 	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM files`).Scan(&files)
 	if files != 0 {
 		t.Fatalf("%d files stored from stalled uploads", files)
+	}
+
+	// A request answered before its body arrives (a bad key, a wrong
+	// method) is answered at once and its connection closed: the server does
+	// not wait for the body it did not need.
+	for _, head := range []string{
+		"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer lv-wrong\r\nContent-Length: 100000\r\n\r\n",
+		"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + env.APIKey + "\r\nContent-Length: 1000\r\n\r\n",
+		"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer lv-wrong\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n",
+	} {
+		c, err := net.Dial("tcp", strings.TrimPrefix(env.BaseURL, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprint(c, head)
+		_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%q: no answer before its body: %v", head, err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		if _, err := br.ReadByte(); err != io.EOF {
+			t.Fatalf("%q: %d, and the connection stayed open (%v)", head, resp.StatusCode, err)
+		}
+		c.Close()
 	}
 
 	// A stalled call body is cut off the same way.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"syscall"
@@ -61,6 +62,61 @@ func TestPostgresOutageAnswers503(t *testing.T) {
 	if done := waitJob(t, env, env.APIKey, j.ID, 30*time.Second); done.Status != "succeeded" {
 		t.Fatalf("the job accepted before the outage: %+v", done)
 	}
+}
+
+// A Postgres that stops answering without closing its connections (a hung
+// primary) is no different for clients: 503 with Retry-After after
+// database_timeout, never a hang, and everything works once it answers.
+func TestFrozenPostgresAnswers503(t *testing.T) {
+	pg := harness.PrivatePostgres(t)
+	f := harness.Fast(dev.DefaultFile())
+	f.DatabaseTimeout = time.Second
+	env := harness.StartWith(t, f, dev.StackOptions{DatabaseURL: pg.URL})
+	if resp, _ := submit(t, env, env.APIKey, jobBody(5, "low")); resp.StatusCode != 202 {
+		t.Fatalf("before: %d", resp.StatusCode)
+	}
+	fresh := env.NewKey("tenant-b")
+	pg.Freeze()
+	thawed := false
+	defer func() {
+		if !thawed {
+			pg.Thaw()
+		}
+	}()
+	client := &http.Client{Timeout: 8 * time.Second}
+	for _, tc := range []struct {
+		name, method, path, key, body string
+	}{
+		{"submit a job", http.MethodPost, "/v1/jobs", env.APIKey, `{"endpoint":"/v1/chat/completions","body":{"model":"gpt-4o",` + hi + `}}`},
+		{"list jobs", http.MethodGet, "/v1/jobs", env.APIKey, ""},
+		{"usage", http.MethodGet, "/v1/usage", env.APIKey, ""},
+		{"a key not yet checked", http.MethodGet, "/v1/models", fresh, ""},
+		{"file content", http.MethodGet, "/v1/files/file-00000000-0000-0000-0000-000000000000/content", env.APIKey, ""},
+	} {
+		var body io.Reader
+		if tc.body != "" {
+			body = strings.NewReader(tc.body)
+		}
+		req, _ := http.NewRequest(tc.method, env.BaseURL+tc.path, body)
+		req.Header.Set("Authorization", "Bearer "+tc.key)
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s with Postgres frozen: %v", tc.name, err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		t.Logf("%s: %d after %v", tc.name, resp.StatusCode, time.Since(start).Round(time.Millisecond))
+		if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("%s with Postgres frozen: %d %s", tc.name, resp.StatusCode, raw)
+		}
+	}
+	pg.Thaw()
+	thawed = true
+	harness.Eventually(t, 20*time.Second, "jobs to be accepted again", func() bool {
+		resp, _ := submit(t, env, env.APIKey, jobBody(5, "low"))
+		return resp.StatusCode == 202
+	})
 }
 
 // A job whose row was committed by a gateway that died before publishing it
@@ -161,9 +217,7 @@ func TestSignalledWorkerSharesCapacityUntilItsCallsEnd(t *testing.T) {
 			fmt.Sprintf(`{"max_tokens":%d,"messages":[{"role":"user","content":"x"}]}`, maxTokens)) == 200 {
 		}
 	}
-	if st := simCall(http.MethodPut, "/sim/deployments/d/faults", `{"delay":"3s"}`); st != 204 {
-		t.Fatalf("faults: %d", st)
-	}
+	setFaults(t, env, "d", sim.Faults{Delay: 3 * time.Second})
 
 	_, j := submit(t, env, env.APIKey, jobBody(5, "low"))
 	harness.Eventually(t, 20*time.Second, "the worker to start the job", func() bool {

@@ -301,8 +301,10 @@ func (g Guard) Client(timeout time.Duration) *http.Client {
 		}
 		return nil
 	}}
+	// A receiver's headers are not read past 64 KiB: only its status
+	// matters, and errors quoting them are stored.
 	tr := &http.Transport{Proxy: nil, DialContext: d.DialContext, MaxIdleConnsPerHost: 16, IdleConnTimeout: 30 * time.Second,
-		TLSHandshakeTimeout: 5 * time.Second, ResponseHeaderTimeout: timeout}
+		TLSHandshakeTimeout: 5 * time.Second, ResponseHeaderTimeout: timeout, MaxResponseHeaderBytes: 64 << 10}
 	return &http.Client{Transport: tr, Timeout: timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 }

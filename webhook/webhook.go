@@ -106,6 +106,9 @@ func payload(d *store.Delivery) []byte {
 		strings.ReplaceAll(d.EventID.String(), "-", ""), d.Type, d.EventAt.Unix(), d.Data))
 }
 
+// maxAttemptError bounds the error stored with a failed attempt.
+const maxAttemptError = 512
+
 func (s *Sender) deliver(ctx context.Context, d *store.Delivery) {
 	body := payload(d)
 	id := "evt_" + strings.ReplaceAll(d.EventID.String(), "-", "")
@@ -129,7 +132,12 @@ func (s *Sender) deliver(ctx context.Context, d *store.Delivery) {
 		}
 	}
 	if err != nil {
+		// The error may quote what the receiver sent (a malformed status
+		// line): it is stored with the attempt, so it is bounded.
 		r.Error = err.Error()
+		if len(r.Error) > maxAttemptError {
+			r.Error = strings.ToValidUTF8(r.Error[:maxAttemptError], "") + "…"
+		}
 		s.retry(d, 0, r)
 		if errors.Is(err, ErrBlocked) {
 			r.Outcome, r.Next = "failed", time.Now()

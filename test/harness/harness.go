@@ -15,9 +15,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -201,6 +203,46 @@ func (p *Postgres) Stop() {
 	p.t.Helper()
 	if err := p.Postgres.Stop(); err != nil {
 		p.t.Fatalf("harness: %v", err)
+	}
+}
+
+// Freeze stops every process of the cluster with SIGSTOP: connections stay
+// open and nothing answers, as when a primary hangs. Thaw resumes them.
+func (p *Postgres) Freeze() { p.signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen cluster.
+func (p *Postgres) Thaw() { p.signal(syscall.SIGCONT) }
+
+func (p *Postgres) signal(sig syscall.Signal) {
+	p.t.Helper()
+	raw, err := os.ReadFile(filepath.Join(p.Dir, "postmaster.pid"))
+	if err != nil {
+		p.t.Fatalf("harness: %v", err)
+	}
+	first, _, _ := strings.Cut(string(raw), "\n")
+	root, err := strconv.Atoi(strings.TrimSpace(first))
+	if err != nil {
+		p.t.Fatalf("harness: postmaster.pid: %v", err)
+	}
+	// The postmaster and every backend and helper it started.
+	pids := []int{root}
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, st := range stats {
+		b, err := os.ReadFile(st)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so read after ')'.
+		rest := string(b[strings.LastIndexByte(string(b), ')')+1:])
+		var state string
+		var ppid int
+		if _, err := fmt.Sscan(rest, &state, &ppid); err == nil && ppid == root {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(st)))
+			pids = append(pids, pid)
+		}
+	}
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, sig)
 	}
 }
 
