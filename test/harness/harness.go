@@ -58,6 +58,11 @@ func Main(m *testing.M) {
 			defer cluster.Stop()
 			baseURL = cluster.URL
 		}
+		defer func() {
+			if binPath != "" {
+				os.RemoveAll(filepath.Dir(binPath))
+			}
+		}()
 		return m.Run()
 	}()
 	os.Exit(code)
