@@ -229,8 +229,10 @@ func (p *Postgres) signal(sig syscall.Signal) {
 	if err != nil {
 		p.t.Fatalf("harness: postmaster.pid: %v", err)
 	}
-	// The postmaster and every backend and helper it started.
-	pids := []int{root}
+	// The postmaster first, so it starts no backend while its children are
+	// found; then every backend and helper it started.
+	_ = syscall.Kill(root, sig)
+	var pids []int
 	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
 	for _, st := range stats {
 		b, err := os.ReadFile(st)
