@@ -4,71 +4,9 @@ import (
 	"math"
 	"sync"
 	"time"
+
+	"github.com/levee-gw/levee/window"
 )
-
-// Windows are kept in buckets this wide. A charge is treated as expiring at
-// the end of its bucket plus the window, so the view errs towards "full".
-const bucketWidth = 250 * time.Millisecond
-
-// window is a sliding sum over a fixed span, bucketed.
-type window struct {
-	buckets []int64
-	last    int64 // absolute index of the newest bucket
-	total   int64
-}
-
-// newWindow keeps one bucket more than the span needs, so a charge made at
-// the very end of a bucket is held a full span (never expired early).
-func newWindow(span time.Duration) window {
-	return window{buckets: make([]int64, int(span/bucketWidth)+1)}
-}
-
-func bucketOf(t time.Time) int64 { return t.UnixNano() / int64(bucketWidth) }
-
-// advance expires buckets that have left the window by now.
-func (w *window) advance(now int64) {
-	if now <= w.last {
-		return
-	}
-	n := int64(len(w.buckets))
-	if now-w.last >= n {
-		clear(w.buckets)
-		w.total = 0
-	} else {
-		for b := w.last + 1; b <= now; b++ {
-			i := b % n
-			w.total -= w.buckets[i]
-			w.buckets[i] = 0
-		}
-	}
-	w.last = now
-}
-
-func (w *window) add(bucket, v int64) {
-	n := int64(len(w.buckets))
-	if bucket <= w.last-n || bucket > w.last {
-		return // already expired (or not yet current): nothing to adjust
-	}
-	w.buckets[bucket%n] += v
-	w.total += v
-}
-
-// freeAt returns the earliest time at which total will have fallen to at most
-// target, assuming nothing new arrives.
-func (w *window) freeAt(target int64) time.Time {
-	if w.total <= target {
-		return time.Time{}
-	}
-	n := int64(len(w.buckets))
-	left := w.total
-	for b := w.last - n + 1; b <= w.last; b++ {
-		left -= w.buckets[b%n]
-		if left <= target {
-			return time.Unix(0, (b+n)*int64(bucketWidth))
-		}
-	}
-	return time.Unix(0, (w.last+n)*int64(bucketWidth))
-}
 
 // Capacity is the one place that knows how full a deployment is. It charges
 // each call on arrival, as Azure does, over a sliding minute of tokens and a
@@ -78,8 +16,8 @@ type Capacity struct {
 	mu           sync.Mutex
 	tokenLimit   int64
 	reqLimit     int64
-	tokens       window
-	reqs         window
+	tokens       window.Window
+	reqs         window.Window
 	blockedUntil time.Time
 
 	// With sharing on, local charges are also kept here until a Sharer
@@ -99,7 +37,7 @@ type Capacity struct {
 
 	// Synchronous (foreground) charges of the last 10 s give the current
 	// synchronous rate, which background calls are paced around.
-	syncTokens, syncReqs window
+	syncTokens, syncReqs window.Window
 	pace                 pacer
 }
 
@@ -118,8 +56,8 @@ const paceBurst = 2.0
 // refill brings the pacer up to now and returns its rates per second.
 func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64) {
 	share := c.pacers(now)
-	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.total)/10) / share
-	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.total)/10) / share
+	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.Total())/10) / share
+	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.Total())/10) / share
 	if c.pace.at.IsZero() {
 		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
 		return
@@ -154,7 +92,7 @@ func (c *Capacity) record(d Delta) {
 		return
 	}
 	c.outbox = append(c.outbox, d)
-	if c.tokens.total*10 > c.tokenLimit*9 || c.reqs.total*10 > c.reqLimit*9 {
+	if c.tokens.Total()*10 > c.tokenLimit*9 || c.reqs.Total()*10 > c.reqLimit*9 {
 		select {
 		case c.urgent <- struct{}{}:
 		default:
@@ -174,26 +112,26 @@ func (c *Capacity) drain() ([]Delta, time.Time, bool) {
 
 // advance brings every window up to bucket b; c.mu must be held.
 func (c *Capacity) advance(b int64) {
-	c.tokens.advance(b)
-	c.reqs.advance(b)
-	c.syncTokens.advance(b)
-	c.syncReqs.advance(b)
+	c.tokens.Advance(b)
+	c.reqs.Advance(b)
+	c.syncTokens.Advance(b)
+	c.syncReqs.Advance(b)
 }
 
 // apply folds another process's charges into this view; pacing says that
 // process is draining background calls into this deployment too.
 func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil time.Time, pacing bool) {
-	b := bucketOf(now)
+	b := window.Bucket(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.advance(b)
 	for _, d := range ds {
 		// A charge stamped ahead of this clock counts from now.
 		bk := min(d.Bucket, b)
-		c.tokens.add(bk, d.Tokens)
-		c.reqs.add(bk, d.Requests)
-		c.syncTokens.add(bk, d.SyncTokens)
-		c.syncReqs.add(bk, d.SyncRequests)
+		c.tokens.Add(bk, d.Tokens)
+		c.reqs.Add(bk, d.Requests)
+		c.syncTokens.Add(bk, d.SyncTokens)
+		c.syncReqs.Add(bk, d.SyncRequests)
 	}
 	if blockedUntil.After(c.blockedUntil) {
 		c.blockedUntil = blockedUntil
@@ -225,10 +163,10 @@ func NewCapacity(tpm, rpm int) *Capacity {
 	return &Capacity{
 		tokenLimit: int64(tpm),
 		reqLimit:   int64(max((rpm+5)/6, 1)),
-		tokens:     newWindow(time.Minute),
-		reqs:       newWindow(10 * time.Second),
-		syncTokens: newWindow(10 * time.Second),
-		syncReqs:   newWindow(10 * time.Second),
+		tokens:     window.New(time.Minute),
+		reqs:       window.New(10 * time.Second),
+		syncTokens: window.New(10 * time.Second),
+		syncReqs:   window.New(10 * time.Second),
 	}
 }
 
@@ -259,7 +197,7 @@ func (c *Capacity) ReserveBackground(now time.Time, est int, keep float64) (*Res
 }
 
 func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool) (*Reservation, bool, time.Time) {
-	b := bucketOf(now)
+	b := window.Bucket(now)
 	e := int64(est)
 	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
 	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
@@ -285,15 +223,15 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 			return nil, false, now.Add(max(wait, 10*time.Millisecond))
 		}
 	}
-	if c.tokens.total+e > tokLimit || c.reqs.total+1 > reqLimit {
-		at := c.tokens.freeAt(tokLimit - e)
-		if rt := c.reqs.freeAt(reqLimit - 1); rt.After(at) {
+	if c.tokens.Total()+e > tokLimit || c.reqs.Total()+1 > reqLimit {
+		at := c.tokens.FreeAt(tokLimit - e)
+		if rt := c.reqs.FreeAt(reqLimit - 1); rt.After(at) {
 			at = rt
 		}
 		return nil, false, at
 	}
-	c.tokens.add(b, e)
-	c.reqs.add(b, 1)
+	c.tokens.Add(b, e)
+	c.reqs.Add(b, 1)
 	d := Delta{Bucket: b, Tokens: e, Requests: 1}
 	if background {
 		c.pacing = c.shared
@@ -301,8 +239,8 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 		c.pace.reqs--
 	} else {
 		d.SyncTokens, d.SyncRequests = e, 1
-		c.syncTokens.add(b, e)
-		c.syncReqs.add(b, 1)
+		c.syncTokens.Add(b, e)
+		c.syncReqs.Add(b, 1)
 	}
 	c.record(d)
 	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
@@ -318,8 +256,8 @@ func (r *Reservation) Commit(actual int) {
 	r.done = true
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
-		r.c.tokens.add(r.c.tokens.last, extra)
-		r.c.record(Delta{Bucket: r.c.tokens.last, Tokens: extra})
+		r.c.tokens.Add(r.c.tokens.Last(), extra)
+		r.c.record(Delta{Bucket: r.c.tokens.Last(), Tokens: extra})
 		r.c.mu.Unlock()
 	}
 }
@@ -331,13 +269,13 @@ func (r *Reservation) Release() {
 	}
 	r.done = true
 	r.c.mu.Lock()
-	r.c.tokens.add(r.bucket, -r.tokens)
-	r.c.reqs.add(r.bucket, -1)
+	r.c.tokens.Add(r.bucket, -r.tokens)
+	r.c.reqs.Add(r.bucket, -1)
 	d := Delta{Bucket: r.bucket, Tokens: -r.tokens, Requests: -1}
 	if r.foreground {
 		d.SyncTokens, d.SyncRequests = -r.tokens, -1
-		r.c.syncTokens.add(r.bucket, -r.tokens)
-		r.c.syncReqs.add(r.bucket, -1)
+		r.c.syncTokens.Add(r.bucket, -r.tokens)
+		r.c.syncReqs.Add(r.bucket, -1)
 	}
 	r.c.record(d)
 	r.c.mu.Unlock()
@@ -349,18 +287,18 @@ func (r *Reservation) Release() {
 // A larger remaining count is not trusted, since this view may hold charges
 // the deployment has not seen yet.
 func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int64) {
-	b := bucketOf(now)
+	b := window.Bucket(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.advance(b)
 	if remainingTokens >= 0 {
-		if d := (c.tokenLimit - remainingTokens) - c.tokens.total; d > 0 {
-			c.tokens.add(b, d)
+		if d := (c.tokenLimit - remainingTokens) - c.tokens.Total(); d > 0 {
+			c.tokens.Add(b, d)
 		}
 	}
 	if remainingRequests >= 0 {
-		if d := (c.reqLimit - remainingRequests) - c.reqs.total; d > 0 {
-			c.reqs.add(b, d)
+		if d := (c.reqLimit - remainingRequests) - c.reqs.Total(); d > 0 {
+			c.reqs.Add(b, d)
 		}
 	}
 }
@@ -381,14 +319,14 @@ func (c *Capacity) Penalize(now time.Time, d time.Duration) {
 // Headroom is what is left now: tokens in the minute and requests in the
 // 10-second window. A penalized deployment has none.
 func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
-	b := bucketOf(now)
+	b := window.Bucket(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.advance(b)
 	if now.Before(c.blockedUntil) {
 		return 0, 0
 	}
-	return c.tokenLimit - c.tokens.total, c.reqLimit - c.reqs.total
+	return c.tokenLimit - c.tokens.Total(), c.reqLimit - c.reqs.Total()
 }
 
 // Slots is how many background calls of est tokens fit now: above the kept
@@ -400,7 +338,7 @@ func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 	if tok < int64(est) || req < 1 {
 		return 0
 	}
-	b := bucketOf(now)
+	b := window.Bucket(now)
 	c.mu.Lock()
 	c.advance(b)
 	c.refill(now, keep)

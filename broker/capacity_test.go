@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/levee-gw/levee/window"
 )
 
 var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
@@ -20,7 +22,7 @@ func TestCapacityChargesOnArrivalAndExpiresAfterAMinute(t *testing.T) {
 		t.Fatal("a full minute admitted more")
 	}
 	// The first charge (t0) frees at t0+60s, at the latest one bucket later.
-	if at.Before(t0.Add(time.Minute)) || at.After(t0.Add(time.Minute+bucketWidth)) {
+	if at.Before(t0.Add(time.Minute)) || at.After(t0.Add(time.Minute+window.Width)) {
 		t.Fatalf("retry at %v, want about t0+60s", at.Sub(t0))
 	}
 	if _, ok, _ := c.Reserve(t0.Add(59*time.Second), 1); ok {
@@ -39,7 +41,7 @@ func TestCapacityRequestsPerTenSeconds(t *testing.T) {
 		}
 	}
 	_, ok, at := c.Reserve(t0.Add(time.Second), 1)
-	if ok || at.Sub(t0) < 10*time.Second || at.Sub(t0) > 10*time.Second+bucketWidth {
+	if ok || at.Sub(t0) < 10*time.Second || at.Sub(t0) > 10*time.Second+window.Width {
 		t.Fatalf("ok=%v at=%v", ok, at.Sub(t0))
 	}
 }
