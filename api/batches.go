@@ -211,6 +211,7 @@ type batchObject struct {
 	CancellingAt     *int64          `json:"cancelling_at"`
 	CancelledAt      *int64          `json:"cancelled_at"`
 	RequestCounts    map[string]int  `json:"request_counts"`
+	Usage            *usageObject    `json:"usage"`
 	Metadata         json.RawMessage `json:"metadata"`
 }
 
@@ -229,7 +230,8 @@ func renderBatch(b *store.Batch) *batchObject {
 		InProgressAt: unix(b.InProgressAt), ExpiresAt: b.ExpiresAt.Unix(), FinalizingAt: unix(b.FinalizingAt),
 		CompletedAt: unix(b.CompletedAt), FailedAt: unix(b.FailedAt), ExpiredAt: unix(b.ExpiredAt),
 		CancellingAt: unix(b.CancellingAt), CancelledAt: unix(b.CancelledAt),
-		RequestCounts: map[string]int{"total": b.Total, "completed": b.Completed, "failed": b.Failed}, Metadata: b.Metadata}
+		RequestCounts: map[string]int{"total": b.Total, "completed": b.Completed, "failed": b.Failed}, Metadata: b.Metadata,
+		Usage: newUsage(b.PromptTokens, b.CompletionTokens, b.CostMicros)}
 	if len(o.Errors) == 0 {
 		o.Errors = json.RawMessage("null")
 	}

@@ -65,9 +65,28 @@ type jobObject struct {
 }
 
 type usageObject struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens     int64 `json:"prompt_tokens"`
+	CompletionTokens int64 `json:"completion_tokens"`
+	TotalTokens      int64 `json:"total_tokens"`
+	// Cost is in the gateway's currency (/v1/usage says which).
+	Cost json.Number `json:"cost"`
+}
+
+func newUsage(prompt, completion, costMicros int64) *usageObject {
+	return &usageObject{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion, Cost: money(costMicros)}
+}
+
+// money renders millionths of a currency unit as an exact decimal number.
+func money(micros int64) json.Number {
+	sign := ""
+	if micros < 0 {
+		sign, micros = "-", -micros
+	}
+	whole, frac := micros/1_000_000, micros%1_000_000
+	if frac == 0 {
+		return json.Number(fmt.Sprintf("%s%d", sign, whole))
+	}
+	return json.Number(strings.TrimRight(fmt.Sprintf("%s%d.%06d", sign, whole, frac), "0"))
 }
 
 type resultObject struct {
@@ -106,7 +125,7 @@ func renderJob(j *store.Job) *jobObject {
 		o.Deployment = &d
 	}
 	if j.Terminal() && j.Status != store.JobCancelled {
-		o.Usage = &usageObject{j.PromptTokens, j.CompletionTokens, j.PromptTokens + j.CompletionTokens}
+		o.Usage = newUsage(int64(j.PromptTokens), int64(j.CompletionTokens), j.CostMicros)
 	}
 	if j.ResultStatus != 0 {
 		body := json.RawMessage(j.ResultBody)

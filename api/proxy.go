@@ -14,6 +14,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/strictjson"
 )
@@ -118,12 +119,33 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	}
 
 	ctx := c.Request().Context()
-	res, err := s.broker.Do(ctx, &broker.Call{Group: g, Req: req, Body: body, Header: c.Request().Header})
+	call := &broker.Call{Group: g, Req: req, Body: body, Header: c.Request().Header}
+	adm, err := s.admitQuota(c, call, key)
 	if err != nil {
+		return err
+	}
+	// The caller's own limits and budget learn what the call used: nothing
+	// if it never got an answer, its estimate if the answer broke off.
+	spent := quota.Usage{Tokens: -1}
+	defer func() { adm.Finish(spent, spent.Tokens >= 0) }()
+	res, err := s.broker.Do(ctx, call)
+	if err != nil {
+		if ctx.Err() != nil && call.Estimated > 0 {
+			// Given up while the deployment had it: it charged on arrival.
+			spent = quota.Usage{Tokens: int64(call.Estimated), Micros: s.prices.Estimate(g, call.Estimated)}
+		}
 		return routeError(ctx, err, g.Name)
 	}
+	spent = quota.Usage{Tokens: int64(res.Estimate), Micros: s.prices.Estimate(g, res.Estimate)}
 	ev.Deployment, ev.Attempts, ev.Status = res.Deployment.Name, res.Attempts, res.Resp.StatusCode
 	defer res.Resp.Body.Close()
+	// What usage the deployment reports is priced, and charged to the caller.
+	settle := func(u *broker.Usage) {
+		ev.PromptTokens, ev.CompletionTokens = u.PromptTokens, u.CompletionTokens
+		ev.CostMicros = s.prices.Cost(res.Deployment.Name, *u, false)
+		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Micros: ev.CostMicros}
+		s.prices.Record(key.TenantName, g.Name, ev.CostMicros)
+	}
 
 	h := c.Response().Header()
 	h.Set("x-levee-deployment", res.Deployment.Name)
@@ -141,7 +163,7 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 			est.TotalTokens = est.PromptTokens + est.CompletionTokens
 			u = est
 		}
-		ev.PromptTokens, ev.CompletionTokens = u.PromptTokens, u.CompletionTokens
+		settle(u)
 		res.Finish(u, cause(streamErr))
 		if streamErr != nil && ctx.Err() != nil {
 			ev.Status = 499 // the client went away
@@ -158,7 +180,7 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	var u *broker.Usage
 	if uu, ok := broker.ParseUsage(raw); ok {
 		u = &uu
-		ev.PromptTokens, ev.CompletionTokens = uu.PromptTokens, uu.CompletionTokens
+		settle(u)
 	}
 	res.Finish(u, nil)
 	h.Set("Content-Length", strconv.Itoa(len(raw)))
@@ -168,6 +190,70 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	// bookkeeping that follows (ledger, metrics) need not delay the client.
 	c.Response().Flush()
 	return nil
+}
+
+// admitQuota charges a synchronous call to its caller's limits and budget;
+// over them, the caller gets a 429 describing its own limit. The call's
+// estimate, made here, is handed to the broker so it is counted once.
+func (s *Server) admitQuota(c echo.Context, call *broker.Call, key *store.Key) (*quota.Admission, error) {
+	if !s.quota.Configured(key.TenantID) {
+		return nil, nil
+	}
+	est, enc := s.broker.Estimate(call.Group, call.Req)
+	call.Estimated, call.EstimateEncoding = est, enc
+	ctx, cancel := s.dbContext(c.Request().Context())
+	defer cancel()
+	adm, ref, err := s.quota.Admit(ctx, quota.Caller{Tenant: key.TenantID, Key: key.ID, Model: call.Group.Name},
+		quota.Charge{Tokens: int64(est), Micros: s.prices.Estimate(call.Group, est)})
+	if err != nil {
+		return nil, err
+	}
+	if ref != nil {
+		rateHeaders(c.Response().Header(), ref.Headers)
+		return nil, quotaRefused(ref, call.Group.Name)
+	}
+	rateHeaders(c.Response().Header(), adm.Headers)
+	return adm, nil
+}
+
+// rateHeaders describe the caller's own limit, as OpenAI's headers do.
+func rateHeaders(h http.Header, q quota.Headers) {
+	if q.LimitTokens >= 0 {
+		h.Set("x-ratelimit-limit-tokens", strconv.FormatInt(q.LimitTokens, 10))
+		h.Set("x-ratelimit-remaining-tokens", strconv.FormatInt(q.RemainingTokens, 10))
+	}
+	if q.LimitRequests >= 0 {
+		h.Set("x-ratelimit-limit-requests", strconv.FormatInt(q.LimitRequests, 10))
+		h.Set("x-ratelimit-remaining-requests", strconv.FormatInt(q.RemainingRequests, 10))
+	}
+}
+
+// quotaRefused is the 429 of a call over its caller's limit or budget.
+func quotaRefused(r *quota.Refusal, model string) *Error {
+	e := &Error{Status: http.StatusTooManyRequests, Type: "requests", Code: r.Code}
+	if !r.RetryAt.IsZero() {
+		e.RetryAfter = max(time.Until(r.RetryAt), time.Millisecond)
+	}
+	who := "This tenant"
+	if r.Code == "key_rate_limit_exceeded" {
+		who = "This API key"
+	}
+	switch {
+	case r.What == "budget":
+		e.Type = "insufficient_quota"
+		e.Message = fmt.Sprintf("The budget for this period is spent; it resets at %s.", r.RetryAt.UTC().Format(time.RFC3339))
+	case r.RetryAt.IsZero():
+		e.Type = "tokens"
+		e.Message = fmt.Sprintf("%s's limit of tokens per minute for %s is smaller than this request's estimate; no wait would help.", who, model)
+	case r.What == "tokens":
+		e.Type = "tokens"
+		e.Message = fmt.Sprintf("%s has used its tokens per minute for %s. Please retry after %.3f seconds.", who, model, e.RetryAfter.Seconds())
+	case r.What == "requests":
+		e.Message = fmt.Sprintf("%s has used its requests per minute for %s. Please retry after %.3f seconds.", who, model, e.RetryAfter.Seconds())
+	default:
+		e.Message = fmt.Sprintf("%s has as many calls in flight as it may. Please retry shortly.", who)
+	}
+	return e
 }
 
 // metricModel keeps unknown model names out of metric labels.

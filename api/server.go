@@ -7,6 +7,7 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -21,6 +22,7 @@ import (
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/webhook"
 )
@@ -61,6 +63,9 @@ type Options struct {
 	Runner  *batch.Runner
 	// Guard checks webhook targets.
 	Guard webhook.Guard
+	// Quota holds callers' limits and budgets; Prices turn usage into cost.
+	Quota  *quota.Quota
+	Prices *quota.Prices
 }
 
 // Server is the HTTP API.
@@ -75,6 +80,8 @@ type Server struct {
 	jobs     JobStore
 	queue    JobQueue
 	outbox   Outbox
+	quota    *quota.Quota
+	prices   *quota.Prices
 	wake     func()
 	batches  *store.Store
 	runner   *batch.Runner
@@ -96,7 +103,7 @@ type metrics struct {
 // New builds the API and its routes.
 func New(o Options) *Server {
 	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys, o.Config.DatabaseMaxConns/2), failures: newFailureLimiter(o.Config.Auth), ledger: o.Ledger, usage: o.Usage,
-		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
+		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, quota: o.Quota, prices: o.Prices, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
 		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-"}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -218,13 +225,14 @@ func (s *Server) model(c echo.Context) error {
 }
 
 type usageLine struct {
-	Date             string `json:"date"`
-	Model            string `json:"model"`
-	Requests         int64  `json:"requests"`
-	Errors           int64  `json:"errors"`
-	PromptTokens     int64  `json:"prompt_tokens"`
-	CompletionTokens int64  `json:"completion_tokens"`
-	TotalTokens      int64  `json:"total_tokens"`
+	Date             string      `json:"date"`
+	Model            string      `json:"model"`
+	Requests         int64       `json:"requests"`
+	Errors           int64       `json:"errors"`
+	PromptTokens     int64       `json:"prompt_tokens"`
+	CompletionTokens int64       `json:"completion_tokens"`
+	TotalTokens      int64       `json:"total_tokens"`
+	Cost             json.Number `json:"cost"`
 }
 
 // usageHandler reports the caller's tenant's usage by day and model, from
@@ -254,18 +262,20 @@ func (s *Server) usageHandler(c echo.Context) error {
 	}
 	data := make([]usageLine, 0, len(rows))
 	var total usageLine
+	var cost int64
 	for _, r := range rows {
 		l := usageLine{Date: r.Day.Format(time.DateOnly), Model: r.Model, Requests: r.Requests, Errors: r.Errors,
-			PromptTokens: r.PromptTokens, CompletionTokens: r.CompletionTokens, TotalTokens: r.PromptTokens + r.CompletionTokens}
+			PromptTokens: r.PromptTokens, CompletionTokens: r.CompletionTokens, TotalTokens: r.PromptTokens + r.CompletionTokens, Cost: money(r.CostMicros)}
 		data = append(data, l)
 		total.Requests += l.Requests
 		total.Errors += l.Errors
 		total.PromptTokens += l.PromptTokens
 		total.CompletionTokens += l.CompletionTokens
 		total.TotalTokens += l.TotalTokens
+		cost += r.CostMicros
 	}
-	return c.JSON(http.StatusOK, map[string]any{"object": "list", "tenant": k.TenantName,
+	return c.JSON(http.StatusOK, map[string]any{"object": "list", "tenant": k.TenantName, "currency": s.prices.Currency,
 		"start_date": p.From.Format(time.DateOnly), "end_date": p.To.Format(time.DateOnly), "data": data,
-		"total": map[string]int64{"requests": total.Requests, "errors": total.Errors, "prompt_tokens": total.PromptTokens,
-			"completion_tokens": total.CompletionTokens, "total_tokens": total.TotalTokens}})
+		"total": map[string]any{"requests": total.Requests, "errors": total.Errors, "prompt_tokens": total.PromptTokens,
+			"completion_tokens": total.CompletionTokens, "total_tokens": total.TotalTokens, "cost": money(cost)}})
 }

@@ -276,6 +276,19 @@ type Usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
+	// Details carry the prompt tokens served from the deployment's cache
+	// (priced lower).
+	Details *struct {
+		CachedTokens int `json:"cached_tokens"`
+	} `json:"prompt_tokens_details,omitempty"`
+}
+
+// CachedTokens is how many prompt tokens came from the cache.
+func (u *Usage) CachedTokens() int {
+	if u.Details == nil {
+		return 0
+	}
+	return min(u.Details.CachedTokens, u.PromptTokens)
 }
 
 var usageKey = []byte(`"usage":`)

@@ -190,20 +190,21 @@ func BenchmarkParseAndEstimate(b *testing.B) {
 
 func TestParseUsage(t *testing.T) {
 	for _, tc := range []struct {
-		body string
-		want Usage
-		ok   bool
+		body                           string
+		prompt, completion, total, hit int
+		ok                             bool
 	}{
-		{`{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`, Usage{3, 4, 7}, true},
-		{`{"usage": {"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{"reasoning_tokens":1}}}`, Usage{3, 4, 7}, true},
-		{`{"choices":[{"message":{"content":"my \"usage\": {\"prompt_tokens\": 99} trick"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}`, Usage{1, 2, 3}, true},
-		{`{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 99}"}}]}`, Usage{}, false},
-		{`{"choices":[],"usage":null}`, Usage{}, false},
-		{`not json "usage":{"prompt_tokens":`, Usage{}, false},
+		{`{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}`, 3, 4, 7, 0, true},
+		{`{"usage": {"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{"reasoning_tokens":1}}}`, 3, 4, 7, 0, true},
+		{`{"usage": {"prompt_tokens":30,"completion_tokens":4,"total_tokens":34,"prompt_tokens_details":{"cached_tokens":20}}}`, 30, 4, 34, 20, true},
+		{`{"choices":[{"message":{"content":"my \"usage\": {\"prompt_tokens\": 99} trick"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}`, 1, 2, 3, 0, true},
+		{`{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 99}"}}]}`, 0, 0, 0, 0, false},
+		{`{"choices":[],"usage":null}`, 0, 0, 0, 0, false},
+		{`not json "usage":{"prompt_tokens":`, 0, 0, 0, 0, false},
 	} {
 		got, ok := ParseUsage([]byte(tc.body))
-		if ok != tc.ok || got != tc.want {
-			t.Errorf("%s: %+v %v, want %+v %v", tc.body, got, ok, tc.want, tc.ok)
+		if ok != tc.ok || (ok && (got.PromptTokens != tc.prompt || got.CompletionTokens != tc.completion || got.TotalTokens != tc.total || got.CachedTokens() != tc.hit)) {
+			t.Errorf("%s: %+v (cached %d) %v", tc.body, got, got.CachedTokens(), ok)
 		}
 	}
 }

@@ -272,6 +272,22 @@ type Call struct {
 	// Background calls (queue workers) use only capacity above each
 	// deployment's synchronous reserve.
 	Background bool
+	// Estimated, when set, is the call's estimate already made with
+	// EstimateEncoding (for the caller's own limits): not counted again.
+	Estimated        int
+	EstimateEncoding string
+}
+
+// Estimate is what the call will be charged on the group's first
+// deployment (the one it is tried on first), and the encoding it was
+// counted with, for Call.Estimated.
+func (b *Broker) Estimate(g *Group, r *Request) (tokens int, encoding string) {
+	ds := g.Deployments()
+	if len(ds) == 0 {
+		return 0, ""
+	}
+	enc := ds[0].Encoding
+	return Estimate(b.tok.PromptTokens(enc, r), r, g.Policy.DefaultMaxTokens), enc
 }
 
 // Result is an admitted call: the response is the deployment's, its body
@@ -324,6 +340,9 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		estEnc   string
 		attempts int
 	)
+	if c.Estimated > 0 {
+		est, estEnc = c.Estimated, c.EstimateEncoding
+	}
 	estimate := func(d *Deployment) int {
 		if d.Encoding != estEnc {
 			estEnc = d.Encoding

@@ -59,6 +59,7 @@ type Config struct {
 	Webhooks    Webhooks     `yaml:"webhooks"`
 	Batches     Batches      `yaml:"batches"`
 	Circuit     Circuit      `yaml:"circuit"`
+	Pricing     Pricing      `yaml:"pricing"`
 	Deployments []Deployment `yaml:"deployments"`
 	Models      []Model      `yaml:"models"`
 }
@@ -156,6 +157,27 @@ type Worker struct {
 	// SyncReserve is the default share of each deployment's limits workers
 	// leave to synchronous traffic.
 	SyncReserve float64 `yaml:"sync_reserve"`
+}
+
+// Pricing turns usage into cost. Every cost and money budget is in
+// Currency.
+type Pricing struct {
+	Currency string  `yaml:"currency"`
+	Prices   []Price `yaml:"prices"`
+}
+
+// Price is what tokens cost on a deployment, or on every deployment of a
+// model, per million tokens.
+type Price struct {
+	// Match is a deployment name or a deployment model; a deployment's own
+	// entry wins over its model's.
+	Match       string   `yaml:"match"`
+	Input       float64  `yaml:"input"`
+	CachedInput *float64 `yaml:"cached_input"` // default: input
+	Output      float64  `yaml:"output"`
+	// BatchDiscount multiplies the cost of batch lines (0.5 for half
+	// price); default 1.
+	BatchDiscount float64 `yaml:"batch_discount"`
 }
 
 // Circuit tunes the per-deployment circuit breaker.
@@ -452,6 +474,9 @@ func (c *Config) Validate() error {
 			return &FieldError{f("encoding"), fmt.Sprintf("%q: must be o200k_base or cl100k_base", d.Encoding)}
 		}
 	}
+	if err := c.Pricing.validate(c.Deployments); err != nil {
+		return err
+	}
 	// A model group per distinct deployment model is implied, so a config that
 	// lists only deployments still works with model names as aliases.
 	aliases := map[string]bool{}
@@ -508,6 +533,44 @@ func (c *Config) Validate() error {
 			}
 		}
 		c.Models = append(c.Models, m)
+	}
+	return nil
+}
+
+func (p *Pricing) validate(ds []Deployment) error {
+	if p.Currency == "" {
+		p.Currency = "USD"
+	}
+	if len(p.Currency) != 3 || strings.ToUpper(p.Currency) != p.Currency {
+		return &FieldError{"pricing.currency", fmt.Sprintf("%q: must be an ISO 4217 code such as USD", p.Currency)}
+	}
+	known := map[string]bool{}
+	for _, d := range ds {
+		known[d.Name], known[d.Model] = true, true
+	}
+	seen := map[string]bool{}
+	for i := range p.Prices {
+		pr := &p.Prices[i]
+		f := func(name string) string { return fmt.Sprintf("pricing.prices[%d].%s", i, name) }
+		switch {
+		case !known[pr.Match]:
+			return &FieldError{f("match"), fmt.Sprintf("%q is neither a deployment nor a deployment's model", pr.Match)}
+		case seen[pr.Match]:
+			return &FieldError{f("match"), fmt.Sprintf("%q is priced twice", pr.Match)}
+		case pr.Input < 0 || pr.Output < 0 || (pr.CachedInput != nil && *pr.CachedInput < 0):
+			return &FieldError{f("input"), "prices must be >= 0"}
+		}
+		seen[pr.Match] = true
+		if pr.CachedInput == nil {
+			in := pr.Input
+			pr.CachedInput = &in
+		}
+		if pr.BatchDiscount == 0 {
+			pr.BatchDiscount = 1
+		}
+		if pr.BatchDiscount < 0 || pr.BatchDiscount > 1 {
+			return &FieldError{f("batch_discount"), "must be in (0, 1]"}
+		}
 	}
 	return nil
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/outbox"
 	"github.com/levee-gw/levee/queue"
+	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/webhook"
 	"github.com/levee-gw/levee/worker"
@@ -55,10 +56,12 @@ type Gateway struct {
 	// workers run in this process.
 	Queue  *queue.Queue
 	Worker *worker.Worker
-	cfg    *config.Config
-	log    *slog.Logger
-	hs     *http.Server
-	errc   chan error
+	// Quota holds the callers' limits and budgets.
+	Quota *quota.Quota
+	cfg   *config.Config
+	log   *slog.Logger
+	hs    *http.Server
+	errc  chan error
 
 	stopWorker     context.CancelFunc
 	workerDone     chan struct{}
@@ -117,6 +120,12 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		func() float64 { return float64(ledger.Dropped()) }))
 
 	guard := Guard(cfg)
+	prices := quota.NewPrices(cfg, reg)
+	qt := quota.New(st, cfg.Pricing.Currency, log)
+	if err := qt.Refresh(ctx); err != nil {
+		return nil, fmt.Errorf("gateway: limits and budgets: %w", err)
+	}
+	g.Quota = qt
 	var (
 		runner *batch.Runner
 		relay  *outbox.Relay
@@ -126,13 +135,14 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		relay = outbox.New(st, q, log)
 	}
 	if roles.Workers {
-		g.Worker = worker.New(q, st, b, worker.ConfigFrom(cfg), reg, log)
+		g.Worker = worker.New(q, st, b, qt, prices, worker.ConfigFrom(cfg), reg, log)
 	}
 
 	var handler http.Handler
 	listen := roles.MetricsAddr
 	if roles.API {
-		opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: guard}
+		opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: guard,
+			Quota: qt, Prices: prices}
 		if q != nil {
 			opts.Jobs, opts.Queue, opts.Outbox, opts.Batches, opts.Runner = st, q, relay, st, runner
 			if g.Worker != nil {
@@ -168,9 +178,15 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
 	g.stopBackground = cancelBG
 	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
+	g.spawn(func() { qt.Run(bg) })
 	if q != nil {
 		sh := broker.NewSharer(q.Conn(), b, "", log)
 		g.spawn(func() { _ = sh.Run(bg) })
+		g.spawn(func() {
+			if err := qt.Share(bg, q.Conn(), ""); err != nil {
+				log.Error("sharing limits", "err", err)
+			}
+		})
 		g.spawn(func() { relay.Run(bg) })
 	}
 	if g.Worker != nil {

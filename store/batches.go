@@ -231,21 +231,32 @@ type Batch struct {
 	ExpiredAt        *time.Time
 	CancellingAt     *time.Time
 	CancelledAt      *time.Time
-	// Counts are live, from the batch's jobs.
-	Completed, Failed int
+	// Counts are live, from the batch's jobs, and so is their usage.
+	Completed, Failed                          int
+	PromptTokens, CompletionTokens, CostMicros int64
 }
 
 const batchColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completion_window, b.status, b.metadata, b.errors, b.total,
 	b.output_file_id, b.error_file_id, b.created_at, b.in_progress_at, b.expires_at, b.finalizing_at, b.completed_at, b.failed_at,
 	b.expired_at, b.cancelling_at, b.cancelled_at,
 	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status = 'succeeded'),
-	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status IN ('failed', 'cancelled'))`
+	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status IN ('failed', 'cancelled')),
+	u.prompt, u.completion, u.cost`
+
+// batchFrom is the FROM clause batchColumns read: the batch and its jobs'
+// usage so far.
+const batchFrom = ` FROM batches b, LATERAL (SELECT coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
+	coalesce(sum(cost_micros), 0) AS cost FROM jobs j WHERE j.batch_id = b.id) u`
+
+// batchFromWithoutUsage is batchFrom for readers that need no usage (the
+// runner, twice a second).
+const batchFromWithoutUsage = ` FROM batches b, LATERAL (SELECT 0::bigint AS prompt, 0::bigint AS completion, 0::bigint AS cost) u`
 
 func scanBatch(row pgx.Row) (*Batch, error) {
 	b := &Batch{}
 	err := row.Scan(&b.ID, &b.TenantID, &b.InputFileID, &b.Endpoint, &b.CompletionWindow, &b.Status, &b.Metadata, &b.Errors, &b.Total,
 		&b.OutputFileID, &b.ErrorFileID, &b.CreatedAt, &b.InProgressAt, &b.ExpiresAt, &b.FinalizingAt, &b.CompletedAt, &b.FailedAt,
-		&b.ExpiredAt, &b.CancellingAt, &b.CancelledAt, &b.Completed, &b.Failed)
+		&b.ExpiredAt, &b.CancellingAt, &b.CancelledAt, &b.Completed, &b.Failed, &b.PromptTokens, &b.CompletionTokens, &b.CostMicros)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -278,7 +289,7 @@ func (s *Store) CreateBatch(ctx context.Context, p *CreateBatchParams) (*Batch, 
 
 // GetBatch returns a tenant's batch with live counts.
 func (s *Store) GetBatch(ctx context.Context, tenant, id uuid.UUID) (*Batch, error) {
-	return scanBatch(s.pool.QueryRow(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.id = $1 AND b.tenant_id = $2`, id, tenant))
+	return scanBatch(s.pool.QueryRow(ctx, `SELECT `+batchColumns+batchFrom+` WHERE b.id = $1 AND b.tenant_id = $2`, id, tenant))
 }
 
 // ListBatches pages through a tenant's batches, newest first.
@@ -286,7 +297,7 @@ func (s *Store) ListBatches(ctx context.Context, tenant, after uuid.UUID, limit 
 	if after == uuid.Nil {
 		after = uuid.Max
 	}
-	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.tenant_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3`, tenant, after, limit+1)
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+batchFrom+` WHERE b.tenant_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3`, tenant, after, limit+1)
 	if err != nil {
 		return nil, false, fmt.Errorf("store: batches: %w", err)
 	}
@@ -300,7 +311,7 @@ func (s *Store) ListBatches(ctx context.Context, tenant, after uuid.UUID, limit 
 
 // OpenBatches lists batches a manager must move on (any tenant).
 func (s *Store) OpenBatches(ctx context.Context) ([]*Batch, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+` FROM batches b WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY b.id`)
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+batchFromWithoutUsage+` WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY b.id`)
 	if err != nil {
 		return nil, err
 	}
@@ -487,7 +498,7 @@ func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFi
 		var line int
 		err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
 			&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-			&j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
+			&j.CostMicros, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
 		return row{j, cid}, line, len(j.Body) + len(j.ResultBody), err
 	}, func(r row) error { return fn(r.j, r.cid) })
 }

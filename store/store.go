@@ -185,6 +185,19 @@ func (s *Store) TenantByName(ctx context.Context, name string) (*Tenant, error) 
 	return t, nil
 }
 
+// TenantName is a tenant's name, by id.
+func (s *Store) TenantName(ctx context.Context, id uuid.UUID) (string, error) {
+	var name string
+	err := s.pool.QueryRow(ctx, `SELECT name FROM tenants WHERE id = $1`, id).Scan(&name)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fmt.Errorf("store: tenant %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return "", fmt.Errorf("store: tenant: %w", err)
+	}
+	return name, nil
+}
+
 // Key is an API key's record; the secret itself is never stored.
 type Key struct {
 	ID              uuid.UUID

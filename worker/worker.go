@@ -27,6 +27,7 @@ import (
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/queue"
+	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 )
 
@@ -49,16 +50,20 @@ func ConfigFrom(c *config.Config) Config {
 
 // Worker drains the job queue.
 type Worker struct {
-	q   *queue.Queue
-	st  *store.Store
-	b   *broker.Broker
-	cfg Config
-	log *slog.Logger
-	m   *metrics
+	q      *queue.Queue
+	st     *store.Store
+	b      *broker.Broker
+	quota  *quota.Quota
+	prices *quota.Prices
+	cfg    Config
+	log    *slog.Logger
+	m      *metrics
 
 	groups map[string]*broker.Group // by model token
 	sem    chan struct{}
 	cursor map[string]int // round-robin position per priority and model
+
+	names sync.Map // tenant id → name, for metrics
 
 	mu         sync.Mutex
 	running    map[uuid.UUID]context.CancelCauseFunc // jobs whose call is in flight here
@@ -68,8 +73,8 @@ type Worker struct {
 }
 
 // New builds a worker pool; reg may be nil.
-func New(q *queue.Queue, st *store.Store, b *broker.Broker, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
-	w := &Worker{q: q, st: st, b: b, cfg: cfg, log: log, groups: map[string]*broker.Group{},
+func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, prices *quota.Prices, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
+	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
 		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), running: map[uuid.UUID]context.CancelCauseFunc{}}
 	for _, name := range b.Models() {
@@ -183,11 +188,20 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			slices.SortFunc(tenants, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
 			key := prio + "/" + model
 			start := w.cursor[key]
+			// A tenant at its own limit keeps its jobs queued: the others
+			// are served past it, and if all of this priority's are at
+			// theirs, the next priority's are.
+			eligible := false
 			for k := 0; k < len(tenants) && slots > 0; k++ {
 				i := (start + k) % len(tenants)
+				room := w.quota.Room(tenants[i], g.Name, int64(est))
+				if room == 0 {
+					continue
+				}
+				eligible = true
 				// Up to maxBatch messages a turn: few enough that tenants
 				// still alternate, many enough to save round trips.
-				want := min(slots, maxBatch, cap(w.sem)-len(w.sem))
+				want := min(slots, maxBatch, cap(w.sem)-len(w.sem), room)
 				if want == 0 {
 					return dispatched
 				}
@@ -214,7 +228,9 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					slots--
 				}
 			}
-			break // lower priorities wait while this one has work
+			if eligible {
+				break // lower priorities wait while this one has work
+			}
 		}
 	}
 	return dispatched
@@ -359,7 +375,39 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		fail("invalid_request", err.Error(), 0, nil)
 		return
 	}
-	res, err := w.b.Do(call, &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true})
+	bc := &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true}
+	// The job's tenant and key limits and budget: over them it waits in the
+	// queue (not an attempt), unless its tenant chose failing for a spent
+	// budget, or it can never fit.
+	var adm *quota.Admission
+	if w.quota.Configured(job.TenantID) {
+		est, enc := w.b.Estimate(g, req)
+		bc.Estimated, bc.EstimateEncoding = est, enc
+		a, ref, err := w.quota.Admit(ctx, quota.Caller{Tenant: job.TenantID, Key: job.KeyID, Model: g.Name},
+			quota.Charge{Tokens: int64(est), Micros: w.prices.Estimate(g, est)})
+		switch {
+		case err != nil:
+			w.m.retries.WithLabelValues("quota_unavailable").Inc()
+			_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
+			_ = msg.NakWithDelay(time.Second)
+			return
+		case ref != nil && ref.Code == "budget_exceeded" && ref.Fail:
+			fail("budget_exceeded", "the tenant's budget for this period is spent", 0, nil)
+			return
+		case ref != nil && ref.RetryAt.IsZero() && ref.What != "budget":
+			fail("request_too_large", "the call is larger than its tenant's or key's tokens per minute", 0, nil)
+			return
+		case ref != nil:
+			w.m.retries.WithLabelValues("tenant_limit").Inc()
+			_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
+			_ = msg.NakWithDelay(min(max(time.Until(ref.RetryAt), 50*time.Millisecond), 30*time.Second))
+			return
+		}
+		adm = a
+	}
+	spent := quota.Usage{Tokens: -1}
+	defer func() { adm.Finish(spent, spent.Tokens >= 0) }()
+	res, err := w.b.Do(call, bc)
 	w.unreserved[model].Add(-unreserved)
 	unreserved = 0
 	var nc *broker.NoCapacityError
@@ -376,8 +424,10 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		fail("request_too_large", tl.Error(), 0, nil)
 		return
 	case errors.Is(context.Cause(call), errNotRunning):
-		// Cancelled while calling: Postgres has its outcome already.
+		// Cancelled while calling: Postgres has its outcome already. The
+		// deployment had the call and charged it.
 		w.m.abortedCalls.Inc()
+		spent = quota.Usage{Tokens: int64(bc.Estimated), Micros: w.prices.Estimate(g, bc.Estimated)}
 		_ = msg.Ack()
 		return
 	case ctx.Err() != nil:
@@ -397,6 +447,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	w.learn(model, res.Estimate)
+	spent = quota.Usage{Tokens: int64(res.Estimate), Micros: w.prices.Estimate(g, res.Estimate)}
 	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
 	res.Resp.Body.Close()
 	if readErr != nil && errors.Is(context.Cause(call), errNotRunning) {
@@ -412,14 +463,17 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	u, hasUsage := broker.ParseUsage(body)
+	var cost int64
 	if hasUsage {
 		res.Finish(&u, nil)
+		cost = w.prices.Cost(res.Deployment.Name, u, job.Priority == "batch")
+		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Micros: cost}
 	} else {
 		res.Finish(nil, nil)
 	}
 	w.m.tokens.WithLabelValues(res.Deployment.Name).Add(float64(u.TotalTokens))
 	p := &store.FinishJobParams{ID: id, Status: store.JobSucceeded, Deployment: res.Deployment.Name, ResultStatus: res.Resp.StatusCode,
-		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, Latency: time.Since(start), Attempts: job.Attempts}
+		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, CostMicros: cost, Latency: time.Since(start), Attempts: job.Attempts}
 	if res.Resp.StatusCode >= 400 {
 		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
 	}
@@ -461,10 +515,24 @@ func (w *Worker) finish(ctx context.Context, msg jetstream.Msg, job *store.Job, 
 	}
 	_ = msg.Ack()
 	if applied {
+		w.prices.Record(w.tenantName(ctx, job.TenantID), job.Model, p.CostMicros)
 		w.m.finished.WithLabelValues(job.Priority, p.Status).Inc()
 		w.m.latency.WithLabelValues(job.Priority).Observe(time.Since(job.CreatedAt).Seconds())
 		w.q.NotifyDone(p.ID)
 	}
+}
+
+// tenantName names a tenant for metrics (its id if it cannot be read).
+func (w *Worker) tenantName(ctx context.Context, id uuid.UUID) string {
+	if v, ok := w.names.Load(id); ok {
+		return v.(string)
+	}
+	name, err := w.st.TenantName(ctx, id)
+	if err != nil {
+		return id.String()
+	}
+	w.names.Store(id, name)
+	return name
 }
 
 // sweep republishes jobs whose message may be missing: accepted but the

@@ -6,6 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
+
+	"github.com/google/uuid"
 
 	"github.com/levee-gw/levee/store"
 )
@@ -41,8 +44,25 @@ func cmdMigrate(ctx context.Context, args []string, out io.Writer, getenv func(s
 }
 
 func cmdTenant(ctx context.Context, args []string, out io.Writer, getenv func(string) string) error {
+	if len(args) > 0 && args[0] == "update" {
+		// levee tenant update NAME [flags]: the name first, then flags.
+		if len(args) < 2 || strings.HasPrefix(args[1], "-") {
+			return errors.New("usage: levee tenant update NAME [--tpm N] [--rpm N] [--concurrency N] [--model M] [--budget 500USD/month] [--budget-tokens N/day] ...")
+		}
+		qf := newQuotaFlags("tenant update")
+		st, _, err := openStore(ctx, qf.fs, args[2:], getenv)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		t, err := st.TenantByName(ctx, args[1])
+		if err != nil {
+			return err
+		}
+		return qf.apply(ctx, st, t.ID, uuid.Nil, out)
+	}
 	if len(args) == 0 || args[0] != "create" {
-		return errors.New("usage: levee tenant create NAME")
+		return errors.New("usage: levee tenant create NAME | levee tenant update NAME [flags]")
 	}
 	st, rest, err := openStore(ctx, flag.NewFlagSet("tenant create", flag.ContinueOnError), args[1:], getenv)
 	if err != nil {
@@ -61,8 +81,28 @@ func cmdTenant(ctx context.Context, args []string, out io.Writer, getenv func(st
 }
 
 func cmdKey(ctx context.Context, args []string, out io.Writer, getenv func(string) string) error {
+	if len(args) > 0 && args[0] == "update" {
+		if len(args) < 2 || strings.HasPrefix(args[1], "-") {
+			return errors.New("usage: levee key update KEY_ID [--tpm N] [--rpm N] [--concurrency N] [--model M] [--budget 50USD/day] ...")
+		}
+		id, err := uuid.Parse(args[1])
+		if err != nil {
+			return fmt.Errorf("%q is not a key id (levee key create prints it)", args[1])
+		}
+		qf := newQuotaFlags("key update")
+		st, _, err := openStore(ctx, qf.fs, args[2:], getenv)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		k, err := st.KeyByID(ctx, id)
+		if err != nil {
+			return err
+		}
+		return qf.apply(ctx, st, k.TenantID, k.ID, out)
+	}
 	if len(args) == 0 || args[0] != "create" {
-		return errors.New("usage: levee key create --tenant NAME [--name LABEL]")
+		return errors.New("usage: levee key create --tenant NAME [--name LABEL] | levee key update KEY_ID [flags]")
 	}
 	fs := flag.NewFlagSet("key create", flag.ContinueOnError)
 	tenant := fs.String("tenant", "", "tenant the key belongs to")

@@ -28,8 +28,13 @@ Usage:
                                (--url/LEVEE_URL, --api-key/LEVEE_API_KEY)
   levee migrate                 [--database-url URL]              apply database migrations
   levee tenant create NAME      [--database-url URL]              create a tenant
+  levee tenant update NAME [--tpm N] [--rpm N] [--concurrency N] [--model ALIAS]
+                           [--budget 500USD/month] [--budget-tokens N/day] [--reset-at T]
+                           [--soft 0.8] [--on-budget wait|fail] [--no-budget]
+                                                                  set a tenant's limits and budget
   levee key create --tenant NAME [--name LABEL] [--database-url URL]
                                                                   create an API key (printed once)
+  levee key update KEY_ID [the flags of tenant update]            set a key's limits and budget
 
 Environment: DATABASE_URL (else levee dev runs a private cluster), NATS_URL,
 LEVEE_DEV_API_KEY (fixes the key levee dev prints), LEVEE_LOG_LEVEL (debug|info|warn|error).

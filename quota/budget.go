@@ -1,0 +1,241 @@
+package quota
+
+import (
+	"context"
+	"math"
+	"sync"
+	"time"
+
+	"github.com/levee-gw/levee/store"
+)
+
+// budget is this process's part of one budget. Postgres holds each period's
+// spend and what every process has leased; spent plus leased never passes
+// the budget, because a lease that would is refused. This process admits
+// calls out of its lease (grant) without a round trip each, and leases
+// more when it runs out: a chunk of 1/64 of the budget while plenty
+// remains, then just what each call needs, so near the end no process sits
+// on budget another one needs. A call that turns out dearer than its
+// estimate overshoots by the difference; that is the most it can.
+type budget struct {
+	mu sync.Mutex
+	b  store.Budget
+
+	period time.Time
+	// grant is leased and free; held is reserved by calls in flight;
+	// consumed is lease used by calls that ended, and spent what they cost:
+	// both go to Postgres at the next flush, which frees the difference.
+	grant, held, consumed, spent amount
+	lastUse                      time.Time
+	// exhaustedUntil spares Postgres a lease attempt per refused call.
+	exhaustedUntil time.Time
+	marked         time.Time // the period budget.exceeded was recorded for
+	// pending are settlements of earlier periods not yet written.
+	pending []settlement
+}
+
+// amount is money (micros) and tokens together.
+type amount struct{ micros, tokens int64 }
+
+func (a amount) add(b amount) amount  { return amount{a.micros + b.micros, a.tokens + b.tokens} }
+func (a amount) sub(b amount) amount  { return amount{a.micros - b.micros, a.tokens - b.tokens} }
+func (a amount) covers(b amount) bool { return a.micros >= b.micros && a.tokens >= b.tokens }
+func (a amount) zero() bool           { return a.micros == 0 && a.tokens == 0 }
+func (a amount) positive() amount     { return amount{max(a.micros, 0), max(a.tokens, 0)} }
+func (a amount) only(lim amount) amount {
+	return amount{pick(lim.micros, a.micros), pick(lim.tokens, a.tokens)}
+}
+
+// pick keeps v only in a dimension the budget limits.
+func pick(limit, v int64) int64 {
+	if limit == 0 {
+		return 0
+	}
+	return v
+}
+
+type settlement struct {
+	period          time.Time
+	spent, released amount
+}
+
+// leaseChunks: a process leases 1/leaseChunks of the budget at a time.
+const leaseChunks = 64
+
+// idleReturn: a grant unused this long goes back, for other processes.
+const idleReturn = time.Second
+
+func newBudget(b store.Budget) *budget { return &budget{b: b} }
+
+func (bg *budget) limit() amount { return amount{bg.b.AmountMicros, bg.b.Tokens} }
+
+// periodStart is the start of the budget's period holding now (UTC).
+func periodStart(b store.Budget, now time.Time) time.Time {
+	now = now.UTC()
+	switch b.Period {
+	case "day":
+		return time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, time.UTC)
+	case "month":
+		return time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC)
+	}
+	// fixed: periods of ResetAt-StartsAt, the first ending at ResetAt.
+	span := b.ResetAt.Sub(b.StartsAt)
+	if span <= 0 {
+		return b.StartsAt.UTC()
+	}
+	k := math.Floor(float64(now.Sub(b.StartsAt)) / float64(span))
+	return b.StartsAt.Add(time.Duration(k) * span).UTC()
+}
+
+// roll moves the budget into now's period; what the old one owes Postgres
+// is kept to be written. bg.mu must be held.
+func (bg *budget) roll(now time.Time) {
+	p := periodStart(bg.b, now)
+	if p.Equal(bg.period) {
+		return
+	}
+	if !bg.period.IsZero() && (!bg.spent.zero() || !bg.consumed.add(bg.grant).zero()) {
+		bg.pending = append(bg.pending, settlement{period: bg.period, spent: bg.spent, released: bg.consumed.add(bg.grant).positive()})
+	}
+	// Calls in flight were leased in the old period: they settle there.
+	bg.period, bg.grant, bg.consumed, bg.spent = p, amount{}, amount{}, amount{}
+	bg.exhaustedUntil = time.Time{}
+}
+
+// reserve takes est for a call, leasing from Postgres if the grant does not
+// cover it. It returns the period the call is charged in, or ok false when
+// the budget is spent.
+func (bg *budget) reserve(ctx context.Context, st Store, now time.Time, est amount) (period time.Time, ok bool, err error) {
+	est = est.only(bg.limit())
+	bg.mu.Lock()
+	bg.roll(now)
+	gaveBack, failed := false, false
+	for {
+		if bg.grant.covers(est) {
+			bg.grant = bg.grant.sub(est)
+			bg.held = bg.held.add(est)
+			bg.lastUse = now
+			p := bg.period
+			bg.mu.Unlock()
+			return p, true, nil
+		}
+		exhausted := failed || now.Before(bg.exhaustedUntil)
+		if exhausted && !gaveBack && !bg.grant.zero() {
+			// What this process holds may be just what another one needs
+			// to make up a call: give it back, and ask for the whole call
+			// once more, so budget left in pieces is never refused.
+			gaveBack = true
+			g, p := bg.grant, bg.period
+			bg.grant = amount{}
+			bg.mu.Unlock()
+			err := st.SettleBudget(ctx, &store.SettleParams{BudgetID: bg.b.ID, TenantID: bg.b.TenantID, PeriodStart: p,
+				ReleaseMicros: g.micros, ReleaseTokens: g.tokens})
+			bg.mu.Lock()
+			if err != nil {
+				bg.pending = append(bg.pending, settlement{period: p, released: g})
+				bg.mu.Unlock()
+				return time.Time{}, false, err
+			}
+		} else if exhausted {
+			bg.exhaustedUntil = now.Add(250 * time.Millisecond)
+			mark := !bg.marked.Equal(bg.period)
+			p := bg.period
+			bg.marked = p
+			bg.mu.Unlock()
+			if mark {
+				err = st.MarkBudgetExceeded(ctx, bg.b.ID, bg.b.TenantID, p)
+			}
+			return time.Time{}, false, err
+		}
+		want := est.sub(bg.grant).positive()
+		p, lim := bg.period, bg.limit()
+		bg.mu.Unlock()
+		m, t, got, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
+			Micros: want.micros, Tokens: want.tokens, ChunkMicros: lim.micros / leaseChunks, ChunkTokens: lim.tokens / leaseChunks,
+			LimitMicros: lim.micros, LimitTokens: lim.tokens})
+		bg.mu.Lock()
+		if err != nil {
+			bg.mu.Unlock()
+			return time.Time{}, false, err
+		}
+		switch {
+		case !p.Equal(bg.period):
+			// The period turned while leasing: that lease is the old one's.
+			bg.pending = append(bg.pending, settlement{period: p, released: amount{m, t}})
+		case got:
+			bg.grant = bg.grant.add(amount{m, t})
+		default:
+			failed = true
+		}
+	}
+}
+
+// release gives back what a call reserved, when it never reached a
+// deployment.
+func (bg *budget) release(period time.Time, est amount) {
+	est = est.only(bg.limit())
+	bg.mu.Lock()
+	defer bg.mu.Unlock()
+	bg.held = bg.held.sub(est)
+	if period.Equal(bg.period) {
+		bg.grant = bg.grant.add(est)
+		return
+	}
+	bg.pending = append(bg.pending, settlement{period: period, released: est})
+}
+
+// settle records what a call cost against what it reserved.
+func (bg *budget) settle(now, period time.Time, est, actual amount) {
+	est, actual = est.only(bg.limit()), actual.only(bg.limit())
+	bg.mu.Lock()
+	defer bg.mu.Unlock()
+	bg.held = bg.held.sub(est)
+	bg.lastUse = now
+	if period.Equal(bg.period) {
+		bg.consumed = bg.consumed.add(est)
+		bg.spent = bg.spent.add(actual)
+		return
+	}
+	bg.pending = append(bg.pending, settlement{period: period, spent: actual, released: est})
+}
+
+// exhausted reports whether the budget refused a lease a moment ago (for
+// workers deciding whether to take a tenant's next job at all).
+func (bg *budget) exhausted(now time.Time) bool {
+	bg.mu.Lock()
+	defer bg.mu.Unlock()
+	return now.Before(bg.exhaustedUntil)
+}
+
+// flush writes settled spend and released leases to Postgres, and gives an
+// idle grant back. What cannot be written now stays to be tried again.
+func (bg *budget) flush(ctx context.Context, st Store, now time.Time) error {
+	bg.mu.Lock()
+	bg.roll(now)
+	todo := bg.pending
+	bg.pending = nil
+	cur := settlement{period: bg.period, spent: bg.spent, released: bg.consumed}
+	bg.spent, bg.consumed = amount{}, amount{}
+	if bg.held.zero() && now.Sub(bg.lastUse) >= idleReturn && !bg.grant.zero() {
+		cur.released = cur.released.add(bg.grant)
+		bg.grant = amount{}
+	}
+	if !cur.spent.zero() || !cur.released.zero() {
+		todo = append(todo, cur)
+	}
+	b := bg.b
+	bg.mu.Unlock()
+	for i, s := range todo {
+		err := st.SettleBudget(ctx, &store.SettleParams{BudgetID: b.ID, TenantID: b.TenantID, PeriodStart: s.period,
+			SpentMicros: s.spent.micros, SpentTokens: s.spent.tokens, ReleaseMicros: s.released.micros, ReleaseTokens: s.released.tokens,
+			ThresholdMicros: int64(math.Ceil(float64(b.AmountMicros) * b.Soft)), ThresholdTokens: int64(math.Ceil(float64(b.Tokens) * b.Soft)),
+			LimitMicros: b.AmountMicros, LimitTokens: b.Tokens})
+		if err != nil {
+			bg.mu.Lock()
+			bg.pending = append(bg.pending, todo[i:]...)
+			bg.mu.Unlock()
+			return err
+		}
+	}
+	return nil
+}

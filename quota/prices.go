@@ -1,0 +1,87 @@
+package quota
+
+import (
+	"math"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/levee-gw/levee/broker"
+	"github.com/levee-gw/levee/config"
+)
+
+// Prices turn usage into cost, in millionths of the configured currency
+// (micros). A price per million tokens is a price in micros per token, so a
+// cost is tokens times price, rounded once, at the end, to a whole micro.
+type Prices struct {
+	Currency   string
+	byName     map[string]price // deployment name or model
+	deployment map[string]string
+	spent      *prometheus.CounterVec
+}
+
+type price struct {
+	in, cached, out, batch float64
+}
+
+// NewPrices builds the price table of a validated config; reg (may be nil)
+// gets levee_cost_total.
+func NewPrices(cfg *config.Config, reg prometheus.Registerer) *Prices {
+	p := &Prices{Currency: cfg.Pricing.Currency, byName: map[string]price{}, deployment: map[string]string{},
+		spent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_cost_total",
+			Help: "What calls cost, in the price table's currency, by tenant and model."}, []string{"tenant", "model"})}
+	if reg != nil {
+		reg.MustRegister(p.spent)
+	}
+	for _, pr := range cfg.Pricing.Prices {
+		p.byName[pr.Match] = price{in: pr.Input, cached: *pr.CachedInput, out: pr.Output, batch: pr.BatchDiscount}
+	}
+	for _, d := range cfg.Deployments {
+		p.deployment[d.Name] = d.Model
+	}
+	return p
+}
+
+// of is a deployment's price: its own entry, else its model's.
+func (p *Prices) of(deployment string) (price, bool) {
+	if pr, ok := p.byName[deployment]; ok {
+		return pr, true
+	}
+	pr, ok := p.byName[p.deployment[deployment]]
+	return pr, ok
+}
+
+// Cost is what usage on a deployment cost; batch applies the deployment's
+// batch discount. Embeddings are priced by their input alone (they have no
+// output tokens).
+func (p *Prices) Cost(deployment string, u broker.Usage, batch bool) int64 {
+	pr, ok := p.of(deployment)
+	if !ok {
+		return 0
+	}
+	cached := u.CachedTokens()
+	c := float64(u.PromptTokens-cached)*pr.in + float64(cached)*pr.cached + float64(u.CompletionTokens)*pr.out
+	if batch {
+		c *= pr.batch
+	}
+	return int64(math.Round(c))
+}
+
+// Record counts a call's cost in levee_cost_total.
+func (p *Prices) Record(tenant, model string, micros int64) {
+	if micros != 0 {
+		p.spent.WithLabelValues(tenant, model).Add(float64(micros) / 1e6)
+	}
+}
+
+// Estimate is the most a call of tokens (its charged estimate) can cost on
+// any deployment of the group: every token at the dearest rate. A budget
+// reserves it on admission and gets back what the call did not cost.
+func (p *Prices) Estimate(g *broker.Group, tokens int) int64 {
+	most := 0.0
+	for _, d := range g.Deployments() {
+		if pr, ok := p.of(d.Name); ok {
+			most = max(most, pr.in, pr.out)
+		}
+	}
+	return int64(math.Ceil(float64(tokens) * most))
+}

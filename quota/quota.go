@@ -1,0 +1,425 @@
+// Package quota owns what each tenant, and each of its keys, may use of the
+// deployments they share: rate limits — tokens and requests per sliding
+// minute, calls in flight; for every model or for one — and budgets per
+// period, in money and/or tokens. A call is charged on admission with the
+// same estimate the deployments charge, and reconciled once its usage is
+// known; one that never reached a deployment gives its charge back. Rate
+// limits are shared across processes the way deployment capacity is
+// (charges broadcast on NATS, folded into every process's windows); budgets
+// are leased from Postgres, so they hold exactly. It also prices usage.
+package quota
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"math"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/window"
+)
+
+// Store is what quota needs of Postgres.
+type Store interface {
+	SettingsVersion(ctx context.Context) (int64, error)
+	LoadQuotas(ctx context.Context) (*store.Quotas, error)
+	LeaseBudget(ctx context.Context, p *store.LeaseParams) (micros, tokens int64, ok bool, err error)
+	SettleBudget(ctx context.Context, p *store.SettleParams) error
+	MarkBudgetExceeded(ctx context.Context, budget, tenant uuid.UUID, period time.Time) error
+}
+
+// Quota is one process's view of every limit and budget.
+type Quota struct {
+	st       Store
+	log      *slog.Logger
+	currency string
+	now      func() time.Time // the clock (tests set their own)
+
+	mu       sync.RWMutex
+	version  int64
+	limiters map[Scope]*limiter
+	budgets  map[Scope]*budget // Model is always ""
+	tenants  map[uuid.UUID]string
+	// configured holds the tenants with any limit or budget: every other
+	// tenant's call is admitted with one map lookup.
+	configured map[uuid.UUID]bool
+
+	urgent chan struct{}
+	// dirty are the scopes with news for the other processes.
+	dirtyMu sync.Mutex
+	dirty   map[Scope]struct{}
+}
+
+// New returns an empty Quota; Load (or Run) fills it. currency is the price
+// table's: money budgets in another currency are not enforced (and said so).
+func New(st Store, currency string, log *slog.Logger) *Quota {
+	return &Quota{st: st, log: log, currency: currency, now: time.Now, limiters: map[Scope]*limiter{}, budgets: map[Scope]*budget{},
+		tenants: map[uuid.UUID]string{}, configured: map[uuid.UUID]bool{}, urgent: make(chan struct{}, 1), dirty: map[Scope]struct{}{}}
+}
+
+// Load replaces the limits and budgets with a snapshot, keeping the windows
+// and leases of scopes that stay.
+func (q *Quota) Load(s *store.Quotas) {
+	limiters := map[Scope]*limiter{}
+	budgets := map[Scope]*budget{}
+	configured := map[uuid.UUID]bool{}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, l := range s.Limits {
+		sc := Scope{Tenant: l.TenantID, Key: l.KeyID, Model: l.Model}
+		lim := Limits{TPM: l.TPM, RPM: l.RPM, Concurrency: l.Concurrency}
+		if old := q.limiters[sc]; old != nil {
+			old.mu.Lock()
+			old.limits = lim
+			old.mu.Unlock()
+			limiters[sc] = old
+		} else {
+			limiters[sc] = newLimiter(sc, lim, q.markDirty)
+		}
+		configured[l.TenantID] = true
+	}
+	for _, b := range s.Budgets {
+		if b.AmountMicros > 0 && b.Currency != q.currency {
+			q.log.Error("a budget is in another currency than the price table; its money limit is not enforced",
+				"tenant", b.TenantID, "budget", b.Currency, "prices", q.currency)
+			b.AmountMicros = 0
+			if b.Tokens == 0 {
+				continue
+			}
+		}
+		sc := Scope{Tenant: b.TenantID, Key: b.KeyID}
+		if old := q.budgets[sc]; old != nil && old.b.ID == b.ID {
+			old.mu.Lock()
+			old.b = b
+			old.mu.Unlock()
+			budgets[sc] = old
+		} else {
+			budgets[sc] = newBudget(b)
+		}
+		configured[b.TenantID] = true
+	}
+	q.limiters, q.budgets, q.configured, q.tenants, q.version = limiters, budgets, configured, s.Tenants, s.Version
+}
+
+// TenantName is a configured tenant's name ("" if unknown here).
+func (q *Quota) TenantName(id uuid.UUID) string {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	return q.tenants[id]
+}
+
+// Caller is who makes a call, for which model (alias).
+type Caller struct {
+	Tenant uuid.UUID
+	Key    uuid.UUID
+	Model  string
+}
+
+// Charge is what a call is reserved for on admission: its estimate in
+// tokens and what that can cost at most.
+type Charge struct {
+	Tokens int64
+	Micros int64
+}
+
+// Refusal says why a call was not admitted.
+type Refusal struct {
+	// Code is tenant_rate_limit_exceeded, key_rate_limit_exceeded or
+	// budget_exceeded.
+	Code string
+	// What bound: tokens, requests, concurrency or budget.
+	What string
+	// RetryAt is when the limit may have room again; zero means never for
+	// this call (it is larger than the limit) or, for a budget, not before
+	// its next period.
+	RetryAt time.Time
+	// Fail is set for a budget whose queued work fails rather than waits.
+	Fail bool
+	// Headers describe the caller's tightest limit.
+	Headers Headers
+}
+
+// Headers describe a caller's limit for x-ratelimit-* headers; -1 where the
+// caller has no such limit.
+type Headers struct {
+	LimitTokens, RemainingTokens     int64
+	LimitRequests, RemainingRequests int64
+}
+
+// Admission is one call's claim; Finish must be called once.
+type Admission struct {
+	q       *Quota
+	now     time.Time
+	bucket  int64
+	charge  Charge
+	limits  []*limiter
+	budgets []*budget
+	periods []time.Time
+	Headers Headers
+	done    bool
+}
+
+// None is the admission of a caller with no limits or budgets.
+var none = &Admission{done: true, Headers: Headers{-1, -1, -1, -1}}
+
+// Configured reports whether a tenant has any limit or budget (when not,
+// Admit needs no estimate).
+func (q *Quota) Configured(tenant uuid.UUID) bool {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	return q.configured[tenant]
+}
+
+// scopes lists the limiters and budget that apply to a caller, tenant's
+// before key's (the order locks are taken in).
+func (q *Quota) scopes(c Caller) ([]*limiter, []Scope, []*budget) {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	var ls []*limiter
+	var names []Scope
+	for _, sc := range []Scope{{c.Tenant, uuid.Nil, ""}, {c.Tenant, uuid.Nil, c.Model}, {c.Tenant, c.Key, ""}, {c.Tenant, c.Key, c.Model}} {
+		if l := q.limiters[sc]; l != nil && !slices.Contains(ls, l) {
+			ls, names = append(ls, l), append(names, sc)
+		}
+	}
+	var bs []*budget
+	for _, sc := range []Scope{{c.Tenant, uuid.Nil, ""}, {c.Tenant, c.Key, ""}} {
+		if b := q.budgets[sc]; b != nil && !slices.Contains(bs, b) {
+			bs = append(bs, b)
+		}
+	}
+	return ls, names, bs
+}
+
+// Admit charges a call to its caller's limits and budgets, or says why not.
+func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Refusal, error) {
+	if !q.Configured(c.Tenant) {
+		return none, nil, nil
+	}
+	now := q.now()
+	ls, names, bs := q.scopes(c)
+	a := &Admission{q: q, now: now, bucket: window.Bucket(now), charge: ch, limits: ls, budgets: bs, Headers: Headers{-1, -1, -1, -1}}
+	b := a.bucket
+	for _, l := range ls {
+		l.mu.Lock()
+		l.tokens.Advance(b)
+		l.reqs.Advance(b)
+	}
+	unlock := func() {
+		for _, l := range ls {
+			l.mu.Unlock()
+		}
+	}
+	for i, l := range ls {
+		if ok, at, what := l.check(now, ch.Tokens); !ok {
+			h := headersOf(ls)
+			unlock()
+			code := "tenant_rate_limit_exceeded"
+			if names[i].Key != uuid.Nil {
+				code = "key_rate_limit_exceeded"
+			}
+			return nil, &Refusal{Code: code, What: what, RetryAt: at, Headers: h}, nil
+		}
+	}
+	near := false
+	for _, l := range ls {
+		l.charge(b, ch.Tokens)
+		if t := l.limits.TPM; t > 0 && l.tokens.Total()*10 > t*9 {
+			near = true
+		}
+		if r := l.limits.RPM; r > 0 && l.reqs.Total()*10 > r*9 {
+			near = true
+		}
+	}
+	a.Headers = headersOf(ls)
+	unlock()
+	if near {
+		q.nudge()
+	}
+	est := amount{ch.Micros, ch.Tokens}
+	for i, bg := range bs {
+		p, ok, err := bg.reserve(ctx, q.st, now, est)
+		if err == nil && ok {
+			a.periods = append(a.periods, p)
+			continue
+		}
+		// Give back what was taken: limits, and the budgets reserved.
+		for k := 0; k < i; k++ {
+			bs[k].release(a.periods[k], est)
+		}
+		a.budgets = nil
+		for _, l := range ls {
+			l.end(now, b, ch.Tokens, 0, false)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		return nil, &Refusal{Code: "budget_exceeded", What: "budget", Fail: bg.b.OnExhausted == "fail",
+			RetryAt: nextPeriod(bg.b, now), Headers: a.Headers}, nil
+	}
+	return a, nil, nil
+}
+
+// nextPeriod is when a budget's next period starts.
+func nextPeriod(b store.Budget, now time.Time) time.Time {
+	p := periodStart(b, now)
+	switch b.Period {
+	case "day":
+		return p.AddDate(0, 0, 1)
+	case "month":
+		return p.AddDate(0, 1, 0)
+	}
+	return p.Add(b.ResetAt.Sub(b.StartsAt))
+}
+
+// headersOf picks the tightest of the limiters (by what remains); their
+// mutexes must be held.
+func headersOf(ls []*limiter) Headers {
+	h := Headers{-1, -1, -1, -1}
+	for _, l := range ls {
+		t, r := l.remaining()
+		if t >= 0 && (h.RemainingTokens < 0 || t < h.RemainingTokens) {
+			h.LimitTokens, h.RemainingTokens = l.limits.TPM, t
+		}
+		if r >= 0 && (h.RemainingRequests < 0 || r < h.RemainingRequests) {
+			h.LimitRequests, h.RemainingRequests = l.limits.RPM, r
+		}
+	}
+	return h
+}
+
+// Usage is what a call turned out to cost.
+type Usage struct {
+	Tokens int64
+	Micros int64
+}
+
+// Finish reconciles the call: with reached false (it never got to a
+// deployment) everything is given back; otherwise tokens beyond the
+// estimate are charged to the rate windows (an estimate is never lowered,
+// as a deployment never lowers its charge) and the budget is charged what
+// the call cost.
+func (a *Admission) Finish(u Usage, reached bool) {
+	if a == nil || a.done {
+		return
+	}
+	a.done = true
+	now := a.q.now()
+	for _, l := range a.limits {
+		l.end(now, a.bucket, a.charge.Tokens, u.Tokens-a.charge.Tokens, reached)
+	}
+	est := amount{a.charge.Micros, a.charge.Tokens}
+	for i, bg := range a.budgets {
+		if reached {
+			bg.settle(now, a.periods[i], est, amount{u.Micros, u.Tokens})
+		} else {
+			bg.release(a.periods[i], est)
+		}
+	}
+}
+
+// Room is how many queued calls of est tokens a tenant can start now for a
+// model (math.MaxInt when nothing limits it): 0 when a rate limit is full
+// or its budget is spent and its queued work waits. Workers take no more of
+// its jobs than that, so they stay queued while other tenants' drain; a
+// key's limits are met when its job is run.
+func (q *Quota) Room(tenant uuid.UUID, model string, est int64) int {
+	if !q.Configured(tenant) {
+		return math.MaxInt
+	}
+	now := q.now()
+	q.mu.RLock()
+	ls := []*limiter{q.limiters[Scope{tenant, uuid.Nil, ""}], q.limiters[Scope{tenant, uuid.Nil, model}]}
+	bg := q.budgets[Scope{tenant, uuid.Nil, ""}]
+	q.mu.RUnlock()
+	room := math.MaxInt
+	for _, l := range ls {
+		if l != nil {
+			room = min(room, l.room(now, est))
+		}
+	}
+	if bg != nil && bg.b.OnExhausted == "wait" && bg.exhausted(now) {
+		room = 0
+	}
+	return room
+}
+
+func (q *Quota) markDirty(sc Scope) {
+	q.dirtyMu.Lock()
+	q.dirty[sc] = struct{}{}
+	q.dirtyMu.Unlock()
+}
+
+func (q *Quota) nudge() {
+	select {
+	case q.urgent <- struct{}{}:
+	default:
+	}
+}
+
+// Run keeps the view current until ctx ends: it reloads limits and budgets
+// when their version moves (checked every second, so a change reaches every
+// process within a few), and writes budget spend every half second (and a
+// last time when ctx ends).
+func (q *Quota) Run(ctx context.Context) {
+	reload := time.NewTicker(time.Second)
+	flush := time.NewTicker(500 * time.Millisecond)
+	defer reload.Stop()
+	defer flush.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			q.Flush(fctx)
+			cancel()
+			return
+		case <-reload.C:
+			if err := q.Refresh(ctx); err != nil && ctx.Err() == nil {
+				q.log.Warn("quota: reloading limits and budgets", "err", err)
+			}
+		case <-flush.C:
+			q.Flush(ctx)
+		}
+	}
+}
+
+// Refresh reloads limits and budgets if they changed.
+func (q *Quota) Refresh(ctx context.Context) error {
+	v, err := q.st.SettingsVersion(ctx)
+	if err != nil {
+		return err
+	}
+	q.mu.RLock()
+	same := v == q.version
+	q.mu.RUnlock()
+	if same {
+		return nil
+	}
+	s, err := q.st.LoadQuotas(ctx)
+	if err != nil {
+		return err
+	}
+	q.Load(s)
+	return nil
+}
+
+// Flush writes every budget's settled spend now.
+func (q *Quota) Flush(ctx context.Context) {
+	q.mu.RLock()
+	bs := make([]*budget, 0, len(q.budgets))
+	for _, b := range q.budgets {
+		bs = append(bs, b)
+	}
+	q.mu.RUnlock()
+	now := q.now()
+	for _, b := range bs {
+		if err := b.flush(ctx, q.st, now); err != nil && !errors.Is(err, context.Canceled) {
+			q.log.Warn("quota: writing budget spend; will retry", "budget", b.b.ID, "err", err)
+		}
+	}
+}

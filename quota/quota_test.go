@@ -1,0 +1,252 @@
+package quota
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/levee-gw/levee/store"
+)
+
+// memStore is Postgres's part of budgets, in memory, with the same rules
+// as store.LeaseBudget and store.SettleBudget (spent plus leased never
+// passes the limit).
+type memStore struct {
+	mu       sync.Mutex
+	q        *store.Quotas
+	spend    map[time.Time]*store.BudgetSpend
+	leases   int
+	exceeded int
+}
+
+func (m *memStore) SettingsVersion(context.Context) (int64, error)    { return m.q.Version, nil }
+func (m *memStore) LoadQuotas(context.Context) (*store.Quotas, error) { return m.q, nil }
+func (m *memStore) MarkBudgetExceeded(context.Context, uuid.UUID, uuid.UUID, time.Time) error {
+	m.mu.Lock()
+	m.exceeded++
+	m.mu.Unlock()
+	return nil
+}
+
+func (m *memStore) row(p time.Time) *store.BudgetSpend {
+	if m.spend == nil {
+		m.spend = map[time.Time]*store.BudgetSpend{}
+	}
+	if m.spend[p] == nil {
+		m.spend[p] = &store.BudgetSpend{}
+	}
+	return m.spend[p]
+}
+
+func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (int64, int64, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.leases++
+	r := m.row(p.PeriodStart)
+	um, ut := r.SpentMicros+r.LeasedMicros, r.SpentTokens+r.LeasedTokens
+	cm, ct := max(p.Micros, p.ChunkMicros), max(p.Tokens, p.ChunkTokens)
+	gm, gt := p.Micros, p.Tokens
+	if (p.LimitMicros == 0 || um+4*cm <= p.LimitMicros) && (p.LimitTokens == 0 || ut+4*ct <= p.LimitTokens) {
+		gm, gt = cm, ct
+	}
+	if (p.LimitMicros > 0 && um+gm > p.LimitMicros) || (p.LimitTokens > 0 && ut+gt > p.LimitTokens) {
+		return 0, 0, false, nil
+	}
+	r.LeasedMicros += gm
+	r.LeasedTokens += gt
+	return gm, gt, true, nil
+}
+
+func (m *memStore) SettleBudget(_ context.Context, p *store.SettleParams) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.row(p.PeriodStart)
+	r.SpentMicros += p.SpentMicros
+	r.SpentTokens += p.SpentTokens
+	r.LeasedMicros = max(r.LeasedMicros-p.ReleaseMicros, 0)
+	r.LeasedTokens = max(r.LeasedTokens-p.ReleaseTokens, 0)
+	return nil
+}
+
+var (
+	tenant = uuid.MustParse("00000000-0000-0000-0000-00000000000a")
+	key    = uuid.MustParse("00000000-0000-0000-0000-0000000000b1")
+	t0     = time.Date(2031, 5, 10, 12, 0, 0, 0, time.UTC)
+	quiet  = slog.New(slog.NewTextHandler(io.Discard, nil))
+)
+
+func newQuota(t *testing.T, st *memStore) *Quota {
+	t.Helper()
+	q := New(st, "USD", quiet)
+	q.now = func() time.Time { return t0 }
+	q.Load(st.q)
+	return q
+}
+
+// at sets q's clock.
+func at(q *Quota, t time.Time) *Quota {
+	q.now = func() time.Time { return t }
+	return q
+}
+
+func TestRateLimitsRefuseAndTellWhen(t *testing.T) {
+	st := &memStore{q: &store.Quotas{Version: 1, Limits: []store.Limits{
+		{TenantID: tenant, TPM: 1000, RPM: 5},
+		{TenantID: tenant, KeyID: key, Concurrency: 2},
+	}}}
+	q := newQuota(t, st)
+	me := Caller{Tenant: tenant, Key: key, Model: "gpt-4o"}
+	ctx := context.Background()
+
+	// 400 + 400 fit a 1,000 TPM minute; a third does not, until the minute
+	// of the first has passed.
+	a1, r, _ := q.Admit(ctx, me, Charge{Tokens: 400})
+	a2, r2, _ := q.Admit(ctx, me, Charge{Tokens: 400})
+	if r != nil || r2 != nil {
+		t.Fatalf("refused: %+v %+v", r, r2)
+	}
+	if a2.Headers.LimitTokens != 1000 || a2.Headers.RemainingTokens != 200 || a2.Headers.LimitRequests != 5 || a2.Headers.RemainingRequests != 3 {
+		t.Fatalf("headers %+v", a2.Headers)
+	}
+	// Two in flight: the key's concurrency binds first.
+	if _, r, _ := q.Admit(ctx, me, Charge{Tokens: 10}); r == nil || r.Code != "key_rate_limit_exceeded" || r.What != "concurrency" {
+		t.Fatalf("third call in flight: %+v", r)
+	}
+	a1.Finish(Usage{Tokens: 300}, true) // cheaper than estimated: the charge stays
+	_, r, _ = q.Admit(ctx, me, Charge{Tokens: 400})
+	if r == nil || r.Code != "tenant_rate_limit_exceeded" || r.What != "tokens" || !r.RetryAt.After(t0.Add(59*time.Second)) {
+		t.Fatalf("over TPM: %+v", r)
+	}
+	a2.Finish(Usage{}, false) // never reached a deployment: all of it back
+	if a, r, _ := q.Admit(ctx, me, Charge{Tokens: 400}); r != nil {
+		t.Fatalf("after a release: %+v", r)
+	} else {
+		a.Finish(Usage{Tokens: 900}, true) // dearer: 500 more charged now
+	}
+	if _, r, _ := at(q, t0.Add(time.Second)).Admit(ctx, me, Charge{Tokens: 1}); r == nil || r.What != "tokens" {
+		t.Fatalf("after a call cost more than its estimate: %+v", r)
+	}
+	if _, r, _ := at(q, t0.Add(61*time.Second)).Admit(ctx, me, Charge{Tokens: 1001}); r == nil || !r.RetryAt.IsZero() {
+		t.Fatalf("larger than the limit is never: %+v", r)
+	}
+	// A tenant with nothing configured costs a map lookup.
+	if a, r, _ := q.Admit(ctx, Caller{Tenant: uuid.New()}, Charge{Tokens: 1 << 40}); r != nil || a != none {
+		t.Fatalf("unconfigured tenant: %v %+v", a, r)
+	}
+}
+
+func TestRequestsPerMinute(t *testing.T) {
+	st := &memStore{q: &store.Quotas{Version: 1, Limits: []store.Limits{{TenantID: tenant, Model: "gpt-4o", RPM: 3}}}}
+	q := newQuota(t, st)
+	me := Caller{Tenant: tenant, Key: key, Model: "gpt-4o"}
+	for i := 0; i < 3; i++ {
+		a, r, _ := q.Admit(context.Background(), me, Charge{Tokens: 1})
+		if r != nil {
+			t.Fatalf("call %d: %+v", i, r)
+		}
+		a.Finish(Usage{Tokens: 1}, true)
+	}
+	if _, r, _ := q.Admit(context.Background(), me, Charge{Tokens: 1}); r == nil || r.What != "requests" {
+		t.Fatalf("fourth: %+v", r)
+	}
+	// Another model is not limited.
+	if _, r, _ := q.Admit(context.Background(), Caller{Tenant: tenant, Model: "other"}, Charge{Tokens: 1}); r != nil {
+		t.Fatalf("another model: %+v", r)
+	}
+}
+
+// Two processes, 64 callers, a budget of 100 calls: exactly 100 are served,
+// and the spend recorded is the spend served.
+func TestBudgetHoldsExactlyAcrossProcesses(t *testing.T) {
+	bid := uuid.New()
+	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{{ID: bid, TenantID: tenant, Tokens: 100 * 50, Period: "day", Soft: 0.8, OnExhausted: "wait"}}}}
+	qs := []*Quota{newQuota(t, st), newQuota(t, st)}
+	var mu sync.Mutex
+	served, refused := 0, 0
+	var wg sync.WaitGroup
+	for c := 0; c < 64; c++ {
+		wg.Add(1)
+		go func(c int) {
+			defer wg.Done()
+			q := qs[c%2]
+			for {
+				a, r, err := q.Admit(context.Background(), Caller{Tenant: tenant, Key: key}, Charge{Tokens: 50})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if r != nil {
+					mu.Lock()
+					refused++
+					mu.Unlock()
+					return
+				}
+				a.Finish(Usage{Tokens: 50}, true)
+				mu.Lock()
+				served++
+				mu.Unlock()
+				if c%7 == 0 {
+					q.Flush(context.Background())
+				}
+			}
+		}(c)
+	}
+	wg.Wait()
+	for _, q := range qs {
+		q.Flush(context.Background())
+	}
+	p := periodStart(st.q.Budgets[0], t0)
+	if served != 100 {
+		for _, q := range qs {
+			for _, b := range q.budgets {
+				t.Logf("grant %+v held %+v consumed %+v spent %+v pending %+v", b.grant, b.held, b.consumed, b.spent, b.pending)
+			}
+		}
+		t.Fatalf("served %d calls of a 100-call budget (%d refused); store %+v", served, refused, st.spend[periodStart(st.q.Budgets[0], t0)])
+	}
+	if got := st.spend[p].SpentTokens; got != 100*50 {
+		t.Fatalf("spend recorded %d, served %d", got, 100*50)
+	}
+	t.Logf("100 calls over 2 processes took %d leases", st.leases)
+}
+
+func TestBudgetLeasesInChunksWhilePlentyRemains(t *testing.T) {
+	bid := uuid.New()
+	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{{ID: bid, TenantID: tenant, AmountMicros: 64_000_000, Currency: "USD", Period: "month", Soft: 0.8}}}}
+	q := newQuota(t, st)
+	for i := 0; i < 100; i++ {
+		a, r, err := q.Admit(context.Background(), Caller{Tenant: tenant}, Charge{Tokens: 10, Micros: 1000})
+		if err != nil || r != nil {
+			t.Fatalf("call %d: %v %+v", i, err, r)
+		}
+		a.Finish(Usage{Tokens: 10, Micros: 400}, true)
+	}
+	if st.leases != 1 {
+		t.Fatalf("100 small calls took %d leases of a big budget, want 1", st.leases)
+	}
+	q.Flush(context.Background())
+	r := st.spend[periodStart(st.q.Budgets[0], t0)]
+	if r.SpentMicros != 100*400 || r.LeasedMicros != 1_000_000-100*1000 {
+		t.Fatalf("after a flush: %+v", r)
+	}
+}
+
+func TestBudgetPeriods(t *testing.T) {
+	for _, tc := range []struct {
+		b         store.Budget
+		now, want time.Time
+	}{
+		{store.Budget{Period: "day"}, time.Date(2031, 5, 10, 23, 59, 0, 0, time.UTC), time.Date(2031, 5, 10, 0, 0, 0, 0, time.UTC)},
+		{store.Budget{Period: "month"}, time.Date(2031, 5, 31, 23, 0, 0, 0, time.FixedZone("x", -5*3600)), time.Date(2031, 6, 1, 0, 0, 0, 0, time.UTC)},
+		{store.Budget{Period: "fixed", StartsAt: t0, ResetAt: t0.Add(7 * 24 * time.Hour)}, t0.Add(10 * 24 * time.Hour), t0.Add(7 * 24 * time.Hour)},
+	} {
+		if got := periodStart(tc.b, tc.now); !got.Equal(tc.want) {
+			t.Errorf("%s at %v: %v, want %v", tc.b.Period, tc.now, got, tc.want)
+		}
+	}
+}
