@@ -201,9 +201,7 @@ func (s *Server) admitQuota(c echo.Context, call *broker.Call, key *store.Key) (
 	}
 	est, enc := s.broker.Estimate(call.Group, call.Req)
 	call.Estimated, call.EstimateEncoding = est, enc
-	ctx, cancel := s.dbContext(c.Request().Context())
-	defer cancel()
-	adm, ref, err := s.quota.Admit(ctx, quota.Caller{Tenant: key.TenantID, Key: key.ID, Model: call.Group.Name},
+	adm, ref, err := s.quota.Admit(c.Request().Context(), quota.Caller{Tenant: key.TenantID, Key: key.ID, Model: call.Group.Name},
 		quota.Charge{Tokens: int64(est), Micros: s.prices.Estimate(call.Group, est)})
 	if err != nil {
 		return nil, err
@@ -217,14 +215,15 @@ func (s *Server) admitQuota(c echo.Context, call *broker.Call, key *store.Key) (
 }
 
 // rateHeaders describe the caller's own limit, as OpenAI's headers do.
+// (The keys are written canonical, so setting them costs no rewriting.)
 func rateHeaders(h http.Header, q quota.Headers) {
 	if q.LimitTokens >= 0 {
-		h.Set("x-ratelimit-limit-tokens", strconv.FormatInt(q.LimitTokens, 10))
-		h.Set("x-ratelimit-remaining-tokens", strconv.FormatInt(q.RemainingTokens, 10))
+		h["X-Ratelimit-Limit-Tokens"] = []string{strconv.FormatInt(q.LimitTokens, 10)}
+		h["X-Ratelimit-Remaining-Tokens"] = []string{strconv.FormatInt(q.RemainingTokens, 10)}
 	}
 	if q.LimitRequests >= 0 {
-		h.Set("x-ratelimit-limit-requests", strconv.FormatInt(q.LimitRequests, 10))
-		h.Set("x-ratelimit-remaining-requests", strconv.FormatInt(q.RemainingRequests, 10))
+		h["X-Ratelimit-Limit-Requests"] = []string{strconv.FormatInt(q.LimitRequests, 10)}
+		h["X-Ratelimit-Remaining-Requests"] = []string{strconv.FormatInt(q.RemainingRequests, 10)}
 	}
 }
 

@@ -36,6 +36,7 @@ type File struct {
 	Webhooks    config.Webhooks  `yaml:"webhooks"`
 	HTTP        config.HTTP      `yaml:"http"`
 	Auth        config.Auth      `yaml:"auth"`
+	Pricing     config.Pricing   `yaml:"pricing"`
 	// DatabaseMaxConns sizes the gateway's Postgres pool; DatabaseTimeout
 	// bounds a request's wait on it.
 	DatabaseMaxConns int           `yaml:"database_max_conns"`
@@ -190,7 +191,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
-		HTTP: o.File.HTTP, Auth: o.File.Auth, DatabaseMaxConns: o.File.DatabaseMaxConns, DatabaseTimeout: o.File.DatabaseTimeout, ShutdownTimeout: 10 * time.Second}
+		HTTP: o.File.HTTP, Auth: o.File.Auth, Pricing: o.File.Pricing, DatabaseMaxConns: o.File.DatabaseMaxConns, DatabaseTimeout: o.File.DatabaseTimeout, ShutdownTimeout: 10 * time.Second}
 	cfg.Webhooks = o.File.Webhooks
 	cfg.Webhooks.AllowLoopback = true // so a receiver on this machine works
 	for _, d := range o.File.Deployments {

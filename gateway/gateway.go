@@ -121,7 +121,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 
 	guard := Guard(cfg)
 	prices := quota.NewPrices(cfg, reg)
-	qt := quota.New(st, cfg.Pricing.Currency, log)
+	qt := quota.New(st, cfg.Pricing.Currency, cfg.DatabaseTimeout, log)
 	if err := qt.Refresh(ctx); err != nil {
 		return nil, fmt.Errorf("gateway: limits and budgets: %w", err)
 	}

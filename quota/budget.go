@@ -105,7 +105,15 @@ func (bg *budget) roll(now time.Time) {
 // reserve takes est for a call, leasing from Postgres if the grant does not
 // cover it. It returns the period the call is charged in, or ok false when
 // the budget is spent.
-func (bg *budget) reserve(ctx context.Context, st Store, now time.Time, est amount) (period time.Time, ok bool, err error) {
+func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, now time.Time, est amount) (period time.Time, ok bool, err error) {
+	// Most reservations come out of the grant; only the calls to Postgres
+	// wait, and each wait is bounded.
+	db := func() (context.Context, context.CancelFunc) {
+		if timeout <= 0 {
+			return ctx, func() {}
+		}
+		return context.WithTimeout(ctx, timeout)
+	}
 	est = est.only(bg.limit())
 	bg.mu.Lock()
 	bg.roll(now)
@@ -128,8 +136,10 @@ func (bg *budget) reserve(ctx context.Context, st Store, now time.Time, est amou
 			g, p := bg.grant, bg.period
 			bg.grant = amount{}
 			bg.mu.Unlock()
-			err := st.SettleBudget(ctx, &store.SettleParams{BudgetID: bg.b.ID, TenantID: bg.b.TenantID, PeriodStart: p,
+			dctx, cancel := db()
+			err := st.SettleBudget(dctx, &store.SettleParams{BudgetID: bg.b.ID, TenantID: bg.b.TenantID, PeriodStart: p,
 				ReleaseMicros: g.micros, ReleaseTokens: g.tokens})
+			cancel()
 			bg.mu.Lock()
 			if err != nil {
 				bg.pending = append(bg.pending, settlement{period: p, released: g})
@@ -143,16 +153,20 @@ func (bg *budget) reserve(ctx context.Context, st Store, now time.Time, est amou
 			bg.marked = p
 			bg.mu.Unlock()
 			if mark {
-				err = st.MarkBudgetExceeded(ctx, bg.b.ID, bg.b.TenantID, p)
+				dctx, cancel := db()
+				err = st.MarkBudgetExceeded(dctx, bg.b.ID, bg.b.TenantID, p)
+				cancel()
 			}
 			return time.Time{}, false, err
 		}
 		want := est.sub(bg.grant).positive()
 		p, lim := bg.period, bg.limit()
 		bg.mu.Unlock()
-		m, t, got, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
+		dctx, cancel := db()
+		m, t, got, err := st.LeaseBudget(dctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
 			Micros: want.micros, Tokens: want.tokens, ChunkMicros: lim.micros / leaseChunks, ChunkTokens: lim.tokens / leaseChunks,
 			LimitMicros: lim.micros, LimitTokens: lim.tokens})
+		cancel()
 		bg.mu.Lock()
 		if err != nil {
 			bg.mu.Unlock()

@@ -3,6 +3,7 @@ package quota
 import (
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -28,7 +29,8 @@ type Limits struct {
 type limiter struct {
 	mu       sync.Mutex
 	scope    Scope
-	mark     func(Scope) // tells the sharer this limiter has news
+	shared   *atomic.Bool // whether a sharer runs (else nothing is kept for it)
+	mark     func(Scope)  // tells the sharer this limiter has news
 	limits   Limits
 	tokens   window.Window
 	reqs     window.Window
@@ -58,8 +60,8 @@ type delta struct {
 // without word from it (it repeats them every second).
 const peerTTL = 3 * time.Second
 
-func newLimiter(sc Scope, l Limits, mark func(Scope)) *limiter {
-	return &limiter{scope: sc, mark: mark, limits: l, tokens: window.New(time.Minute), reqs: window.New(time.Minute), peers: map[string]peer{}}
+func newLimiter(sc Scope, l Limits, shared *atomic.Bool, mark func(Scope)) *limiter {
+	return &limiter{scope: sc, shared: shared, mark: mark, limits: l, tokens: window.New(time.Minute), reqs: window.New(time.Minute), peers: map[string]peer{}}
 }
 
 // inFlight is every process's calls in flight; l.mu must be held.
@@ -103,8 +105,19 @@ func (l *limiter) charge(b, est int64) {
 	l.tokens.Add(b, est)
 	l.reqs.Add(b, 1)
 	l.inflight++
+	l.tell(delta{Bucket: b, Tokens: est, Requests: 1})
+}
+
+// tell keeps a change for the other processes, if any listen; l.mu must be
+// held.
+func (l *limiter) tell(d delta) {
+	if !l.shared.Load() {
+		return
+	}
 	l.inflightDirt = true
-	l.outbox = append(l.outbox, delta{Bucket: b, Tokens: est, Requests: 1})
+	if d != (delta{}) {
+		l.outbox = append(l.outbox, d)
+	}
 	l.mark(l.scope)
 }
 
@@ -118,16 +131,16 @@ func (l *limiter) end(now time.Time, b, est, extra int64, reached bool) {
 	l.tokens.Advance(nb)
 	l.reqs.Advance(nb)
 	l.inflight--
-	l.inflightDirt = true
-	l.mark(l.scope)
 	switch {
 	case !reached:
 		l.tokens.Add(b, -est)
 		l.reqs.Add(b, -1)
-		l.outbox = append(l.outbox, delta{Bucket: b, Tokens: -est, Requests: -1})
+		l.tell(delta{Bucket: b, Tokens: -est, Requests: -1})
 	case extra > 0:
 		l.tokens.Add(nb, extra)
-		l.outbox = append(l.outbox, delta{Bucket: nb, Tokens: extra})
+		l.tell(delta{Bucket: nb, Tokens: extra})
+	default:
+		l.tell(delta{})
 	}
 }
 

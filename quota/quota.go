@@ -16,6 +16,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -39,6 +40,8 @@ type Quota struct {
 	log      *slog.Logger
 	currency string
 	now      func() time.Time // the clock (tests set their own)
+	// dbTimeout bounds each wait on Postgres of an admission (a lease).
+	dbTimeout time.Duration
 
 	mu       sync.RWMutex
 	version  int64
@@ -48,8 +51,13 @@ type Quota struct {
 	// configured holds the tenants with any limit or budget: every other
 	// tenant's call is admitted with one map lookup.
 	configured map[uuid.UUID]bool
+	// resolved remembers which limiters and budgets apply to a caller
+	// (emptied by every Load).
+	resolved map[Caller]*applies
 
 	urgent chan struct{}
+	// shared is set while Share runs: only then are charges kept for it.
+	shared atomic.Bool
 	// dirty are the scopes with news for the other processes.
 	dirtyMu sync.Mutex
 	dirty   map[Scope]struct{}
@@ -57,9 +65,11 @@ type Quota struct {
 
 // New returns an empty Quota; Load (or Run) fills it. currency is the price
 // table's: money budgets in another currency are not enforced (and said so).
-func New(st Store, currency string, log *slog.Logger) *Quota {
-	return &Quota{st: st, log: log, currency: currency, now: time.Now, limiters: map[Scope]*limiter{}, budgets: map[Scope]*budget{},
-		tenants: map[uuid.UUID]string{}, configured: map[uuid.UUID]bool{}, urgent: make(chan struct{}, 1), dirty: map[Scope]struct{}{}}
+// dbTimeout bounds an admission's wait on Postgres.
+func New(st Store, currency string, dbTimeout time.Duration, log *slog.Logger) *Quota {
+	return &Quota{st: st, log: log, currency: currency, now: time.Now, dbTimeout: dbTimeout, limiters: map[Scope]*limiter{}, budgets: map[Scope]*budget{},
+		tenants: map[uuid.UUID]string{}, configured: map[uuid.UUID]bool{}, resolved: map[Caller]*applies{},
+		urgent: make(chan struct{}, 1), dirty: map[Scope]struct{}{}}
 }
 
 // Load replaces the limits and budgets with a snapshot, keeping the windows
@@ -79,7 +89,7 @@ func (q *Quota) Load(s *store.Quotas) {
 			old.mu.Unlock()
 			limiters[sc] = old
 		} else {
-			limiters[sc] = newLimiter(sc, lim, q.markDirty)
+			limiters[sc] = newLimiter(sc, lim, &q.shared, q.markDirty)
 		}
 		configured[l.TenantID] = true
 	}
@@ -104,6 +114,7 @@ func (q *Quota) Load(s *store.Quotas) {
 		configured[b.TenantID] = true
 	}
 	q.limiters, q.budgets, q.configured, q.tenants, q.version = limiters, budgets, configured, s.Tenants, s.Version
+	q.resolved = map[Caller]*applies{}
 }
 
 // TenantName is a configured tenant's name ("" if unknown here).
@@ -175,34 +186,52 @@ func (q *Quota) Configured(tenant uuid.UUID) bool {
 	return q.configured[tenant]
 }
 
-// scopes lists the limiters and budget that apply to a caller, tenant's
-// before key's (the order locks are taken in).
-func (q *Quota) scopes(c Caller) ([]*limiter, []Scope, []*budget) {
+// applies are the limiters and budgets of one caller, tenant's before
+// key's (the order their locks are taken in), and the scope of each limiter.
+type applies struct {
+	limiters []*limiter
+	scopes   []Scope
+	budgets  []*budget
+}
+
+// scopes returns what applies to a caller; ok is false for a tenant with
+// nothing configured.
+func (q *Quota) scopes(c Caller) (*applies, bool) {
 	q.mu.RLock()
-	defer q.mu.RUnlock()
-	var ls []*limiter
-	var names []Scope
+	a, ok := q.resolved[c]
+	configured := q.configured[c.Tenant]
+	q.mu.RUnlock()
+	if ok || !configured {
+		return a, configured
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	a = &applies{}
 	for _, sc := range []Scope{{c.Tenant, uuid.Nil, ""}, {c.Tenant, uuid.Nil, c.Model}, {c.Tenant, c.Key, ""}, {c.Tenant, c.Key, c.Model}} {
-		if l := q.limiters[sc]; l != nil && !slices.Contains(ls, l) {
-			ls, names = append(ls, l), append(names, sc)
+		if l := q.limiters[sc]; l != nil && !slices.Contains(a.limiters, l) {
+			a.limiters, a.scopes = append(a.limiters, l), append(a.scopes, sc)
 		}
 	}
-	var bs []*budget
 	for _, sc := range []Scope{{c.Tenant, uuid.Nil, ""}, {c.Tenant, c.Key, ""}} {
-		if b := q.budgets[sc]; b != nil && !slices.Contains(bs, b) {
-			bs = append(bs, b)
+		if b := q.budgets[sc]; b != nil && !slices.Contains(a.budgets, b) {
+			a.budgets = append(a.budgets, b)
 		}
 	}
-	return ls, names, bs
+	if len(q.resolved) >= 100_000 {
+		clear(q.resolved)
+	}
+	q.resolved[c] = a
+	return a, true
 }
 
 // Admit charges a call to its caller's limits and budgets, or says why not.
 func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Refusal, error) {
-	if !q.Configured(c.Tenant) {
+	ap, ok := q.scopes(c)
+	if !ok {
 		return none, nil, nil
 	}
 	now := q.now()
-	ls, names, bs := q.scopes(c)
+	ls, names, bs := ap.limiters, ap.scopes, ap.budgets
 	a := &Admission{q: q, now: now, bucket: window.Bucket(now), charge: ch, limits: ls, budgets: bs, Headers: Headers{-1, -1, -1, -1}}
 	b := a.bucket
 	for _, l := range ls {
@@ -243,7 +272,7 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 	}
 	est := amount{ch.Micros, ch.Tokens}
 	for i, bg := range bs {
-		p, ok, err := bg.reserve(ctx, q.st, now, est)
+		p, ok, err := bg.reserve(ctx, q.st, q.dbTimeout, now, est)
 		if err == nil && ok {
 			a.periods = append(a.periods, p)
 			continue

@@ -82,7 +82,7 @@ var (
 
 func newQuota(t *testing.T, st *memStore) *Quota {
 	t.Helper()
-	q := New(st, "USD", quiet)
+	q := New(st, "USD", time.Second, quiet)
 	q.now = func() time.Time { return t0 }
 	q.Load(st.q)
 	return q
@@ -248,5 +248,37 @@ func TestBudgetPeriods(t *testing.T) {
 		if got := periodStart(tc.b, tc.now); !got.Equal(tc.want) {
 			t.Errorf("%s at %v: %v, want %v", tc.b.Period, tc.now, got, tc.want)
 		}
+	}
+}
+
+// What a synchronous call's limit and budget checks cost: tenant and key
+// limits and a tenant budget, admitted out of the grant and finished.
+func BenchmarkAdmitFinish(b *testing.B) {
+	st := &memStore{q: &store.Quotas{Version: 1,
+		Limits:  []store.Limits{{TenantID: tenant, TPM: 1 << 50, RPM: 1 << 50, Concurrency: 1 << 20}, {TenantID: tenant, KeyID: key, TPM: 1 << 50}},
+		Budgets: []store.Budget{{ID: uuid.New(), TenantID: tenant, Tokens: 1 << 60, Period: "month", Soft: 0.8, OnExhausted: "wait"}}}}
+	q := New(st, "USD", time.Second, quiet)
+	q.Load(st.q)
+	me := Caller{Tenant: tenant, Key: key, Model: "gpt-4o"}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		a, r, err := q.Admit(ctx, me, Charge{Tokens: 120, Micros: 1200})
+		if err != nil || r != nil {
+			b.Fatal(err, r)
+		}
+		a.Finish(Usage{Tokens: 100, Micros: 1000}, true)
+	}
+}
+
+// And a tenant with nothing configured.
+func BenchmarkAdmitUnconfigured(b *testing.B) {
+	q := New(&memStore{q: &store.Quotas{}}, "USD", time.Second, quiet)
+	me := Caller{Tenant: tenant, Key: key, Model: "gpt-4o"}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		a, _, _ := q.Admit(ctx, me, Charge{Tokens: 120})
+		a.Finish(Usage{Tokens: 100}, true)
 	}
 }

@@ -56,6 +56,8 @@ func (q *Quota) Share(ctx context.Context, nc *nats.Conn, subject string) error 
 		return fmt.Errorf("quota: share: %w", err)
 	}
 	defer sub.Unsubscribe()
+	q.shared.Store(true)
+	defer q.shared.Store(false)
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	beat := time.NewTicker(time.Second)

@@ -149,7 +149,7 @@ func (s *Store) SetLimits(ctx context.Context, p *SetLimitsParams) error {
 			return err
 		}
 		if p.TPM != 0 || p.RPM != 0 || p.Concurrency != 0 {
-			if _, err := tx.Exec(ctx, `INSERT INTO limits (tenant_id, key_id, model, tpm, rpm, concurrency) VALUES ($1, $2, $3, nullif($4, 0), nullif($5, 0), nullif($6, 0))`,
+			if _, err := tx.Exec(ctx, `INSERT INTO limits (tenant_id, key_id, model, tpm, rpm, concurrency) VALUES ($1, $2, $3, nullif($4::bigint, 0), nullif($5::bigint, 0), nullif($6::integer, 0))`,
 				p.TenantID, key, p.Model, p.TPM, p.RPM, p.Concurrency); err != nil {
 				return err
 			}
@@ -201,7 +201,7 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 		id, _ := uuid.NewV7()
 		// Updating in place keeps the budget's id, and with it the spend
 		// of the period under way.
-		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_micros = nullif($3, 0), currency = $4, tokens = nullif($5, 0), period = $6,
+		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_micros = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
 				reset_at = $7, soft = $8, on_exhausted = $9, updated_at = now()
 			WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`,
 			p.TenantID, key, p.AmountMicros, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)
@@ -210,7 +210,7 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 		}
 		if tag.RowsAffected() == 0 {
 			if _, err := tx.Exec(ctx, `INSERT INTO budgets (id, tenant_id, key_id, amount_micros, currency, tokens, period, reset_at, soft, on_exhausted)
-				VALUES ($1, $2, $3, nullif($4, 0), $5, nullif($6, 0), $7, $8, $9, $10)`,
+				VALUES ($1, $2, $3, nullif($4::bigint, 0), $5, nullif($6::bigint, 0), $7, $8, $9, $10)`,
 				id, p.TenantID, key, p.AmountMicros, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted); err != nil {
 				return err
 			}
@@ -250,22 +250,24 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (micros, tokens
 	// wanted is granted, so no process holds what another one needs.
 	err = s.pool.QueryRow(ctx, `
 		WITH want AS (
-			SELECT $3::bigint AS m, $4::bigint AS t, greatest($3, $5)::bigint AS cm, greatest($4, $6)::bigint AS ct
+			SELECT $3::bigint AS m, $4::bigint AS t, greatest($3::bigint, $5::bigint)::bigint AS cm, greatest($4::bigint, $6::bigint)::bigint AS ct
 		), cur AS (
 			SELECT coalesce((SELECT spent_micros + leased_micros FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS um,
 			       coalesce((SELECT spent_tokens + leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS ut
 		), grant_ AS (
-			SELECT CASE WHEN ($7 = 0 OR cur.um + 4 * want.cm <= $7) AND ($8 = 0 OR cur.ut + 4 * want.ct <= $8) THEN want.cm ELSE want.m END AS m,
-			       CASE WHEN ($7 = 0 OR cur.um + 4 * want.cm <= $7) AND ($8 = 0 OR cur.ut + 4 * want.ct <= $8) THEN want.ct ELSE want.t END AS t
+			SELECT CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.cm ELSE want.m END AS m,
+			       CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.ct ELSE want.t END AS t
 			FROM want, cur
+		), up AS (
+			INSERT INTO budget_spend AS s (budget_id, period_start, leased_micros, leased_tokens)
+			SELECT $1, $2, g.m, g.t FROM grant_ g WHERE ($7::bigint = 0 OR g.m <= $7::bigint) AND ($8::bigint = 0 OR g.t <= $8::bigint)
+			ON CONFLICT (budget_id, period_start) DO UPDATE SET
+				leased_micros = s.leased_micros + EXCLUDED.leased_micros, leased_tokens = s.leased_tokens + EXCLUDED.leased_tokens
+			WHERE ($7::bigint = 0 OR s.spent_micros + s.leased_micros + EXCLUDED.leased_micros <= $7::bigint)
+			  AND ($8::bigint = 0 OR s.spent_tokens + s.leased_tokens + EXCLUDED.leased_tokens <= $8::bigint)
+			RETURNING 1
 		)
-		INSERT INTO budget_spend AS s (budget_id, period_start, leased_micros, leased_tokens)
-		SELECT $1, $2, g.m, g.t FROM grant_ g WHERE ($7 = 0 OR g.m <= $7) AND ($8 = 0 OR g.t <= $8)
-		ON CONFLICT (budget_id, period_start) DO UPDATE SET
-			leased_micros = s.leased_micros + EXCLUDED.leased_micros, leased_tokens = s.leased_tokens + EXCLUDED.leased_tokens
-		WHERE ($7 = 0 OR s.spent_micros + s.leased_micros + EXCLUDED.leased_micros <= $7)
-		  AND ($8 = 0 OR s.spent_tokens + s.leased_tokens + EXCLUDED.leased_tokens <= $8)
-		RETURNING EXCLUDED.leased_micros, EXCLUDED.leased_tokens`,
+		SELECT g.m, g.t FROM grant_ g, up`,
 		p.BudgetID, p.PeriodStart, p.Micros, p.Tokens, p.ChunkMicros, p.ChunkTokens, p.LimitMicros, p.LimitTokens).Scan(&micros, &tokens)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, 0, false, nil
@@ -301,16 +303,16 @@ func (s *Store) SettleBudget(ctx context.Context, p *SettleParams) error {
 	_, err := s.pool.Exec(ctx, `
 		WITH b AS (
 			INSERT INTO budget_spend AS s (budget_id, period_start, spent_micros, spent_tokens, threshold_at, exceeded_at)
-			SELECT $1, $3, $4, $5,
-				CASE WHEN ($8 > 0 AND $4 >= $8) OR ($9 > 0 AND $5 >= $9) THEN now() END,
-				CASE WHEN ($10 > 0 AND $4 >= $10) OR ($11 > 0 AND $5 >= $11) THEN now() END
+			SELECT $1, $3, $4::bigint, $5::bigint,
+				CASE WHEN ($8::bigint > 0 AND $4::bigint >= $8::bigint) OR ($9::bigint > 0 AND $5::bigint >= $9::bigint) THEN now() END,
+				CASE WHEN ($10::bigint > 0 AND $4::bigint >= $10::bigint) OR ($11::bigint > 0 AND $5::bigint >= $11::bigint) THEN now() END
 			ON CONFLICT (budget_id, period_start) DO UPDATE SET
 				spent_micros = s.spent_micros + EXCLUDED.spent_micros, spent_tokens = s.spent_tokens + EXCLUDED.spent_tokens,
-				leased_micros = greatest(s.leased_micros - $6, 0), leased_tokens = greatest(s.leased_tokens - $7, 0),
-				threshold_at = CASE WHEN s.threshold_at IS NULL AND (($8 > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $8)
-					OR ($9 > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $9)) THEN now() ELSE s.threshold_at END,
-				exceeded_at = CASE WHEN s.exceeded_at IS NULL AND (($10 > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $10)
-					OR ($11 > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $11)) THEN now() ELSE s.exceeded_at END
+				leased_micros = greatest(s.leased_micros - $6::bigint, 0), leased_tokens = greatest(s.leased_tokens - $7::bigint, 0),
+				threshold_at = CASE WHEN s.threshold_at IS NULL AND (($8::bigint > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $8::bigint)
+					OR ($9::bigint > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $9::bigint)) THEN now() ELSE s.threshold_at END,
+				exceeded_at = CASE WHEN s.exceeded_at IS NULL AND (($10::bigint > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $10::bigint)
+					OR ($11::bigint > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $11::bigint)) THEN now() ELSE s.exceeded_at END
 			RETURNING s.spent_micros, s.spent_tokens, s.threshold_at = now() AS threshold, s.exceeded_at = now() AS exceeded
 		), ev AS (
 			SELECT 'budget.threshold_reached' AS type, spent_micros, spent_tokens FROM b WHERE threshold

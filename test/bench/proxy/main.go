@@ -40,6 +40,7 @@ func main() {
 	flag.StringVar(&bEnvFlag, "b-env", "", "also run a second gateway with this environment and interleave it (A/B in one run)")
 	flag.StringVar(&bBinFlag, "b-bin", "", "also run a second gateway from this levee binary (e.g. built from an earlier commit) and interleave it")
 	flag.StringVar(&hopFlag, "hop", "", "also measure a do-nothing hop (tcp, fast, stdfast or std; see test/bench/hop) in the same rounds")
+	flag.BoolVar(&limitsFlag, "limits", false, "also measure calls of a tenant with limits and a budget (none binding) in the same rounds")
 	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
 	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
 	flag.Parse()
@@ -50,6 +51,7 @@ func main() {
 }
 
 var simAddrFlag, viaFlag, bEnvFlag, bBinFlag, hopFlag, loadgenFlag string
+var limitsFlag bool
 
 func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
@@ -163,6 +165,29 @@ models:
 	if err != nil {
 		return err
 	}
+	// A second tenant whose every call goes through the limit and budget
+	// checks, with limits far above the load so none binds.
+	var limitedKey string
+	if limitsFlag {
+		t, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "bench-limited"})
+		if err != nil {
+			return err
+		}
+		var k *store.Key
+		if k, limitedKey, err = st.CreateKey(ctx, &store.CreateKeyParams{TenantName: "bench-limited"}); err != nil {
+			return err
+		}
+		if err := st.SetLimits(ctx, &store.SetLimitsParams{TenantID: t.ID, TPM: 1 << 40, RPM: 1 << 40, Concurrency: 1 << 20}); err != nil {
+			return err
+		}
+		if err := st.SetLimits(ctx, &store.SetLimitsParams{TenantID: t.ID, KeyID: k.ID, TPM: 1 << 40}); err != nil {
+			return err
+		}
+		if err := st.SetBudget(ctx, &store.SetBudgetParams{TenantID: t.ID, Tokens: 1 << 50, Period: "month", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+			return err
+		}
+		time.Sleep(2 * time.Second) // the gateway reloads limits every second
+	}
 
 	body := []byte(`{"model":"gpt-4o","max_tokens":16,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something short about rivers."}]}`)
 	direct := target{url: "http://" + simAddr + "/openai/deployments/bench/chat/completions?api-version=2024-10-21", header: "api-key", key: simKey, body: body}
@@ -195,10 +220,20 @@ models:
 	if hopAddr != "" {
 		load(client, ht, rate, time.Second)
 	}
-	var dP50, dP99, lP50, lP99, add50, add99, sAdd50, sAdd99, bAdd50, bAdd99, hAdd50, hAdd99 []time.Duration
+	lt := levee
+	lt.key = limitedKey
+	if limitedKey != "" {
+		load(client, lt, rate, time.Second)
+	}
+	var dP50, dP99, lP50, lP99, add50, add99, sAdd50, sAdd99, bAdd50, bAdd99, hAdd50, hAdd99, qAdd50, qAdd99 []time.Duration
 	for r := 0; r < rounds; r++ {
 		d := load(client, direct, rate, dur)
 		l := load(client, levee, rate, dur)
+		if limitedKey != "" {
+			lq := load(client, lt, rate, dur)
+			fmt.Printf("  round %d  limited tenant p50 %-9v p99 %-9v errors %d\n", r+1, lq.p(50), lq.p(99), lq.errors)
+			qAdd50, qAdd99 = append(qAdd50, lq.p(50)-l.p(50)), append(qAdd99, lq.p(99)-l.p(99))
+		}
 		if bAddr != "" {
 			b := load(client, bt, rate, dur)
 			fmt.Printf("  round %d  B p50 %-9v p99 %-9v errors %d\n", r+1, b.p(50), b.p(99), b.errors)
@@ -223,6 +258,9 @@ models:
 	fmt.Printf("  added, timed from the actual send instead of the schedule: p50 %v  p99 %v\n", median(sAdd50), median(sAdd99))
 	if bAddr != "" {
 		fmt.Printf("  added by B (%s): p50 %v  p99 %v\n", bName, median(bAdd50), median(bAdd99))
+	}
+	if limitedKey != "" {
+		fmt.Printf("  added by the limit and budget checks (limited tenant minus the other): p50 %v  p99 %v\n", median(qAdd50), median(qAdd99))
 	}
 	if hopAddr != "" {
 		fmt.Printf("  added by a do-nothing hop (%s): p50 %v  p99 %v\n", hopFlag, median(hAdd50), median(hAdd99))

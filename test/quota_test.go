@@ -1,0 +1,577 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/sim"
+	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/test/harness"
+)
+
+// twoTenants serves model-a on deployment a and model-b on b, so the
+// simulator's counters of each deployment are one tenant's.
+func twoTenants(lat time.Duration) *dev.File {
+	d := sim.Deployment{TTFT: lat, CompletionTokens: 40}
+	return &dev.File{
+		Deployments: []dev.FileDeployment{
+			{Name: "a", Model: "gpt-4o", Kind: config.Standard, TPM: 1 << 30, RPM: 1 << 30, Sim: d},
+			{Name: "b", Model: "gpt-4o", Kind: config.Standard, TPM: 1 << 30, RPM: 1 << 30, Sim: d},
+		},
+		Models: []config.Model{{Name: "model-a", Deployments: []string{"a"}, MaxTokens: 4096}, {Name: "model-b", Deployments: []string{"b"}, MaxTokens: 4096}},
+	}
+}
+
+func chatFor(model string, maxTokens int) map[string]any {
+	return map[string]any{"model": model, "max_tokens": maxTokens,
+		"messages": []map[string]string{{"role": "user", "content": "Say hello to the levee."}}}
+}
+
+// tenantOf returns a key's tenant id.
+func tenantOf(t *testing.T, env *harness.Env, key string) uuid.UUID {
+	t.Helper()
+	k, err := env.Store.KeyBySecret(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.TenantID
+}
+
+func setLimits(t *testing.T, env *harness.Env, p *store.SetLimitsParams) {
+	t.Helper()
+	if err := env.Store.SetLimits(context.Background(), p); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Gateway.Quota.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// One tenant hammering at three times its TPM gets 429s that describe its
+// own limit; another tenant's calls see none, and take no longer; the
+// deployment saw the limited tenant at no more than its limit.
+func TestTenantRateLimitHoldsAndIsolates(t *testing.T) {
+	env := harness.Start(t, twoTenants(20*time.Millisecond))
+	limited, other := env.NewKey("limited"), env.NewKey("other")
+	const limit = 4000
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, limited), TPM: limit})
+
+	// The other tenant alone, first.
+	alone := latencies(t, env, other, "model-b", 40, 4)
+	// Then with the limited tenant asking for three times its minute.
+	resp, _ := call(t, env.BaseURL, "/v1/chat/completions", limited, chatFor("model-a", 100))
+	est := limit - headerInt(t, resp, "x-ratelimit-remaining-tokens")
+	var statuses sync.Map
+	var wg sync.WaitGroup
+	var asked atomic.Int64
+	for c := 0; c < 6; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for asked.Add(est) < 3*limit {
+				resp, raw := call(t, env.BaseURL, "/v1/chat/completions", limited, chatFor("model-a", 100))
+				n, _ := statuses.LoadOrStore(resp.StatusCode, new(atomic.Int64))
+				n.(*atomic.Int64).Add(1)
+				if resp.StatusCode == 429 {
+					var e envelope
+					_ = json.Unmarshal(raw, &e)
+					if deref(e.Error.Code) != "tenant_rate_limit_exceeded" || resp.Header.Get("Retry-After") == "" ||
+						resp.Header.Get("x-ratelimit-limit-tokens") != strconv.Itoa(limit) || resp.Header.Get("x-ratelimit-remaining-tokens") == "" {
+						t.Errorf("429: %v %s", resp.Header, raw)
+					}
+				}
+			}
+		}()
+	}
+	during := latencies(t, env, other, "model-b", 40, 4)
+	wg.Wait()
+	counts := map[any]int64{}
+	statuses.Range(func(k, v any) bool { counts[k] = v.(*atomic.Int64).Load(); return true })
+	st := env.Sim.Stats()
+	t.Logf("limited tenant (%d TPM, ~%d tokens a call): %v; the deployment's minute peaked at %d", limit, est, counts, st["a"].PeakTokens)
+	t.Logf("other tenant p50 alone %v, while the limited one hammers %v", alone[len(alone)/2], during[len(during)/2])
+	if counts[429] == 0 || counts[200] == 0 {
+		t.Fatalf("the limited tenant was never (or always) refused: %v", counts)
+	}
+	if st["a"].PeakTokens > limit+est {
+		t.Fatalf("the deployment saw the limited tenant at %d tokens a minute, above its %d", st["a"].PeakTokens, limit)
+	}
+	if st["b"].Refused > 0 || len(during) != 40 {
+		t.Fatalf("the other tenant was refused")
+	}
+	if during[len(during)/2] > 2*alone[len(alone)/2]+50*time.Millisecond {
+		t.Fatalf("the other tenant slowed down: p50 %v alone, %v beside the limited one", alone[len(alone)/2], during[len(during)/2])
+	}
+}
+
+// latencies makes n calls with c clients and returns their latencies,
+// sorted; every one must succeed.
+func latencies(t *testing.T, env *harness.Env, key, model string, n, c int) []time.Duration {
+	t.Helper()
+	var mu sync.Mutex
+	var out []time.Duration
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	for w := 0; w < c; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(n) {
+				start := time.Now()
+				resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, chatFor(model, 100))
+				if resp.StatusCode != 200 {
+					t.Errorf("%s: %d %s", model, resp.StatusCode, raw)
+				}
+				mu.Lock()
+				out = append(out, time.Since(start))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+func headerInt(t *testing.T, resp *http.Response, h string) int64 {
+	t.Helper()
+	v, err := strconv.ParseInt(resp.Header.Get(h), 10, 64)
+	if err != nil {
+		t.Fatalf("%s: %q", h, resp.Header.Get(h))
+	}
+	return v
+}
+
+// A key's limits sit inside its tenant's; requests per minute and calls in
+// flight are limits too; and a tenant without limits is not touched.
+func TestKeyLimitsAndOtherKinds(t *testing.T) {
+	env := harness.Start(t, twoTenants(300*time.Millisecond))
+	k1 := env.NewKey("acme")
+	k2 := env.NewKey("acme")
+	tenant := tenantOf(t, env, k1)
+	key1, _ := env.Store.KeyBySecret(context.Background(), k1)
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenant, RPM: 6})
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenant, KeyID: key1.ID, Concurrency: 1})
+
+	// Two at once on key 1: one in flight is its limit.
+	var wg sync.WaitGroup
+	codes := make([]string, 2)
+	for i := range codes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k1, chatFor("model-a", 10))
+			if resp.StatusCode == 429 {
+				var e envelope
+				_ = json.Unmarshal(raw, &e)
+				codes[i] = deref(e.Error.Code)
+			}
+		}()
+		time.Sleep(50 * time.Millisecond)
+	}
+	wg.Wait()
+	if codes[0] != "" || codes[1] != "key_rate_limit_exceeded" {
+		t.Fatalf("two calls at once on a key allowed one: %q", codes)
+	}
+	// The tenant's 6 requests a minute hold over both keys (1 used above).
+	got := map[int]int{}
+	for i := 0; i < 7; i++ {
+		resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k2, chatFor("model-a", 10))
+		got[resp.StatusCode]++
+		if resp.StatusCode == 429 && (!strings.Contains(string(raw), "tenant_rate_limit_exceeded") || resp.Header.Get("x-ratelimit-limit-requests") != "6") {
+			t.Fatalf("%v %s", resp.Header, raw)
+		}
+	}
+	if got[200] != 5 || got[429] != 2 {
+		t.Fatalf("7 calls against 5 requests left: %v", got)
+	}
+	// Nobody else is limited.
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", env.APIKey, chatFor("model-a", 10)); resp.StatusCode != 200 || resp.Header.Get("x-ratelimit-limit-requests") != "" {
+		t.Fatalf("an unlimited tenant: %d %v %s", resp.StatusCode, resp.Header, raw)
+	}
+}
+
+// A tenant over its limit submits 1,000 low jobs: none fail, they drain at
+// its limit, and another tenant's 10 jobs finish about as fast as alone.
+func TestQueuedWorkWaitsAtItsLimit(t *testing.T) {
+	f := twoTenants(50 * time.Millisecond)
+	f.Worker = config.Worker{Concurrency: 32}
+	env := harness.Start(t, f)
+	limited, other := env.NewKey("limited"), env.NewKey("other")
+	const limit = 3000 // about 20 jobs a minute
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, limited), TPM: limit})
+
+	tenJobs := func() time.Duration {
+		start := time.Now()
+		var ids []string
+		for i := 0; i < 10; i++ {
+			_, j := submit(t, env, other, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-b", 100), "priority": "low"})
+			ids = append(ids, j.ID)
+		}
+		for _, id := range ids {
+			if j := waitJob(t, env, other, id, 60*time.Second); j.Status != "succeeded" {
+				t.Fatalf("%+v", j)
+			}
+		}
+		return time.Since(start)
+	}
+	alone := tenJobs()
+	for i := 0; i < 1000; i++ {
+		if resp, _ := submit(t, env, limited, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 100), "priority": "low"}); resp.StatusCode != 202 {
+			t.Fatalf("submit %d: %d", i, resp.StatusCode)
+		}
+	}
+	beside := tenJobs()
+	time.Sleep(2 * time.Second)
+	var done, failed, queued int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed'),
+		count(*) FILTER (WHERE status IN ('queued', 'running')) FROM jobs WHERE tenant_id = $1`, tenantOf(t, env, limited)).Scan(&done, &failed, &queued)
+	st := env.Sim.Stats()
+	t.Logf("other tenant's 10 jobs: %v alone, %v beside 1,000 of a limited tenant; limited tenant: %d done, %d failed, %d queued; its deployment's minute peaked at %d of %d",
+		alone.Round(time.Millisecond), beside.Round(time.Millisecond), done, failed, queued, st["a"].PeakTokens, limit)
+	if failed != 0 {
+		t.Fatalf("%d of the limited tenant's jobs failed", failed)
+	}
+	if done == 0 || queued == 0 {
+		t.Fatalf("the limited tenant's jobs did not drain at its limit: %d done, %d queued", done, queued)
+	}
+	if st["a"].PeakTokens > limit+150 {
+		t.Fatalf("the limited tenant's jobs took %d tokens a minute, above its %d", st["a"].PeakTokens, limit)
+	}
+	if beside > 2*alone+time.Second {
+		t.Fatalf("the other tenant's 10 jobs took %v beside the backlog, %v alone", beside, alone)
+	}
+}
+
+// A known price table and known usage give exact cents in /v1/usage, in
+// job objects and in levee_cost_total.
+func TestCostIsExact(t *testing.T) {
+	f := harness.Fast(dev.DefaultFile())
+	cached := 1.0
+	f.Pricing = config.Pricing{Currency: "EUR", Prices: []config.Price{
+		{Match: "gpt-4o", Input: 2.5, CachedInput: &cached, Output: 10, BatchDiscount: 0.5},
+	}}
+	env := harness.Start(t, f)
+	key := env.NewKey("billed")
+	var wantMicros int64
+	for i := 0; i < 3; i++ {
+		resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, chat(20))
+		if resp.StatusCode != 200 {
+			t.Fatalf("%d %s", resp.StatusCode, raw)
+		}
+		var body struct {
+			Usage struct {
+				Prompt     int64 `json:"prompt_tokens"`
+				Completion int64 `json:"completion_tokens"`
+			} `json:"usage"`
+		}
+		_ = json.Unmarshal(raw, &body)
+		// 2.50 per million prompt tokens, 10 per million completion tokens:
+		// micros per token.
+		wantMicros += body.Usage.Prompt*25/10 + body.Usage.Completion*10
+	}
+	_, j := submit(t, env, key, jobBody(20, "low"))
+	done := waitJob(t, env, key, j.ID, 20*time.Second)
+	jobMicros := done.Usage.PromptTokens*25/10 + done.Usage.CompletionTokens*10
+	wantMicros += int64(jobMicros)
+	var jobObj struct {
+		Usage struct {
+			Cost json.Number `json:"cost"`
+		} `json:"usage"`
+	}
+	_, raw := call(t, env.BaseURL, "/v1/jobs/"+j.ID, key, nil)
+	_ = json.Unmarshal(raw, &jobObj)
+	if jobObj.Usage.Cost.String() != string(moneyString(int64(jobMicros))) {
+		t.Fatalf("job cost %s, want %s (%s)", jobObj.Usage.Cost, moneyString(int64(jobMicros)), raw)
+	}
+	env.FlushUsage()
+	_, raw = call(t, env.BaseURL, "/v1/usage", key, nil)
+	var usage struct {
+		Currency string `json:"currency"`
+		Total    struct {
+			Cost json.Number `json:"cost"`
+		} `json:"total"`
+	}
+	_ = json.Unmarshal(raw, &usage)
+	if usage.Currency != "EUR" || usage.Total.Cost.String() != moneyString(wantMicros) {
+		t.Fatalf("usage cost %s %s, want %s EUR: %s", usage.Total.Cost, usage.Currency, moneyString(wantMicros), raw)
+	}
+	resp, err := http.Get(env.BaseURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := fmt.Sprintf(`levee_cost_total{model="gpt-4o",tenant="billed"} %s`, strconv.FormatFloat(float64(wantMicros)/1e6, 'g', -1, 64))
+	if !strings.Contains(string(metrics), want) {
+		t.Fatalf("metrics lack %q:\n%s", want, grepLines(string(metrics), "levee_cost_total"))
+	}
+}
+
+func moneyString(micros int64) string {
+	if micros%1_000_000 == 0 {
+		return strconv.FormatInt(micros/1_000_000, 10)
+	}
+	return strings.TrimRight(fmt.Sprintf("%d.%06d", micros/1_000_000, micros%1_000_000), "0")
+}
+
+func grepLines(s, what string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, what) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// gatewayProcesses starts n `levee serve` processes on env's Postgres,
+// NATS and simulator, and returns their base URLs.
+func gatewayProcesses(t *testing.T, env *harness.Env, n int, extra string) []string {
+	t.Helper()
+	var urls []string
+	for i := 0; i < n; i++ {
+		addr := freeAddr(t)
+		cfgPath, penv := processConfig(t, env, addr, extra)
+		harness.Spawn(t, penv, "serve", "--config", cfgPath)
+		urls = append(urls, "http://"+addr)
+	}
+	for _, u := range urls {
+		harness.Eventually(t, 30*time.Second, u+" to be ready", func() bool {
+			resp, err := http.Get(u + "/readyz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == 200
+		})
+	}
+	return urls
+}
+
+// Two gateway processes hold one tenant's TPM together: the deployment saw
+// it at no more than the limit plus one call per process.
+func TestRateLimitHoldsAcrossProcesses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	env := harness.StartWith(t, twoTenants(10*time.Millisecond), dev.StackOptions{NoWorkers: true})
+	limited := env.NewKey("limited")
+	const limit = 6000
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, limited), TPM: limit})
+	gws := gatewayProcesses(t, env, 2, "worker: {enabled: false}\n")
+	var served, refused atomic.Int64
+	var est atomic.Int64
+	var wg sync.WaitGroup
+	for c := 0; c < 16; c++ {
+		wg.Add(1)
+		go func(c int) {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				resp, _ := call(t, gws[(c+i)%2], "/v1/chat/completions", limited, chatFor("model-a", 100))
+				switch resp.StatusCode {
+				case 200:
+					served.Add(1)
+					if est.Load() == 0 {
+						est.Store(limit - headerInt(t, resp, "x-ratelimit-remaining-tokens"))
+					}
+				case 429:
+					refused.Add(1)
+				default:
+					t.Errorf("%d", resp.StatusCode)
+				}
+			}
+		}(c)
+	}
+	wg.Wait()
+	peak := env.Sim.Stats()["a"].PeakTokens
+	t.Logf("2 gateways, 16 clients: %d served, %d refused; the deployment's minute peaked at %d of a %d limit (a call is ~%d tokens)",
+		served.Load(), refused.Load(), peak, limit, est.Load())
+	if refused.Load() == 0 {
+		t.Fatal("the load did not reach the limit: the test proves nothing")
+	}
+	if peak > limit+2*est.Load() {
+		t.Fatalf("two processes let %d tokens a minute through a %d limit (more than one call each over)", peak, limit)
+	}
+}
+
+// The budget race, over two processes: 64 callers against a budget of 100
+// calls. At most one call per process more is served, the spend recorded is
+// the spend served, and no call is refused while a call's worth remains.
+func TestBudgetHoldsUnderARace(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	env := harness.StartWith(t, twoTenants(5*time.Millisecond), dev.StackOptions{NoWorkers: true})
+	key := env.NewKey("budgeted")
+	tenant := tenantOf(t, env, key)
+	// What one call uses, measured (prompt and its 5 completion tokens).
+	resp, raw := call(t, env.BaseURL, "/v1/chat/completions", env.APIKey, chatFor("model-a", 5))
+	var one struct {
+		Usage struct {
+			Total int64 `json:"total_tokens"`
+		} `json:"usage"`
+	}
+	if resp.StatusCode != 200 || json.Unmarshal(raw, &one) != nil || one.Usage.Total == 0 {
+		t.Fatalf("%d %s", resp.StatusCode, raw)
+	}
+	perCall := one.Usage.Total
+	budget := 100 * perCall
+	if err := env.Store.SetBudget(context.Background(), &store.SetBudgetParams{TenantID: tenant, Tokens: budget, Period: "day", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+		t.Fatal(err)
+	}
+	gws := gatewayProcesses(t, env, 2, "worker: {enabled: false}\n")
+	var served, exceeded atomic.Int64
+	var wg sync.WaitGroup
+	for c := 0; c < 64; c++ {
+		wg.Add(1)
+		go func(c int) {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				resp, raw := call(t, gws[(c+i)%2], "/v1/chat/completions", key, chatFor("model-a", 5))
+				switch {
+				case resp.StatusCode == 200:
+					served.Add(1)
+				case resp.StatusCode == 429 && strings.Contains(string(raw), "budget_exceeded"):
+					exceeded.Add(1)
+					return
+				default:
+					t.Errorf("%d %s", resp.StatusCode, raw)
+					return
+				}
+			}
+		}(c)
+	}
+	wg.Wait()
+	// The processes write spend every half second, usage every 200 ms.
+	var spent, ledger int64
+	harness.Eventually(t, 10*time.Second, "spend and usage to be written", func() bool {
+		_ = env.Store.Pool().QueryRow(context.Background(), `SELECT coalesce(sum(s.spent_tokens), 0) FROM budget_spend s JOIN budgets b ON b.id = s.budget_id WHERE b.tenant_id = $1`, tenant).Scan(&spent)
+		_ = env.Store.Pool().QueryRow(context.Background(), `SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_events WHERE tenant_id = $1 AND status = 200`, tenant).Scan(&ledger)
+		return ledger == served.Load()*perCall && spent == ledger
+	})
+	t.Logf("64 callers over 2 gateways, a budget of 100 calls (%d tokens): %d served, %d refused; spend recorded %d, ledger %d", budget, served.Load(), exceeded.Load(), spent, ledger)
+	if served.Load() > 102 {
+		t.Fatalf("%d calls served on a budget of 100", served.Load())
+	}
+	if budget-spent >= perCall {
+		t.Fatalf("calls were refused with %d tokens of the budget left (a call takes %d)", budget-spent, perCall)
+	}
+}
+
+// A change made with the CLI reaches running gateways within 5 seconds.
+func TestLimitChangesReachEveryProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	env := harness.StartWith(t, twoTenants(0), dev.StackOptions{NoWorkers: true})
+	key := env.NewKey("acme")
+	gws := gatewayProcesses(t, env, 2, "worker: {enabled: false}\n")
+	for _, g := range gws {
+		if resp, _ := call(t, g, "/v1/chat/completions", key, chatFor("model-a", 5)); resp.StatusCode != 200 {
+			t.Fatalf("before: %d", resp.StatusCode)
+		}
+	}
+	p := harness.Spawn(t, []string{"DATABASE_URL=" + env.DatabaseURL}, "tenant", "update", "acme", "--rpm", "1")
+	if err := p.Cmd.Wait(); err != nil || !strings.Contains(p.Output(), "rpm 1") {
+		t.Fatalf("levee tenant update: %v\n%s", err, p.Output())
+	}
+	changed := time.Now()
+	for _, g := range gws {
+		harness.Eventually(t, 5*time.Second, g+" to apply the new limit", func() bool {
+			resp, _ := call(t, g, "/v1/chat/completions", key, chatFor("model-a", 5))
+			return resp.StatusCode == 429 && resp.Header.Get("x-ratelimit-limit-requests") == "1"
+		})
+	}
+	t.Logf("the change reached both gateways within %v", time.Since(changed).Round(time.Millisecond))
+}
+
+// A spent budget: a synchronous call gets 429 budget_exceeded; the
+// tenant's endpoints get budget.threshold_reached and budget.exceeded, once
+// each; with on_exhausted fail its queued work fails visibly with that code,
+// with wait it stays queued.
+func TestSpentBudgetRefusesNotifiesAndHoldsOrFailsQueuedWork(t *testing.T) {
+	f := twoTenants(0)
+	f.Webhooks = fastWebhooks().Webhooks
+	env := harness.Start(t, f)
+	waiting, failing := env.NewKey("waits"), env.NewKey("fails")
+	var rcvs []*receiver
+	for _, k := range []string{waiting, failing} {
+		rcv := newReceiver(t)
+		resp, raw := call(t, env.BaseURL, "/v1/webhook_endpoints", k, map[string]any{"url": rcv.srv.URL, "events": []string{"budget.threshold_reached", "budget.exceeded"}})
+		if resp.StatusCode != 200 {
+			t.Fatalf("%d %s", resp.StatusCode, raw)
+		}
+		var e struct {
+			Secret string `json:"secret"`
+		}
+		_ = json.Unmarshal(raw, &e)
+		rcv.setSecret(e.Secret)
+		rcvs = append(rcvs, rcv)
+	}
+	for _, tc := range []struct {
+		key, mode string
+	}{{waiting, "wait"}, {failing, "fail"}} {
+		if err := env.Store.SetBudget(context.Background(), &store.SetBudgetParams{TenantID: tenantOf(t, env, tc.key), Tokens: 300, Period: "month", Soft: 0.5, OnExhausted: tc.mode}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := env.Gateway.Quota.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// ~20-token calls against 300 tokens: spent within a few calls.
+	spend := func(key string) {
+		for i := 0; i < 40; i++ {
+			resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, chatFor("model-a", 5))
+			if resp.StatusCode == 429 {
+				if !strings.Contains(string(raw), `"code":"budget_exceeded"`) || resp.Header.Get("Retry-After") == "" {
+					t.Fatalf("%v %s", resp.Header, raw)
+				}
+				return
+			}
+		}
+		t.Fatal("the budget was never spent")
+	}
+	spend(waiting)
+	spend(failing)
+	var waitJobs, failJobs []string
+	for i := 0; i < 3; i++ {
+		_, j := submit(t, env, waiting, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 5), "priority": "low"})
+		waitJobs = append(waitJobs, j.ID)
+		_, j = submit(t, env, failing, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 5), "priority": "low"})
+		failJobs = append(failJobs, j.ID)
+	}
+	for _, id := range failJobs {
+		if j := waitJob(t, env, failing, id, 20*time.Second); j.Status != "failed" || j.Error == nil || j.Error.Code != "budget_exceeded" {
+			t.Fatalf("a job of a spent budget that fails: %+v", j)
+		}
+	}
+	for _, id := range waitJobs {
+		if _, j := getJob(t, env, waiting, id); j.Status != "queued" {
+			t.Fatalf("a job of a spent budget that waits: %+v", j)
+		}
+	}
+	for _, rcv := range rcvs {
+		harness.Eventually(t, 20*time.Second, "each tenant's budget events", func() bool {
+			n := map[string]int{}
+			for _, typ := range rcv.delivered() {
+				n[typ]++
+			}
+			return n["budget.threshold_reached"] == 1 && n["budget.exceeded"] == 1
+		})
+	}
+}
