@@ -42,6 +42,21 @@ type limiter struct {
 	outbox       []delta
 	inflightSent time.Time
 	inflightDirt bool
+
+	// Charges the other processes may not have seen yet: made and not yet
+	// published (pendTokens, pendReqs), or published in messages not every
+	// other process has acknowledged applying (sent). A process keeps no more unseen than its
+	// share of what is left (see mustWait), so several processes admitting
+	// at once cannot together pass a limit by more than about a call each.
+	pendTokens, pendReqs int64
+	sent                 []sentCharges
+	confirmed            *atomic.Uint64
+	procs                func() int64
+}
+
+type sentCharges struct {
+	seq          uint64
+	tokens, reqs int64
 }
 
 type peer struct {
@@ -60,8 +75,8 @@ type delta struct {
 // without word from it (it repeats them every second).
 const peerTTL = 3 * time.Second
 
-func newLimiter(sc Scope, l Limits, shared *atomic.Bool, mark func(Scope)) *limiter {
-	return &limiter{scope: sc, shared: shared, mark: mark, limits: l, tokens: window.New(time.Minute), reqs: window.New(time.Minute), peers: map[string]peer{}}
+func newLimiter(sc Scope, l Limits, shared *atomic.Bool, confirmed *atomic.Uint64, procs func() int64, mark func(Scope)) *limiter {
+	return &limiter{scope: sc, shared: shared, confirmed: confirmed, procs: procs, mark: mark, limits: l, tokens: window.New(time.Minute), reqs: window.New(time.Minute), peers: map[string]peer{}}
 }
 
 // inFlight is every process's calls in flight; l.mu must be held.
@@ -99,12 +114,61 @@ func (l *limiter) check(now time.Time, est int64) (ok bool, retryAt time.Time, w
 	return true, time.Time{}, ""
 }
 
+// unseen reports the tokens and requests this process has charged that the
+// others may not have seen; l.mu must be held.
+func (l *limiter) unseen() (tokens, reqs int64) {
+	echoed := l.confirmed.Load()
+	keep := l.sent[:0]
+	tokens, reqs = l.pendTokens, l.pendReqs
+	for _, s := range l.sent {
+		if s.seq > echoed {
+			keep = append(keep, s)
+			tokens += s.tokens
+			reqs += s.reqs
+		}
+	}
+	l.sent = keep
+	return tokens, reqs
+}
+
+// mustWait reports whether this process should let the others see its
+// charges before taking a call of est tokens. It may keep unseen no more
+// than 1/N² of what it knows is left (N processes sharing): 1/N for its
+// share, and 1/N again because each of the others may, at the same moment,
+// hold as much that this one has not seen. Each round of acknowledgements
+// then takes at most half of what is left (with two processes), so the
+// fleet closes in on a limit rather than jumping past it; and one call is
+// always allowed, so the limit is passed by at most about a call per
+// process. l.mu must be held.
+func (l *limiter) mustWait(est int64) bool {
+	if !l.shared.Load() {
+		return false
+	}
+	n := l.procs()
+	if n <= 1 {
+		return false
+	}
+	n *= n
+	ut, ur := l.unseen()
+	if t := l.limits.TPM; t > 0 && ut > 0 && ut+est > (t-(l.tokens.Total()-ut))/n {
+		return true
+	}
+	if r := l.limits.RPM; r > 0 && ur > 0 && ur+1 > (r-(l.reqs.Total()-ur))/n {
+		return true
+	}
+	return false
+}
+
 // charge takes a call: est tokens and one request in the current bucket,
 // and a call in flight. l.mu must be held.
 func (l *limiter) charge(b, est int64) {
 	l.tokens.Add(b, est)
 	l.reqs.Add(b, 1)
 	l.inflight++
+	if l.shared.Load() {
+		l.pendTokens += est
+		l.pendReqs++
+	}
 	l.tell(delta{Bucket: b, Tokens: est, Requests: 1})
 }
 
@@ -177,13 +241,18 @@ func (l *limiter) room(now time.Time, est int64) int {
 	return int(n)
 }
 
-// drain hands over what this process must tell the others: its charges, and
-// its calls in flight when they changed or a second has passed.
-func (l *limiter) drain(now time.Time) ([]delta, *int64) {
+// drain hands over what this process must tell the others, in message seq:
+// its charges, and its calls in flight when they changed or a second has
+// passed.
+func (l *limiter) drain(now time.Time, seq uint64) ([]delta, *int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	out := l.outbox
 	l.outbox = nil
+	if l.pendTokens > 0 || l.pendReqs > 0 {
+		l.sent = append(l.sent, sentCharges{seq: seq, tokens: l.pendTokens, reqs: l.pendReqs})
+		l.pendTokens, l.pendReqs = 0, 0
+	}
 	var inflight *int64
 	if l.inflightDirt || (l.inflight > 0 && now.Sub(l.inflightSent) >= time.Second) {
 		n := l.inflight

@@ -58,6 +58,19 @@ type Quota struct {
 	urgent chan struct{}
 	// shared is set while Share runs: only then are charges kept for it.
 	shared atomic.Bool
+	// seq numbers this process's messages; confirmed is the newest one
+	// every other process has applied (acknowledged), and echoed is closed
+	// (and replaced) when confirmed moves.
+	seq       atomic.Uint64
+	confirmed atomic.Uint64
+	echoMu    sync.Mutex
+	echoed    chan struct{}
+	// peers are the other processes sharing: when last heard from, the
+	// newest of their messages this one applied (sent back to them as
+	// acknowledgements), and the newest of this one's each acknowledged.
+	peersMu sync.Mutex
+	peers   map[string]*peerState
+	ackDue  bool
 	// dirty are the scopes with news for the other processes.
 	dirtyMu sync.Mutex
 	dirty   map[Scope]struct{}
@@ -69,7 +82,7 @@ type Quota struct {
 func New(st Store, currency string, dbTimeout time.Duration, log *slog.Logger) *Quota {
 	return &Quota{st: st, log: log, currency: currency, now: time.Now, dbTimeout: dbTimeout, limiters: map[Scope]*limiter{}, budgets: map[Scope]*budget{},
 		tenants: map[uuid.UUID]string{}, configured: map[uuid.UUID]bool{}, resolved: map[Caller]*applies{},
-		urgent: make(chan struct{}, 1), dirty: map[Scope]struct{}{}}
+		urgent: make(chan struct{}, 1), dirty: map[Scope]struct{}{}, echoed: make(chan struct{}), peers: map[string]*peerState{}}
 }
 
 // Load replaces the limits and budgets with a snapshot, keeping the windows
@@ -89,7 +102,7 @@ func (q *Quota) Load(s *store.Quotas) {
 			old.mu.Unlock()
 			limiters[sc] = old
 		} else {
-			limiters[sc] = newLimiter(sc, lim, &q.shared, q.markDirty)
+			limiters[sc] = newLimiter(sc, lim, &q.shared, &q.confirmed, q.processes, q.markDirty)
 		}
 		configured[l.TenantID] = true
 	}
@@ -230,46 +243,40 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 	if !ok {
 		return none, nil, nil
 	}
-	now := q.now()
 	ls, names, bs := ap.limiters, ap.scopes, ap.budgets
-	a := &Admission{q: q, now: now, bucket: window.Bucket(now), charge: ch, limits: ls, budgets: bs, Headers: Headers{-1, -1, -1, -1}}
-	b := a.bucket
-	for _, l := range ls {
-		l.mu.Lock()
-		l.tokens.Advance(b)
-		l.reqs.Advance(b)
-	}
-	unlock := func() {
-		for _, l := range ls {
-			l.mu.Unlock()
+	var a *Admission
+	// Near a limit, wait for this process's last charges there to reach the
+	// others (a millisecond or two per round). Only when no acknowledgement
+	// at all has come for echoStall (NATS or the others away) does a call go
+	// on without; a caller that merely lost the race to the next round
+	// waits for the one after.
+	gate := true
+	var stall *time.Timer
+	for {
+		var ref *Refusal
+		var wait <-chan struct{}
+		a, ref, wait = q.charge(ls, names, ch, gate)
+		if ref != nil {
+			return nil, ref, nil
+		}
+		if a != nil {
+			break
+		}
+		if stall == nil {
+			stall = time.NewTimer(echoStall)
+			defer stall.Stop()
+		}
+		select {
+		case <-wait:
+			stall.Reset(echoStall) // Go 1.23 timers: no stale tick to drain
+		case <-stall.C:
+			gate = false
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
 		}
 	}
-	for i, l := range ls {
-		if ok, at, what := l.check(now, ch.Tokens); !ok {
-			h := headersOf(ls)
-			unlock()
-			code := "tenant_rate_limit_exceeded"
-			if names[i].Key != uuid.Nil {
-				code = "key_rate_limit_exceeded"
-			}
-			return nil, &Refusal{Code: code, What: what, RetryAt: at, Headers: h}, nil
-		}
-	}
-	near := false
-	for _, l := range ls {
-		l.charge(b, ch.Tokens)
-		if t := l.limits.TPM; t > 0 && l.tokens.Total()*10 > t*9 {
-			near = true
-		}
-		if r := l.limits.RPM; r > 0 && l.reqs.Total()*10 > r*9 {
-			near = true
-		}
-	}
-	a.Headers = headersOf(ls)
-	unlock()
-	if near {
-		q.nudge()
-	}
+	a.budgets = bs
+	now, b := a.now, a.bucket
 	est := amount{ch.Micros, ch.Tokens}
 	for i, bg := range bs {
 		p, ok, err := bg.reserve(ctx, q.st, q.dbTimeout, now, est)
@@ -292,6 +299,136 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 			RetryAt: nextPeriod(bg.b, now), Headers: a.Headers}, nil
 	}
 	return a, nil, nil
+}
+
+// echoStall is how long an admission near a limit waits with no
+// acknowledgement from the other processes before going on without.
+const echoStall = 50 * time.Millisecond
+
+// charge takes a call on every limiter of a caller, or refuses it; with
+// gate, near a limit it returns neither but a channel to wait on, until
+// this process's last charge there has reached the others.
+func (q *Quota) charge(ls []*limiter, names []Scope, ch Charge, gate bool) (*Admission, *Refusal, <-chan struct{}) {
+	now := q.now()
+	b := window.Bucket(now)
+	q.echoMu.Lock()
+	wait := q.echoed
+	q.echoMu.Unlock()
+	for _, l := range ls {
+		l.mu.Lock()
+		l.tokens.Advance(b)
+		l.reqs.Advance(b)
+	}
+	unlock := func() {
+		for _, l := range ls {
+			l.mu.Unlock()
+		}
+	}
+	for i, l := range ls {
+		if ok, at, what := l.check(now, ch.Tokens); !ok {
+			h := headersOf(ls)
+			unlock()
+			code := "tenant_rate_limit_exceeded"
+			if names[i].Key != uuid.Nil {
+				code = "key_rate_limit_exceeded"
+			}
+			return nil, &Refusal{Code: code, What: what, RetryAt: at, Headers: h}, nil
+		}
+		if gate && l.mustWait(ch.Tokens) {
+			unlock()
+			q.nudge()
+			return nil, nil, wait
+		}
+	}
+	near := false
+	for _, l := range ls {
+		l.charge(b, ch.Tokens)
+		if t := l.limits.TPM; t > 0 && l.tokens.Total()*10 > t*9 {
+			near = true
+		}
+		if r := l.limits.RPM; r > 0 && l.reqs.Total()*10 > r*9 {
+			near = true
+		}
+	}
+	a := &Admission{q: q, now: now, bucket: b, charge: ch, limits: ls, Headers: headersOf(ls)}
+	unlock()
+	if near {
+		q.nudge()
+	}
+	return a, nil, nil
+}
+
+type peerState struct {
+	at      time.Time
+	applied uint64 // the newest of its messages this process applied
+	acked   uint64 // the newest of this process's messages it applied
+}
+
+// processes is how many processes share the limits: this one and those
+// heard from within peerTTL.
+func (q *Quota) processes() int64 {
+	q.peersMu.Lock()
+	defer q.peersMu.Unlock()
+	q.expirePeers()
+	return int64(len(q.peers)) + 1
+}
+
+// expirePeers forgets processes not heard from within peerTTL, and moves
+// confirmed to what every remaining one has applied; q.peersMu must be held.
+func (q *Quota) expirePeers() {
+	now := q.now()
+	least := q.seq.Load()
+	for o, p := range q.peers {
+		if now.Sub(p.at) > peerTTL {
+			delete(q.peers, o)
+			continue
+		}
+		least = min(least, p.acked)
+	}
+	if least != q.confirmed.Load() {
+		q.confirmed.Store(least)
+		q.echoMu.Lock()
+		close(q.echoed)
+		q.echoed = make(chan struct{})
+		q.echoMu.Unlock()
+	}
+}
+
+// received records a message of another process: that it is alive, what
+// of this process's it has applied, and that it needs acknowledging (at
+// once: replyNow) if it carried charges or comes from a process new here.
+func (q *Quota) received(origin string, seq, ack uint64, charges bool) (replyNow bool) {
+	q.peersMu.Lock()
+	defer q.peersMu.Unlock()
+	p := q.peers[origin]
+	if p == nil {
+		// A process new to this one may not know of this one either: say
+		// so at once rather than at the next heartbeat.
+		p = &peerState{}
+		q.peers[origin] = p
+		charges = true
+	}
+	p.at = q.now()
+	p.applied = max(p.applied, seq)
+	p.acked = max(p.acked, ack)
+	if charges {
+		q.ackDue = true
+	}
+	q.expirePeers()
+	return charges
+}
+
+// acks is what this process has applied of each other's, to send them;
+// due says whether an acknowledgement is owed.
+func (q *Quota) acks() (acks map[string]uint64, due bool) {
+	q.peersMu.Lock()
+	defer q.peersMu.Unlock()
+	acks = make(map[string]uint64, len(q.peers))
+	for o, p := range q.peers {
+		acks[o] = p.applied
+	}
+	due, q.ackDue = q.ackDue, false
+	return acks, due
 }
 
 // nextPeriod is when a budget's next period starts.

@@ -21,7 +21,11 @@ import (
 
 type shareMsg struct {
 	Origin string       `json:"o"`
-	Scopes []shareScope `json:"s"`
+	Seq    uint64       `json:"q"`
+	Scopes []shareScope `json:"s,omitempty"`
+	// Acks are the newest message of each other process this one has
+	// applied.
+	Acks map[string]uint64 `json:"a,omitempty"`
 }
 
 type shareScope struct {
@@ -39,17 +43,25 @@ func (q *Quota) Share(ctx context.Context, nc *nats.Conn, subject string) error 
 	origin := uuid.NewString()
 	sub, err := nc.Subscribe(subject, func(m *nats.Msg) {
 		var sm shareMsg
-		if json.Unmarshal(m.Data, &sm) != nil || sm.Origin == origin {
+		if json.Unmarshal(m.Data, &sm) != nil {
+			return
+		}
+		if sm.Origin == origin {
 			return
 		}
 		now := q.now()
 		q.mu.RLock()
-		defer q.mu.RUnlock()
 		for _, s := range sm.Scopes {
 			// A scope this process has no limits for (yet) is not kept.
 			if l := q.limiters[s.Scope]; l != nil {
 				l.apply(now, sm.Origin, s.Deltas, s.Inflight)
 			}
+		}
+		q.mu.RUnlock()
+		// Applied: acknowledged with this process's next message, which
+		// goes at once.
+		if q.received(sm.Origin, sm.Seq, sm.Acks[origin], len(sm.Scopes) > 0) {
+			q.nudge()
 		}
 	})
 	if err != nil {
@@ -58,6 +70,7 @@ func (q *Quota) Share(ctx context.Context, nc *nats.Conn, subject string) error 
 	defer sub.Unsubscribe()
 	q.shared.Store(true)
 	defer q.shared.Store(false)
+	q.publish(nc, subject, origin, true) // hello: the others count this process from now
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	beat := time.NewTicker(time.Second)
@@ -73,6 +86,9 @@ func (q *Quota) Share(ctx context.Context, nc *nats.Conn, subject string) error 
 		case <-beat.C:
 			all = true // calls in flight are said again, so peers keep counting them
 		}
+		// Disconnected, nothing is kept for the others, and nobody waits
+		// for an echo that cannot come.
+		q.shared.Store(nc.IsConnected())
 		q.publish(nc, subject, origin, all)
 	}
 }
@@ -82,17 +98,16 @@ func (q *Quota) publish(nc *nats.Conn, subject, origin string, all bool) {
 	now := q.now()
 	q.dirtyMu.Lock()
 	dirty := q.dirty
-	if len(dirty) > 0 {
+	n := len(dirty)
+	if n > 0 {
 		q.dirty = map[Scope]struct{}{}
 	}
 	q.dirtyMu.Unlock()
-	if len(dirty) == 0 && !all {
-		return
-	}
+	seq := q.seq.Add(1)
 	q.mu.RLock()
 	var out []shareScope
 	add := func(sc Scope, l *limiter) {
-		if ds, inflight := l.drain(now); len(ds) > 0 || inflight != nil {
+		if ds, inflight := l.drain(now, seq); len(ds) > 0 || inflight != nil {
 			out = append(out, shareScope{Scope: sc, Deltas: ds, Inflight: inflight})
 		}
 	}
@@ -100,7 +115,7 @@ func (q *Quota) publish(nc *nats.Conn, subject, origin string, all bool) {
 		for sc, l := range q.limiters {
 			add(sc, l)
 		}
-	} else {
+	} else if n > 0 {
 		for sc := range dirty {
 			if l := q.limiters[sc]; l != nil {
 				add(sc, l)
@@ -108,10 +123,13 @@ func (q *Quota) publish(nc *nats.Conn, subject, origin string, all bool) {
 		}
 	}
 	q.mu.RUnlock()
-	if len(out) == 0 {
+	acks, due := q.acks()
+	if len(out) == 0 && !all && !due {
 		return
 	}
-	raw, _ := json.Marshal(shareMsg{Origin: origin, Scopes: out})
+	// Every second a message goes even with nothing in it: the others
+	// count the processes sharing by them.
+	raw, _ := json.Marshal(shareMsg{Origin: origin, Seq: seq, Scopes: out, Acks: acks})
 	if err := nc.Publish(subject, raw); err != nil {
 		q.log.Warn("quota: sharing limits", "err", err)
 	}
