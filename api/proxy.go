@@ -230,7 +230,7 @@ func rateHeaders(h http.Header, q quota.Headers) {
 // quotaRefused is the 429 of a call over its caller's limit or budget.
 func quotaRefused(r *quota.Refusal, model string) *Error {
 	e := &Error{Status: http.StatusTooManyRequests, Type: "requests", Code: r.Code}
-	if !r.RetryAt.IsZero() {
+	if !r.Never {
 		e.RetryAfter = max(time.Until(r.RetryAt), time.Millisecond)
 	}
 	who := "This tenant"
@@ -238,10 +238,16 @@ func quotaRefused(r *quota.Refusal, model string) *Error {
 		who = "This API key"
 	}
 	switch {
+	case r.Code == "budget_exceeded" && r.Never:
+		e.Type = "insufficient_quota"
+		e.Message = "This request's estimated cost is larger than the whole budget; no wait would help."
+	case r.What == "budget_left":
+		e.Type = "insufficient_quota"
+		e.Message = fmt.Sprintf("What is left of the budget for this period is less than this request's estimated cost; it resets at %s.", r.RetryAt.UTC().Format(time.RFC3339))
 	case r.What == "budget":
 		e.Type = "insufficient_quota"
 		e.Message = fmt.Sprintf("The budget for this period is spent; it resets at %s.", r.RetryAt.UTC().Format(time.RFC3339))
-	case r.RetryAt.IsZero():
+	case r.Never:
 		e.Type = "tokens"
 		e.Message = fmt.Sprintf("%s's limit of tokens per minute for %s is smaller than this request's estimate; no wait would help.", who, model)
 	case r.What == "tokens":

@@ -27,9 +27,13 @@ type budget struct {
 	// both go to Postgres at the next flush, which frees the difference.
 	grant, held, consumed, spent amount
 	lastUse                      time.Time
-	// exhaustedUntil spares Postgres a lease attempt per refused call.
-	exhaustedUntil time.Time
-	marked         time.Time // the period budget.exceeded was recorded for
+	// A call refused a moment ago spares Postgres a lease attempt for
+	// every call at least as large (refused, until refusedUntil); only a
+	// budget actually spent closes to all (closedUntil), and tells workers
+	// to leave its queued work alone for a while.
+	refused                   amount
+	refusedUntil, closedUntil time.Time
+	marked                    time.Time // the period budget.exceeded was recorded for
 	// pending are settlements of earlier periods not yet written.
 	pending []settlement
 }
@@ -99,13 +103,40 @@ func (bg *budget) roll(now time.Time) {
 	}
 	// Calls in flight were leased in the old period: they settle there.
 	bg.period, bg.grant, bg.consumed, bg.spent = p, amount{}, amount{}, amount{}
-	bg.exhaustedUntil = time.Time{}
+	bg.refusedUntil, bg.closedUntil = time.Time{}, time.Time{}
 }
 
+// verdict is a budget's answer to a call.
+type verdict int
+
+const (
+	fits     verdict = iota
+	noRoom           // what is left of the period is less than the call
+	spentOut         // the period's budget is spent: calls of any size wait
+	tooLarge         // the call is larger than the whole budget
+)
+
+// spentFraction: a budget with less left than a call that is at most this
+// share of it counts as spent (a call that is a large part of the budget
+// being refused says nothing about the calls after it).
+const spentFraction = 10
+
+// isSpent reports whether est being refused with left remaining means the
+// budget is spent, in a dimension it limits.
+func isSpent(lim, left, est amount) bool {
+	return (lim.micros > 0 && left.micros < est.micros && est.micros <= lim.micros/spentFraction) ||
+		(lim.tokens > 0 && left.tokens < est.tokens && est.tokens <= lim.tokens/spentFraction) ||
+		(lim.micros > 0 && left.micros <= 0) || (lim.tokens > 0 && left.tokens <= 0)
+}
+
+// closedFor is how long a spent budget is left alone by the workers before
+// they try its queued work again (a raised budget reopens it at once).
+const closedFor = 5 * time.Second
+
 // reserve takes est for a call, leasing from Postgres if the grant does not
-// cover it. It returns the period the call is charged in, or ok false when
-// the budget is spent.
-func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, now time.Time, est amount) (period time.Time, ok bool, err error) {
+// cover it. It returns the period the call is charged in, or why it does
+// not fit.
+func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, now time.Time, est amount) (period time.Time, v verdict, err error) {
 	// Most reservations come out of the grant; only the calls to Postgres
 	// wait, and each wait is bounded.
 	db := func() (context.Context, context.CancelFunc) {
@@ -114,10 +145,23 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		}
 		return context.WithTimeout(ctx, timeout)
 	}
-	est = est.only(bg.limit())
+	lim := bg.limit()
+	est = est.only(lim)
+	if !lim.covers(est) {
+		return time.Time{}, tooLarge, nil
+	}
 	bg.mu.Lock()
 	bg.roll(now)
+	if now.Before(bg.closedUntil) || (now.Before(bg.refusedUntil) && est.covers(bg.refused)) {
+		v := noRoom
+		if now.Before(bg.closedUntil) {
+			v = spentOut
+		}
+		bg.mu.Unlock()
+		return time.Time{}, v, nil
+	}
 	gaveBack, failed := false, false
+	var used amount
 	for {
 		if bg.grant.covers(est) {
 			bg.grant = bg.grant.sub(est)
@@ -125,10 +169,9 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 			bg.lastUse = now
 			p := bg.period
 			bg.mu.Unlock()
-			return p, true, nil
+			return p, fits, nil
 		}
-		exhausted := failed || now.Before(bg.exhaustedUntil)
-		if exhausted && !gaveBack && !bg.grant.zero() {
+		if failed && !gaveBack && !bg.grant.zero() {
 			// What this process holds may be just what another one needs
 			// to make up a call: give it back, and ask for the whole call
 			// once more, so budget left in pieces is never refused.
@@ -144,10 +187,18 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 			if err != nil {
 				bg.pending = append(bg.pending, settlement{period: p, released: g})
 				bg.mu.Unlock()
-				return time.Time{}, false, err
+				return time.Time{}, noRoom, err
 			}
-		} else if exhausted {
-			bg.exhaustedUntil = now.Add(250 * time.Millisecond)
+		} else if failed {
+			// Refused with nothing held here: the budget has less left than
+			// this call. It is spent if the call is a small part of it.
+			left := lim.sub(used).sub(bg.grant)
+			bg.refused, bg.refusedUntil = est, now.Add(250*time.Millisecond)
+			if !isSpent(lim, left, est) {
+				bg.mu.Unlock()
+				return time.Time{}, noRoom, nil
+			}
+			bg.closedUntil = now.Add(closedFor)
 			mark := !bg.marked.Equal(bg.period)
 			p := bg.period
 			bg.marked = p
@@ -157,29 +208,29 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 				err = st.MarkBudgetExceeded(dctx, bg.b.ID, bg.b.TenantID, p)
 				cancel()
 			}
-			return time.Time{}, false, err
+			return time.Time{}, spentOut, err
 		}
 		want := est.sub(bg.grant).positive()
-		p, lim := bg.period, bg.limit()
+		p := bg.period
 		bg.mu.Unlock()
 		dctx, cancel := db()
-		m, t, got, err := st.LeaseBudget(dctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
+		l, err := st.LeaseBudget(dctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
 			Micros: want.micros, Tokens: want.tokens, ChunkMicros: lim.micros / leaseChunks, ChunkTokens: lim.tokens / leaseChunks,
 			LimitMicros: lim.micros, LimitTokens: lim.tokens})
 		cancel()
 		bg.mu.Lock()
 		if err != nil {
 			bg.mu.Unlock()
-			return time.Time{}, false, err
+			return time.Time{}, noRoom, err
 		}
 		switch {
 		case !p.Equal(bg.period):
 			// The period turned while leasing: that lease is the old one's.
-			bg.pending = append(bg.pending, settlement{period: p, released: amount{m, t}})
-		case got:
-			bg.grant = bg.grant.add(amount{m, t})
+			bg.pending = append(bg.pending, settlement{period: p, released: amount{l.Micros, l.Tokens}})
+		case l.OK:
+			bg.grant = bg.grant.add(amount{l.Micros, l.Tokens})
 		default:
-			failed = true
+			failed, used = true, amount{l.UsedMicros, l.UsedTokens}
 		}
 	}
 }
@@ -213,24 +264,25 @@ func (bg *budget) settle(now, period time.Time, est, actual amount) {
 	bg.pending = append(bg.pending, settlement{period: period, spent: actual, released: est})
 }
 
-// exhausted reports whether the budget refused a lease a moment ago (for
+// closed reports whether the budget was found spent a moment ago (for
 // workers deciding whether to take a tenant's next job at all).
-func (bg *budget) exhausted(now time.Time) bool {
+func (bg *budget) closed(now time.Time) bool {
 	bg.mu.Lock()
 	defer bg.mu.Unlock()
-	return now.Before(bg.exhaustedUntil)
+	return now.Before(bg.closedUntil)
 }
 
 // flush writes settled spend and released leases to Postgres, and gives an
-// idle grant back. What cannot be written now stays to be tried again.
-func (bg *budget) flush(ctx context.Context, st Store, now time.Time) error {
+// idle grant back (any grant, when final: the process is stopping). What
+// cannot be written now stays to be tried again.
+func (bg *budget) flush(ctx context.Context, st Store, now time.Time, final bool) error {
 	bg.mu.Lock()
 	bg.roll(now)
 	todo := bg.pending
 	bg.pending = nil
 	cur := settlement{period: bg.period, spent: bg.spent, released: bg.consumed}
 	bg.spent, bg.consumed = amount{}, amount{}
-	if bg.held.zero() && now.Sub(bg.lastUse) >= idleReturn && !bg.grant.zero() {
+	if (final || bg.held.zero() && now.Sub(bg.lastUse) >= idleReturn) && !bg.grant.zero() {
 		cur.released = cur.released.add(bg.grant)
 		bg.grant = amount{}
 	}

@@ -29,7 +29,7 @@ import (
 type Store interface {
 	SettingsVersion(ctx context.Context) (int64, error)
 	LoadQuotas(ctx context.Context) (*store.Quotas, error)
-	LeaseBudget(ctx context.Context, p *store.LeaseParams) (micros, tokens int64, ok bool, err error)
+	LeaseBudget(ctx context.Context, p *store.LeaseParams) (store.Lease, error)
 	SettleBudget(ctx context.Context, p *store.SettleParams) error
 	MarkBudgetExceeded(ctx context.Context, budget, tenant uuid.UUID, period time.Time) error
 }
@@ -118,6 +118,10 @@ func (q *Quota) Load(s *store.Quotas) {
 		sc := Scope{Tenant: b.TenantID, Key: b.KeyID}
 		if old := q.budgets[sc]; old != nil && old.b.ID == b.ID {
 			old.mu.Lock()
+			if old.b != b {
+				// Changed (raised, perhaps): what was refused may fit now.
+				old.refusedUntil, old.closedUntil = time.Time{}, time.Time{}
+			}
 			old.b = b
 			old.mu.Unlock()
 			budgets[sc] = old
@@ -156,12 +160,15 @@ type Refusal struct {
 	// Code is tenant_rate_limit_exceeded, key_rate_limit_exceeded or
 	// budget_exceeded.
 	Code string
-	// What bound: tokens, requests, concurrency or budget.
+	// What bound: tokens, requests, concurrency, budget (spent) or
+	// budget_left (what is left of it is less than this call).
 	What string
-	// RetryAt is when the limit may have room again; zero means never for
-	// this call (it is larger than the limit) or, for a budget, not before
-	// its next period.
+	// RetryAt is when the limit may have room again (for a budget, its
+	// next period); zero when Never.
 	RetryAt time.Time
+	// Never: the call is larger than the limit (or the whole budget), so no
+	// wait would help.
+	Never bool
 	// Fail is set for a budget whose queued work fails rather than waits.
 	Fail bool
 	// Headers describe the caller's tightest limit.
@@ -279,8 +286,8 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 	now, b := a.now, a.bucket
 	est := amount{ch.Micros, ch.Tokens}
 	for i, bg := range bs {
-		p, ok, err := bg.reserve(ctx, q.st, q.dbTimeout, now, est)
-		if err == nil && ok {
+		p, v, err := bg.reserve(ctx, q.st, q.dbTimeout, now, est)
+		if err == nil && v == fits {
 			a.periods = append(a.periods, p)
 			continue
 		}
@@ -295,8 +302,15 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 		if err != nil {
 			return nil, nil, err
 		}
-		return nil, &Refusal{Code: "budget_exceeded", What: "budget", Fail: bg.b.OnExhausted == "fail",
-			RetryAt: nextPeriod(bg.b, now), Headers: a.Headers}, nil
+		r := &Refusal{Code: "budget_exceeded", What: "budget", Fail: bg.b.OnExhausted == "fail",
+			RetryAt: nextPeriod(bg.b, now), Headers: a.Headers}
+		switch v {
+		case noRoom:
+			r.What = "budget_left"
+		case tooLarge:
+			r.RetryAt, r.Never = time.Time{}, true
+		}
+		return nil, r, nil
 	}
 	return a, nil, nil
 }
@@ -332,7 +346,7 @@ func (q *Quota) charge(ls []*limiter, names []Scope, ch Charge, gate bool) (*Adm
 			if names[i].Key != uuid.Nil {
 				code = "key_rate_limit_exceeded"
 			}
-			return nil, &Refusal{Code: code, What: what, RetryAt: at, Headers: h}, nil
+			return nil, &Refusal{Code: code, What: what, RetryAt: at, Never: at.IsZero(), Headers: h}, nil
 		}
 		if gate && l.mustWait(ch.Tokens) {
 			unlock()
@@ -509,7 +523,7 @@ func (q *Quota) Room(tenant uuid.UUID, model string, est int64) int {
 			room = min(room, l.room(now, est))
 		}
 	}
-	if bg != nil && bg.b.OnExhausted == "wait" && bg.exhausted(now) {
+	if bg != nil && bg.b.OnExhausted == "wait" && bg.closed(now) {
 		room = 0
 	}
 	return room
@@ -540,8 +554,10 @@ func (q *Quota) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
+			// The last flush also gives every lease back: leases outlive
+			// their process in Postgres until the period ends.
 			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			q.Flush(fctx)
+			q.flush(fctx, true)
 			cancel()
 			return
 		case <-reload.C:
@@ -575,7 +591,9 @@ func (q *Quota) Refresh(ctx context.Context) error {
 }
 
 // Flush writes every budget's settled spend now.
-func (q *Quota) Flush(ctx context.Context) {
+func (q *Quota) Flush(ctx context.Context) { q.flush(ctx, false) }
+
+func (q *Quota) flush(ctx context.Context, final bool) {
 	q.mu.RLock()
 	bs := make([]*budget, 0, len(q.budgets))
 	for _, b := range q.budgets {
@@ -584,7 +602,7 @@ func (q *Quota) Flush(ctx context.Context) {
 	q.mu.RUnlock()
 	now := q.now()
 	for _, b := range bs {
-		if err := b.flush(ctx, q.st, now); err != nil && !errors.Is(err, context.Canceled) {
+		if err := b.flush(ctx, q.st, now, final); err != nil && !errors.Is(err, context.Canceled) {
 			q.log.Warn("quota: writing budget spend; will retry", "budget", b.b.ID, "err", err)
 		}
 	}

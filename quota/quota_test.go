@@ -43,7 +43,7 @@ func (m *memStore) row(p time.Time) *store.BudgetSpend {
 	return m.spend[p]
 }
 
-func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (int64, int64, bool, error) {
+func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (store.Lease, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.leases++
@@ -55,11 +55,11 @@ func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (int64, 
 		gm, gt = cm, ct
 	}
 	if (p.LimitMicros > 0 && um+gm > p.LimitMicros) || (p.LimitTokens > 0 && ut+gt > p.LimitTokens) {
-		return 0, 0, false, nil
+		return store.Lease{UsedMicros: um, UsedTokens: ut}, nil
 	}
 	r.LeasedMicros += gm
 	r.LeasedTokens += gt
-	return gm, gt, true, nil
+	return store.Lease{Micros: gm, Tokens: gt, OK: true, UsedMicros: um, UsedTokens: ut}, nil
 }
 
 func (m *memStore) SettleBudget(_ context.Context, p *store.SettleParams) error {
@@ -233,6 +233,88 @@ func TestBudgetLeasesInChunksWhilePlentyRemains(t *testing.T) {
 	r := st.spend[periodStart(st.q.Budgets[0], t0)]
 	if r.SpentMicros != 100*400 || r.LeasedMicros != 1_000_000-100*1000 {
 		t.Fatalf("after a flush: %+v", r)
+	}
+}
+
+// A call too large for what is left refuses that call only; a call larger
+// than the whole budget is never; only a budget actually spent closes to
+// every call, and says so once.
+func TestBudgetTellsSpentFromTooLarge(t *testing.T) {
+	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{
+		{ID: uuid.New(), TenantID: tenant, Tokens: 5000, Period: "day", Soft: 0.8, OnExhausted: "wait"}}}}
+	q := newQuota(t, st)
+	me := Caller{Tenant: tenant, Key: key, Model: "gpt-4o"}
+	ctx := context.Background()
+	admit := func(tokens int64) *Refusal {
+		t.Helper()
+		a, r, err := q.Admit(ctx, me, Charge{Tokens: tokens})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r == nil {
+			a.Finish(Usage{Tokens: tokens}, true)
+		}
+		return r
+	}
+	if r := admit(6000); r == nil || r.Code != "budget_exceeded" || !r.Never || !r.RetryAt.IsZero() {
+		t.Fatalf("larger than the whole budget: %+v", r)
+	}
+	if r := admit(20); r != nil {
+		t.Fatalf("a small call after a too-large one: %+v", r)
+	}
+	if r := admit(4000); r != nil {
+		t.Fatalf("4,000 of 4,980 left: %+v", r)
+	}
+	if r := admit(2000); r == nil || r.What != "budget_left" || r.Never || r.RetryAt.IsZero() {
+		t.Fatalf("2,000 with 980 left: %+v", r)
+	}
+	if r := admit(20); r != nil {
+		t.Fatalf("a small call after one too large for what is left: %+v", r)
+	}
+	if st.exceeded != 0 || q.Room(tenant, "gpt-4o", 20) == 0 {
+		t.Fatalf("not spent yet, but marked %d times, or closed to queued work", st.exceeded)
+	}
+	for i := 0; i < 48; i++ { // 960 more: 0 left
+		if r := admit(20); r != nil {
+			t.Fatalf("call %d of the last: %+v", i, r)
+		}
+	}
+	for i := 0; i < 3; i++ {
+		if r := admit(20); r == nil || r.What != "budget" {
+			t.Fatalf("a spent budget: %+v", r)
+		}
+	}
+	if st.exceeded != 1 || q.Room(tenant, "gpt-4o", 20) != 0 {
+		t.Fatalf("spent: marked %d times (want 1), room %d (want 0)", st.exceeded, q.Room(tenant, "gpt-4o", 20))
+	}
+	// Raised: open again at once.
+	raised := *st.q
+	raised.Version++
+	raised.Budgets = []store.Budget{raised.Budgets[0]}
+	raised.Budgets[0].Tokens = 10_000
+	q.Load(&raised)
+	if r := admit(20); r != nil {
+		t.Fatalf("after the budget was raised: %+v", r)
+	}
+}
+
+// A process that stops gives its whole lease back, busy or not: leases
+// outlive their process in Postgres until the period ends.
+func TestStoppingGivesTheLeaseBack(t *testing.T) {
+	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{
+		{ID: uuid.New(), TenantID: tenant, Tokens: 64_000, Period: "day", Soft: 0.8, OnExhausted: "wait"}}}}
+	q := newQuota(t, st)
+	a, r, err := q.Admit(context.Background(), Caller{Tenant: tenant, Key: key, Model: "m"}, Charge{Tokens: 10})
+	if err != nil || r != nil {
+		t.Fatal(err, r)
+	}
+	a.Finish(Usage{Tokens: 7}, true)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	q.Run(ctx) // returns at once, after its last flush
+	row := st.spend[periodStart(st.q.Budgets[0], t0)]
+	if row.SpentTokens != 7 || row.LeasedTokens != 0 {
+		t.Fatalf("after stopping: %+v, want 7 spent and nothing leased", row)
 	}
 }
 

@@ -59,8 +59,8 @@ type fixed struct{ q *store.Quotas }
 
 func (f fixed) SettingsVersion(context.Context) (int64, error)    { return f.q.Version, nil }
 func (f fixed) LoadQuotas(context.Context) (*store.Quotas, error) { return f.q, nil }
-func (fixed) LeaseBudget(context.Context, *store.LeaseParams) (int64, int64, bool, error) {
-	return 0, 0, false, nil
+func (fixed) LeaseBudget(context.Context, *store.LeaseParams) (store.Lease, error) {
+	return store.Lease{}, nil
 }
 func (fixed) SettleBudget(context.Context, *store.SettleParams) error { return nil }
 func (fixed) MarkBudgetExceeded(context.Context, uuid.UUID, uuid.UUID, time.Time) error {

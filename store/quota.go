@@ -241,14 +241,26 @@ type LeaseParams struct {
 	LimitMicros, LimitTokens int64
 }
 
+// Lease is what LeaseBudget granted (OK false: nothing, the call does not
+// fit), and what of the period was spent or leased as the statement began:
+// a caller refused can tell a budget that is spent from a call too large
+// for what is left.
+type Lease struct {
+	Micros, Tokens         int64
+	OK                     bool
+	UsedMicros, UsedTokens int64
+}
+
 // LeaseBudget grants a share of a period's budget, exactly: spent plus leased
-// never passes the limit. It returns what was granted (the chunk or just
-// what was wanted); ok is false when not even that fits.
-func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (micros, tokens int64, ok bool, err error) {
+// never passes the limit. It grants the chunk while plenty is left, else
+// just what was wanted, else nothing.
+func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (Lease, error) {
 	// One statement: the row is created with the lease if the period is
 	// new, else the lease is added if it fits; near the end only what is
-	// wanted is granted, so no process holds what another one needs.
-	err = s.pool.QueryRow(ctx, `
+	// wanted is granted, so no process holds what another one needs. (A
+	// data-modifying CTE runs whether or not it is read from.)
+	var l Lease
+	err := s.pool.QueryRow(ctx, `
 		WITH want AS (
 			SELECT $3::bigint AS m, $4::bigint AS t, greatest($3::bigint, $5::bigint)::bigint AS cm, greatest($4::bigint, $6::bigint)::bigint AS ct
 		), cur AS (
@@ -267,15 +279,15 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (micros, tokens
 			  AND ($8::bigint = 0 OR s.spent_tokens + s.leased_tokens + EXCLUDED.leased_tokens <= $8::bigint)
 			RETURNING 1
 		)
-		SELECT g.m, g.t FROM grant_ g, up`,
-		p.BudgetID, p.PeriodStart, p.Micros, p.Tokens, p.ChunkMicros, p.ChunkTokens, p.LimitMicros, p.LimitTokens).Scan(&micros, &tokens)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, 0, false, nil
-	}
+		SELECT g.m, g.t, EXISTS (SELECT FROM up), cur.um, cur.ut FROM grant_ g, cur`,
+		p.BudgetID, p.PeriodStart, p.Micros, p.Tokens, p.ChunkMicros, p.ChunkTokens, p.LimitMicros, p.LimitTokens).Scan(&l.Micros, &l.Tokens, &l.OK, &l.UsedMicros, &l.UsedTokens)
 	if err != nil {
-		return 0, 0, false, fmt.Errorf("store: lease budget: %w", err)
+		return Lease{}, fmt.Errorf("store: lease budget: %w", err)
 	}
-	return micros, tokens, true, nil
+	if !l.OK {
+		l.Micros, l.Tokens = 0, 0
+	}
+	return l, nil
 }
 
 // SettleParams hand spend back to a budget's period: Spent* is what calls

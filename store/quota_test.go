@@ -45,11 +45,11 @@ func TestBudgetLeasesAreExact(t *testing.T) {
 	}
 	lease := func(tokens, chunk int64) (int64, bool) {
 		t.Helper()
-		_, got, ok, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: p, Tokens: tokens, ChunkTokens: chunk, LimitTokens: 1000, LimitMicros: 5_000_000})
+		l, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: p, Tokens: tokens, ChunkTokens: chunk, LimitTokens: 1000, LimitMicros: 5_000_000})
 		if err != nil {
 			t.Fatal(err)
 		}
-		return got, ok
+		return l.Tokens, l.OK
 	}
 	// Plenty left: the chunk; little left: just what is wanted; too little: none.
 	if got, ok := lease(10, 100); !ok || got != 100 {
@@ -58,8 +58,8 @@ func TestBudgetLeasesAreExact(t *testing.T) {
 	if got, ok := lease(10, 300); !ok || got != 10 { // 100 + 4*300 > 1000
 		t.Fatalf("near the end %d %v", got, ok)
 	}
-	if got, ok := lease(900, 0); ok {
-		t.Fatalf("over the budget granted %d", got)
+	if l, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: p, Tokens: 900, LimitTokens: 1000}); err != nil || l.OK || l.Tokens != 0 || l.UsedTokens != 110 {
+		t.Fatalf("over the budget: %v %+v, want refused with 110 used", err, l)
 	}
 	if got, ok := lease(890, 0); !ok || got != 890 {
 		t.Fatalf("to the last token %d %v", got, ok)
@@ -98,7 +98,7 @@ func TestBudgetLeasesAreExact(t *testing.T) {
 		t.Fatalf("a spent period granted %d", got)
 	}
 	next := p.AddDate(0, 0, 1)
-	if _, got, ok, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: next, Tokens: 10, LimitTokens: 1000}); err != nil || !ok || got != 10 {
-		t.Fatalf("the next period: %v %d %v", err, got, ok)
+	if l, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: next, Tokens: 10, LimitTokens: 1000}); err != nil || !l.OK || l.Tokens != 10 || l.UsedTokens != 0 {
+		t.Fatalf("the next period: %v %+v", err, l)
 	}
 }

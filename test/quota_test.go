@@ -574,3 +574,50 @@ func TestSpentBudgetRefusesNotifiesAndHoldsOrFailsQueuedWork(t *testing.T) {
 		})
 	}
 }
+
+// A call larger than the whole budget, or than what is left of it, is
+// refused alone: the tenant's other calls go on, and budget.exceeded waits
+// for the budget to be spent.
+func TestOversizedCallLeavesTheBudgetOpen(t *testing.T) {
+	env := harness.Start(t, twoTenants(0))
+	k1, k2 := env.NewKey("acme"), env.NewKey("acme")
+	tenant := tenantOf(t, env, k1)
+	ctx := context.Background()
+	if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, Tokens: 5000, Period: "day", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Gateway.Quota.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	big := chatFor("model-a", 4096)
+	big["messages"] = []map[string]string{{"role": "user", "content": strings.Repeat("levee ", 1000)}}
+	resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k1, big)
+	if resp.StatusCode != 429 || !strings.Contains(string(raw), `"code":"budget_exceeded"`) || resp.Header.Get("Retry-After") != "" {
+		t.Fatalf("a call larger than the whole budget: %d %v %s", resp.StatusCode, resp.Header, raw)
+	}
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k2, chatFor("model-a", 5)); resp.StatusCode != 200 {
+		t.Fatalf("a small call right after it: %d %s", resp.StatusCode, raw)
+	}
+	// ~3,500 of what is left (a long prompt: spent, not just estimated),
+	// then 2,000 more does not fit, and the small calls still do.
+	mid := chatFor("model-a", 5)
+	mid["messages"] = []map[string]string{{"role": "user", "content": strings.Repeat("levee ", 1700)}}
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k1, mid); resp.StatusCode != 200 {
+		t.Fatalf("a call within what is left: %d %s", resp.StatusCode, raw)
+	}
+	resp, raw = call(t, env.BaseURL, "/v1/chat/completions", k1, chatFor("model-a", 2000))
+	if resp.StatusCode != 429 || !strings.Contains(string(raw), "What is left of the budget") || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("a call larger than what is left: %d %v %s", resp.StatusCode, resp.Header, raw)
+	}
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", k2, chatFor("model-a", 5)); resp.StatusCode != 200 {
+		t.Fatalf("a small call after it: %d %s", resp.StatusCode, raw)
+	}
+	env.Gateway.Quota.Flush(ctx)
+	var marked bool
+	if err := env.Store.Pool().QueryRow(ctx, `SELECT exceeded_at IS NOT NULL FROM budget_spend s JOIN budgets b ON b.id = s.budget_id WHERE b.tenant_id = $1`, tenant).Scan(&marked); err != nil {
+		t.Fatal(err)
+	}
+	if marked {
+		t.Fatal("budget.exceeded recorded for a budget with room left")
+	}
+}

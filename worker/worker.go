@@ -391,11 +391,18 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 			_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
 			_ = msg.NakWithDelay(time.Second)
 			return
-		case ref != nil && ref.Code == "budget_exceeded" && ref.Fail:
-			fail("budget_exceeded", "the tenant's budget for this period is spent", 0, nil)
+		case ref != nil && ref.Never && ref.Code == "budget_exceeded":
+			fail("request_too_large", "the call's estimated cost is larger than its tenant's or key's whole budget", 0, nil)
 			return
-		case ref != nil && ref.RetryAt.IsZero() && ref.What != "budget":
+		case ref != nil && ref.Never:
 			fail("request_too_large", "the call is larger than its tenant's or key's tokens per minute", 0, nil)
+			return
+		case ref != nil && ref.Code == "budget_exceeded" && ref.Fail:
+			msg := "the tenant's budget for this period is spent"
+			if ref.What == "budget_left" {
+				msg = "what is left of the tenant's budget for this period is less than the call's estimated cost"
+			}
+			fail("budget_exceeded", msg, 0, nil)
 			return
 		case ref != nil:
 			w.m.retries.WithLabelValues("tenant_limit").Inc()
