@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"sort"
 	"time"
 
@@ -214,6 +215,26 @@ func (b *Broker) ModelGroup(deployment string) (*Group, bool) {
 		}
 	}
 	return nil, false
+}
+
+// AliasesOf is every alias a call naming name counts under: the alias
+// itself, or for a deployment named directly, each alias it serves (so a
+// limit on an alias cannot be passed by naming its deployments).
+func (b *Broker) AliasesOf(name string) []string {
+	if _, ok := b.groups[name]; ok {
+		return []string{name}
+	}
+	d, ok := b.deps[name]
+	if !ok {
+		return nil
+	}
+	var out []string
+	for _, a := range b.aliases {
+		if slices.Contains(b.groups[a].Deployments(), d) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // Models lists the aliases clients may use.

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -114,6 +115,34 @@ func TestResolvePinsADeploymentUnderItsAliasPolicy(t *testing.T) {
 	}
 	if _, ok := b.Resolve("nope"); ok {
 		t.Fatal("resolved an unknown name")
+	}
+}
+
+func TestAliasesOf(t *testing.T) {
+	deps := []config.Deployment{{Name: "a", TPM: 1000}, {Name: "b", TPM: 1000}, {Name: "c", TPM: 1000}}
+	for i := range deps {
+		deps[i].Model, deps[i].Endpoint, deps[i].Credential = "gpt-4o", "http://127.0.0.1:1", "k"
+	}
+	cfg := &config.Config{Deployments: deps, Models: []config.Model{
+		{Name: "gpt-4o", Deployments: []string{"a", "b"}}, {Name: "fast", Deployments: []string{"b"}}, {Name: "c", Deployments: []string{"c"}}}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	b := New(cfg, NewTokenizers(), NewClient(), nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for _, tc := range []struct {
+		name string
+		want []string
+	}{
+		{"gpt-4o", []string{"gpt-4o"}},
+		{"fast", []string{"fast"}},
+		{"a", []string{"gpt-4o"}},
+		{"b", []string{"fast", "gpt-4o"}}, // every alias it serves, sorted
+		{"c", []string{"c"}},              // an alias of the same name wins
+		{"nope", nil},
+	} {
+		if got := b.AliasesOf(tc.name); !slices.Equal(got, tc.want) {
+			t.Errorf("AliasesOf(%q) = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
 

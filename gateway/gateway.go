@@ -125,6 +125,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	if err := qt.Refresh(ctx); err != nil {
 		return nil, fmt.Errorf("gateway: limits and budgets: %w", err)
 	}
+	qt.SetAliases(b.AliasesOf)
 	g.Quota = qt
 	var (
 		runner *batch.Runner

@@ -54,6 +54,9 @@ type Quota struct {
 	// resolved remembers which limiters and budgets apply to a caller
 	// (emptied by every Load).
 	resolved map[Caller]*applies
+	// aliases maps a model name a caller used to the aliases whose
+	// per-model limits it counts under (see SetAliases).
+	aliases func(model string) []string
 
 	urgent chan struct{}
 	// shared is set while Share runs: only then are charges kept for it.
@@ -132,6 +135,28 @@ func (q *Quota) Load(s *store.Quotas) {
 	}
 	q.limiters, q.budgets, q.configured, q.tenants, q.version = limiters, budgets, configured, s.Tenants, s.Version
 	q.resolved = map[Caller]*applies{}
+}
+
+// SetAliases says which model aliases a call naming a model counts under
+// (broker.AliasesOf): a call naming a deployment directly counts against
+// the per-model limits of every alias it serves. Without it, a model is
+// only itself. Call it before serving.
+func (q *Quota) SetAliases(f func(model string) []string) {
+	q.mu.Lock()
+	q.aliases = f
+	q.resolved = map[Caller]*applies{}
+	q.mu.Unlock()
+}
+
+// models is what a caller's model counts under; q.mu must be held.
+func (q *Quota) models(model string) []string {
+	if q.aliases == nil {
+		return []string{model}
+	}
+	if ms := q.aliases(model); len(ms) > 0 {
+		return ms
+	}
+	return []string{model}
 }
 
 // TenantName is a configured tenant's name ("" if unknown here).
@@ -227,7 +252,17 @@ func (q *Quota) scopes(c Caller) (*applies, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	a = &applies{}
-	for _, sc := range []Scope{{c.Tenant, uuid.Nil, ""}, {c.Tenant, uuid.Nil, c.Model}, {c.Tenant, c.Key, ""}, {c.Tenant, c.Key, c.Model}} {
+	scopes := []Scope{{c.Tenant, uuid.Nil, ""}}
+	for _, m := range q.models(c.Model) {
+		scopes = append(scopes, Scope{c.Tenant, uuid.Nil, m})
+	}
+	scopes = append(scopes, Scope{c.Tenant, c.Key, ""})
+	for _, m := range q.models(c.Model) {
+		scopes = append(scopes, Scope{c.Tenant, c.Key, m})
+	}
+	// Always in this order (tenant before key, aliases sorted), which is
+	// the order charge locks them in: no two callers can deadlock.
+	for _, sc := range scopes {
 		if l := q.limiters[sc]; l != nil && !slices.Contains(a.limiters, l) {
 			a.limiters, a.scopes = append(a.limiters, l), append(a.scopes, sc)
 		}
@@ -514,7 +549,10 @@ func (q *Quota) Room(tenant uuid.UUID, model string, est int64) int {
 	}
 	now := q.now()
 	q.mu.RLock()
-	ls := []*limiter{q.limiters[Scope{tenant, uuid.Nil, ""}], q.limiters[Scope{tenant, uuid.Nil, model}]}
+	ls := []*limiter{q.limiters[Scope{tenant, uuid.Nil, ""}]}
+	for _, m := range q.models(model) {
+		ls = append(ls, q.limiters[Scope{tenant, uuid.Nil, m}])
+	}
 	bg := q.budgets[Scope{tenant, uuid.Nil, ""}]
 	q.mu.RUnlock()
 	room := math.MaxInt

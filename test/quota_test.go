@@ -621,3 +621,28 @@ func TestOversizedCallLeavesTheBudgetOpen(t *testing.T) {
 		t.Fatal("budget.exceeded recorded for a budget with room left")
 	}
 }
+
+// A per-model limit counts the calls that name one of the model's
+// deployments directly; and jobs pinned to a deployment run.
+func TestModelLimitCountsCallsNamingItsDeployment(t *testing.T) {
+	env := harness.Start(t, twoTenants(0))
+	key := env.NewKey("acme")
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, key), Model: "model-a", RPM: 2})
+	got := map[int]int{}
+	for _, m := range []string{"model-a", "a", "a", "a"} {
+		resp, _ := call(t, env.BaseURL, "/v1/chat/completions", key, chatFor(m, 5))
+		got[resp.StatusCode]++
+	}
+	if got[200] != 2 || got[429] != 2 {
+		t.Fatalf("RPM 2 on model-a, calls to it and its deployment a: %v", got)
+	}
+	_, pinned := submit(t, env, key, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("b", 5), "priority": "low"})
+	if j := waitJob(t, env, key, pinned.ID, 20*time.Second); j.Status != "succeeded" {
+		t.Fatalf("a job naming deployment b: %+v", j)
+	}
+	_, held := submit(t, env, key, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("a", 5), "priority": "low"})
+	time.Sleep(time.Second)
+	if _, j := getJob(t, env, key, held.ID); j.Status != "queued" {
+		t.Fatalf("a job naming deployment a, its model at its limit: %+v", j)
+	}
+}

@@ -77,7 +77,14 @@ func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, pri
 	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
 		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), running: map[uuid.UUID]context.CancelCauseFunc{}}
-	for _, name := range b.Models() {
+	// Jobs may name an alias or one deployment (pinned to it).
+	names := b.Models()
+	for _, d := range b.Deployments() {
+		if !slices.Contains(names, d.Name) {
+			names = append(names, d.Name)
+		}
+	}
+	for _, name := range names {
 		g, _ := b.Resolve(name)
 		tok := queue.Token(name)
 		w.groups[tok] = g
