@@ -200,8 +200,10 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 		}
 		id, _ := uuid.NewV7()
 		// Updating in place keeps the budget's id, and with it the spend
-		// of the period under way.
+		// of the period under way; a new period or end of a fixed one
+		// starts its first period now (SET reads the row as it was).
 		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_micros = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
+				starts_at = CASE WHEN period IS DISTINCT FROM $6 OR reset_at IS DISTINCT FROM $7::timestamptz THEN now() ELSE starts_at END,
 				reset_at = $7, soft = $8, on_exhausted = $9, updated_at = now()
 			WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`,
 			p.TenantID, key, p.AmountMicros, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)

@@ -646,3 +646,93 @@ func TestModelLimitCountsCallsNamingItsDeployment(t *testing.T) {
 		t.Fatalf("a job naming deployment a, its model at its limit: %+v", j)
 	}
 }
+
+// The CLI refuses what it could not enforce as written, and changes
+// nothing when it refuses.
+func TestBudgetCLIRefusesWhatItCannotEnforce(t *testing.T) {
+	env := harness.StartWith(t, twoTenants(0), dev.StackOptions{NoWorkers: true})
+	tenant := tenantOf(t, env, env.NewKey("acme"))
+	cfgEnv := []string{"DATABASE_URL=" + env.DatabaseURL, "AZURE_PTU_KEY=a", "AZURE_STD_KEY=b", "OPENAI_API_KEY=c"}
+	const example = "../deploy/levee.example.yaml"
+	row := func() string {
+		var s string
+		if err := env.Store.Pool().QueryRow(context.Background(), `SELECT coalesce(amount_micros::text, '-') || ' ' || coalesce(currency, '-') || ' ' || coalesce(tokens::text, '-') || '/' || period
+			FROM budgets WHERE tenant_id = $1 AND key_id IS NULL`, tenant).Scan(&s); err != nil {
+			return "none"
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		args    []string
+		refused string // a part of the error, or "" when it must succeed
+		row     string // the budget afterwards
+	}{
+		{[]string{"--budget", "500USD/month"}, "", "500000000 USD -/month"},
+		{[]string{"--budget-tokens", "1000000/day"}, "the money budget is per month", "500000000 USD -/month"},
+		{[]string{"--budget", "20usd/day", "--budget-tokens", "1000000/day"}, "", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "30USD/month"}, "the token budget is per day", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "0.0000001USD/day"}, "between 0.000001", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "500€/day"}, "three-letter currency", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "10000000000000USD/day"}, "between 0.000001", "20000000 USD 1000000/day"},
+		{[]string{"--budget-tokens", "1000000000000000000/day"}, "between 1 and", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "500EUR/day", "--config", example}, "not the price table's currency", "20000000 USD 1000000/day"},
+		{[]string{"--model", "GPT-4o", "--tpm", "5", "--config", example}, "no such model", "20000000 USD 1000000/day"},
+		{[]string{"--model", "gpt-4o", "--tpm", "5", "--config", example}, "", "20000000 USD 1000000/day"},
+		{[]string{"--no-budget"}, "", "none"},
+	} {
+		p := harness.Spawn(t, cfgEnv, append([]string{"tenant", "update", "acme"}, tc.args...)...)
+		err := p.Cmd.Wait()
+		switch {
+		case tc.refused == "" && err != nil:
+			t.Fatalf("%v: %v\n%s", tc.args, err, p.Output())
+		case tc.refused != "" && (err == nil || !strings.Contains(p.Output(), tc.refused)):
+			t.Fatalf("%v: want refused with %q, got %v\n%s", tc.args, tc.refused, err, p.Output())
+		}
+		if got := row(); got != tc.row {
+			t.Fatalf("%v: budget %q, want %q", tc.args, got, tc.row)
+		}
+	}
+}
+
+// Moving the end of a fixed budget starts a new period then: never one
+// stretched back over spend already made.
+func TestFixedBudgetNewEndStartsAFreshPeriod(t *testing.T) {
+	env := harness.Start(t, twoTenants(0))
+	key := env.NewKey("acme")
+	tenant := tenantOf(t, env, key)
+	ctx := context.Background()
+	now := time.Now().UTC()
+	if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, Tokens: 1000, Period: "fixed", ResetAt: now.Add(24 * time.Hour), Soft: 0.8, OnExhausted: "wait"}); err != nil {
+		t.Fatal(err)
+	}
+	// As if made 40 days ago with 30-day periods, the first spent in full.
+	start := now.Add(-40 * 24 * time.Hour).Truncate(time.Second)
+	var id uuid.UUID
+	if err := env.Store.Pool().QueryRow(ctx, `UPDATE budgets SET starts_at = $2, reset_at = $3 WHERE tenant_id = $1 RETURNING id`, tenant, start, start.Add(30*24*time.Hour)).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.Store.Pool().Exec(ctx, `INSERT INTO budget_spend (budget_id, period_start, spent_tokens) VALUES ($1, $2, 1000)`, id, start); err != nil {
+		t.Fatal(err)
+	}
+	p := harness.Spawn(t, []string{"DATABASE_URL=" + env.DatabaseURL}, "tenant", "update", "acme", "--reset-at", now.Add(24*time.Hour).Format(time.RFC3339))
+	if err := p.Cmd.Wait(); err != nil {
+		t.Fatalf("%v\n%s", err, p.Output())
+	}
+	if err := env.Gateway.Quota.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, chatFor("model-a", 5)); resp.StatusCode != 200 {
+		t.Fatalf("the new period's first call: %d %s", resp.StatusCode, raw)
+	}
+	// And a change of something else keeps the period (and its spend).
+	var before, after time.Time
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT starts_at FROM budgets WHERE id = $1`, id).Scan(&before)
+	p = harness.Spawn(t, []string{"DATABASE_URL=" + env.DatabaseURL}, "tenant", "update", "acme", "--soft", "0.5")
+	if err := p.Cmd.Wait(); err != nil {
+		t.Fatalf("%v\n%s", err, p.Output())
+	}
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT starts_at FROM budgets WHERE id = $1`, id).Scan(&after)
+	if !after.Equal(before) {
+		t.Fatalf("changing --soft moved the period's start from %v to %v", before, after)
+	}
+}

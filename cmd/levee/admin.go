@@ -59,7 +59,7 @@ func cmdTenant(ctx context.Context, args []string, out io.Writer, getenv func(st
 		if err != nil {
 			return err
 		}
-		return qf.apply(ctx, st, t.ID, uuid.Nil, out)
+		return qf.apply(ctx, st, t.ID, uuid.Nil, out, getenv)
 	}
 	if len(args) == 0 || args[0] != "create" {
 		return errors.New("usage: levee tenant create NAME | levee tenant update NAME [flags]")
@@ -99,7 +99,7 @@ func cmdKey(ctx context.Context, args []string, out io.Writer, getenv func(strin
 		if err != nil {
 			return err
 		}
-		return qf.apply(ctx, st, k.TenantID, k.ID, out)
+		return qf.apply(ctx, st, k.TenantID, k.ID, out, getenv)
 	}
 	if len(args) == 0 || args[0] != "create" {
 		return errors.New("usage: levee key create --tenant NAME [--name LABEL] | levee key update KEY_ID [flags]")

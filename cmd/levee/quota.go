@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
 
+	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/store"
 )
 
@@ -26,6 +28,7 @@ type quotaFlags struct {
 	resetAt, onBudget     string
 	soft                  float64
 	noBudget              bool
+	config                string
 }
 
 func newQuotaFlags(name string) *quotaFlags {
@@ -40,6 +43,7 @@ func newQuotaFlags(name string) *quotaFlags {
 	q.fs.Float64Var(&q.soft, "soft", 0, "share of the budget that sends budget.threshold_reached (default 0.8)")
 	q.fs.StringVar(&q.onBudget, "on-budget", "", "what queued work does when the budget is spent: wait (default) or fail")
 	q.fs.BoolVar(&q.noBudget, "no-budget", false, "remove the budget")
+	q.fs.StringVar(&q.config, "config", "", "the gateway's config file: --model and the budget's currency are checked against it")
 	return q
 }
 
@@ -51,10 +55,19 @@ func (q *quotaFlags) set(name string) bool {
 
 // apply writes the flags given: limits through store.SetLimits, a budget
 // through store.SetBudget — the functions the admin API will use too.
-func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uuid.UUID, out io.Writer) error {
+func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uuid.UUID, out io.Writer, getenv func(string) string) error {
 	cur, err := st.LoadQuotas(ctx)
 	if err != nil {
 		return err
+	}
+	var cfg *config.Config
+	if q.config != "" {
+		if cfg, err = config.Load(q.config, getenv); err != nil {
+			return err
+		}
+		if q.model != "" && !servesModel(cfg, q.model) {
+			return fmt.Errorf("--model %q: %s serves no such model alias or deployment (names are case-sensitive)", q.model, q.config)
+		}
 	}
 	if q.set("tpm") || q.set("rpm") || q.set("concurrency") {
 		p := &store.SetLimitsParams{TenantID: tenant, KeyID: key, Model: q.model}
@@ -87,31 +100,32 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 		return errors.New("budgets are for every model: drop --model")
 	}
 	p := &store.SetBudgetParams{TenantID: tenant, KeyID: key, Period: "month", Soft: 0.8, OnExhausted: "wait"}
+	existed := false
 	for _, b := range cur.Budgets {
 		if b.TenantID == tenant && b.KeyID == key {
+			existed = true
 			p.AmountMicros, p.Currency, p.Tokens, p.Period, p.Soft, p.OnExhausted = b.AmountMicros, b.Currency, b.Tokens, b.Period, b.Soft, b.OnExhausted
 			if b.Period == "fixed" {
 				p.ResetAt = b.ResetAt
 			}
 		}
 	}
+	stored := p.Period
 	if q.noBudget {
 		p.AmountMicros, p.Tokens = 0, 0
 	}
 	if q.budget != "" {
-		amount, period, err := parsePerPeriod(q.budget)
+		micros, currency, period, err := parseMoney(q.budget)
 		if err != nil {
 			return fmt.Errorf("--budget: %w", err)
 		}
-		i := strings.IndexFunc(amount, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
-		if i <= 0 || len(amount)-i != 3 {
-			return fmt.Errorf("--budget: %q: want an amount and a currency, such as 500USD", amount)
+		if cfg != nil && currency != cfg.Pricing.Currency {
+			return fmt.Errorf("--budget: %s is not the price table's currency (%s): the budget could not be enforced", currency, cfg.Pricing.Currency)
 		}
-		v, err := strconv.ParseFloat(amount[:i], 64)
-		if err != nil || v <= 0 {
-			return fmt.Errorf("--budget: %q is not a positive amount", amount[:i])
+		if q.budgetTokens == "" && p.Tokens > 0 && period != stored {
+			return fmt.Errorf("--budget: the token budget is per %s; give --budget-tokens with the same period too, or remove it", stored)
 		}
-		p.AmountMicros, p.Currency, p.Period = int64(math.Round(v*1e6)), strings.ToUpper(amount[i:]), period
+		p.AmountMicros, p.Currency, p.Period = micros, currency, period
 	}
 	if q.budgetTokens != "" {
 		n, period, err := parsePerPeriod(q.budgetTokens)
@@ -119,11 +133,14 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 			return fmt.Errorf("--budget-tokens: %w", err)
 		}
 		v, err := strconv.ParseInt(n, 10, 64)
-		if err != nil || v <= 0 {
-			return fmt.Errorf("--budget-tokens: %q is not a positive number of tokens", n)
+		if err != nil || v <= 0 || v > maxBudget {
+			return fmt.Errorf("--budget-tokens: %q is not a number of tokens between 1 and %d", n, int64(maxBudget))
 		}
 		if q.budget != "" && period != p.Period {
 			return errors.New("--budget and --budget-tokens must have the same period")
+		}
+		if q.budget == "" && p.AmountMicros > 0 && period != stored {
+			return fmt.Errorf("--budget-tokens: the money budget is per %s; give --budget with the same period too, or remove it", stored)
 		}
 		p.Tokens, p.Period = v, period
 	}
@@ -134,7 +151,9 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 		}
 		p.ResetAt = t
 	}
-	if p.Period == "fixed" && !p.ResetAt.After(time.Now()) {
+	// A new fixed period needs its end in the future; a fixed budget past
+	// its first period keeps the end it had.
+	if p.Period == "fixed" && (q.resetAt != "" || stored != "fixed" || !existed) && !p.ResetAt.After(time.Now()) {
 		return errors.New("a fixed budget needs --reset-at in the future")
 	}
 	if p.Period != "fixed" {
@@ -168,6 +187,45 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 	}
 	fmt.Fprintf(out, "budget: %s per %s, threshold at %g%%, queued work %ss when it is spent\n", strings.Join(parts, " and "), p.Period, p.Soft*100, p.OnExhausted)
 	return nil
+}
+
+// maxBudget bounds a budget (in millionths of the currency, or tokens), so
+// sums of spend and leases stay far from overflowing.
+const maxBudget = 1e15
+
+var moneyRE = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)([A-Za-z]{3})$`)
+
+// parseMoney parses "500USD/month" into millionths of the currency, the
+// currency (ISO 4217: three letters) and the period.
+func parseMoney(s string) (micros int64, currency, period string, err error) {
+	amount, period, err := parsePerPeriod(s)
+	if err != nil {
+		return 0, "", "", err
+	}
+	m := moneyRE.FindStringSubmatch(amount)
+	if m == nil {
+		return 0, "", "", fmt.Errorf("%q: want an amount and a three-letter currency, such as 500USD or 12.5EUR", amount)
+	}
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil || math.Round(v*1e6) < 1 || v*1e6 > maxBudget {
+		return 0, "", "", fmt.Errorf("%q: the amount must be between 0.000001 and %d", m[1], int64(maxBudget/1e6))
+	}
+	return int64(math.Round(v * 1e6)), strings.ToUpper(m[2]), period, nil
+}
+
+// servesModel reports whether cfg has an alias or deployment named m.
+func servesModel(cfg *config.Config, m string) bool {
+	for _, a := range cfg.Models {
+		if a.Name == m {
+			return true
+		}
+	}
+	for _, d := range cfg.Deployments {
+		if d.Name == m {
+			return true
+		}
+	}
+	return false
 }
 
 // parsePerPeriod splits "N/period".
