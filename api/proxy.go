@@ -131,8 +131,14 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	res, err := s.broker.Do(ctx, call)
 	if err != nil {
 		if ctx.Err() != nil && call.Estimated > 0 {
-			// Given up while the deployment had it: it charged on arrival.
-			spent = quota.Usage{Tokens: int64(call.Estimated), Micros: s.prices.Estimate(g, call.Estimated)}
+			// Given up while the deployment had it: it charged on arrival,
+			// and bills what it generates. The estimate is all that is
+			// known; the ledger and the budget both take it.
+			completion := estimateBudget(req, g)
+			ev.PromptTokens, ev.CompletionTokens = call.Estimated-completion, completion
+			ev.CostMicros = s.prices.Estimate(g, call.Estimated)
+			s.prices.Record(key.TenantName, g.Name, ev.CostMicros)
+			spent = quota.Usage{Tokens: int64(call.Estimated), Micros: ev.CostMicros}
 		}
 		return routeError(ctx, err, g.Name)
 	}
@@ -181,6 +187,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if uu, ok := broker.ParseUsage(raw); ok {
 		u = &uu
 		settle(u)
+	} else if res.Resp.StatusCode >= 400 {
+		// Refused with no usage (a content filter, a bad request): the
+		// ledger records no cost, and neither does the budget. (Its
+		// estimate stays in the rate windows, as in the deployment's.)
+		spent = quota.Usage{}
 	}
 	res.Finish(u, nil)
 	h.Set("Content-Length", strconv.Itoa(len(raw)))

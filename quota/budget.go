@@ -171,21 +171,22 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 			bg.mu.Unlock()
 			return p, fits, nil
 		}
-		if failed && !gaveBack && !bg.grant.zero() {
+		if failed && !gaveBack && !bg.grant.add(bg.consumed).zero() {
 			// What this process holds may be just what another one needs
-			// to make up a call: give it back, and ask for the whole call
-			// once more, so budget left in pieces is never refused.
+			// to make up a call, and calls that ended may have cost less
+			// than they reserved: settle them and give the grant back,
+			// then ask for the whole call once more, so budget left in
+			// pieces (or not yet settled) is never refused.
 			gaveBack = true
-			g, p := bg.grant, bg.period
-			bg.grant = amount{}
+			s := settlement{period: bg.period, spent: bg.spent, released: bg.consumed.add(bg.grant)}
+			bg.grant, bg.consumed, bg.spent = amount{}, amount{}, amount{}
 			bg.mu.Unlock()
 			dctx, cancel := db()
-			err := st.SettleBudget(dctx, &store.SettleParams{BudgetID: bg.b.ID, TenantID: bg.b.TenantID, PeriodStart: p,
-				ReleaseMicros: g.micros, ReleaseTokens: g.tokens})
+			err := st.SettleBudget(dctx, bg.settleParams(s))
 			cancel()
 			bg.mu.Lock()
 			if err != nil {
-				bg.pending = append(bg.pending, settlement{period: p, released: g})
+				bg.pending = append(bg.pending, s)
 				bg.mu.Unlock()
 				return time.Time{}, noRoom, err
 			}
@@ -272,6 +273,18 @@ func (bg *budget) closed(now time.Time) bool {
 	return now.Before(bg.closedUntil)
 }
 
+// settleParams writes s, with the thresholds whose crossing sends the
+// budget's events.
+func (bg *budget) settleParams(s settlement) *store.SettleParams {
+	bg.mu.Lock()
+	b := bg.b
+	bg.mu.Unlock()
+	return &store.SettleParams{BudgetID: b.ID, TenantID: b.TenantID, PeriodStart: s.period,
+		SpentMicros: s.spent.micros, SpentTokens: s.spent.tokens, ReleaseMicros: s.released.micros, ReleaseTokens: s.released.tokens,
+		ThresholdMicros: int64(math.Ceil(float64(b.AmountMicros) * b.Soft)), ThresholdTokens: int64(math.Ceil(float64(b.Tokens) * b.Soft)),
+		LimitMicros: b.AmountMicros, LimitTokens: b.Tokens}
+}
+
 // flush writes settled spend and released leases to Postgres, and gives an
 // idle grant back (any grant, when final: the process is stopping). What
 // cannot be written now stays to be tried again.
@@ -289,14 +302,9 @@ func (bg *budget) flush(ctx context.Context, st Store, now time.Time, final bool
 	if !cur.spent.zero() || !cur.released.zero() {
 		todo = append(todo, cur)
 	}
-	b := bg.b
 	bg.mu.Unlock()
 	for i, s := range todo {
-		err := st.SettleBudget(ctx, &store.SettleParams{BudgetID: b.ID, TenantID: b.TenantID, PeriodStart: s.period,
-			SpentMicros: s.spent.micros, SpentTokens: s.spent.tokens, ReleaseMicros: s.released.micros, ReleaseTokens: s.released.tokens,
-			ThresholdMicros: int64(math.Ceil(float64(b.AmountMicros) * b.Soft)), ThresholdTokens: int64(math.Ceil(float64(b.Tokens) * b.Soft)),
-			LimitMicros: b.AmountMicros, LimitTokens: b.Tokens})
-		if err != nil {
+		if err := st.SettleBudget(ctx, bg.settleParams(s)); err != nil {
 			bg.mu.Lock()
 			bg.pending = append(bg.pending, todo[i:]...)
 			bg.mu.Unlock()

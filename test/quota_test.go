@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"sort"
 	"strconv"
 	"strings"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/gateway"
 	"github.com/levee-gw/levee/sim"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/test/harness"
@@ -734,5 +737,88 @@ func TestFixedBudgetNewEndStartsAFreshPeriod(t *testing.T) {
 	_ = env.Store.Pool().QueryRow(ctx, `SELECT starts_at FROM budgets WHERE id = $1`, id).Scan(&after)
 	if !after.Equal(before) {
 		t.Fatalf("changing --soft moved the period's start from %v to %v", before, after)
+	}
+}
+
+// customGateway starts one more gateway (API only) on env's Postgres and
+// NATS whose deployments are all served by h.
+func customGateway(t *testing.T, env *harness.Env, h http.Handler, pricing *config.Pricing) *gateway.Gateway {
+	t.Helper()
+	upURL := env.SimURL
+	if h != nil {
+		up := httptest.NewServer(h)
+		t.Cleanup(up.Close)
+		upURL = up.URL
+	}
+	cfg := *env.Config
+	cfg.Listen = "127.0.0.1:0"
+	cfg.Deployments = append([]config.Deployment(nil), env.Config.Deployments...)
+	for i := range cfg.Deployments {
+		cfg.Deployments[i].Endpoint = upURL
+	}
+	if pricing != nil {
+		cfg.Pricing = *pricing
+		if err := cfg.Validate(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log := slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	g, err := gateway.Start(context.Background(), &cfg, env.Store, gateway.Roles{API: true}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = g.Shutdown(ctx)
+	})
+	return g
+}
+
+type testLogWriter struct{ t *testing.T }
+
+func (w testLogWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+func priced() *config.Pricing {
+	return &config.Pricing{Currency: "USD", Prices: []config.Price{{Match: "gpt-4o", Input: 2.5, Output: 10}}}
+}
+
+// A deployment's refusal that carries no usage (a content filter, say)
+// costs nothing in the ledger, and nothing in the budget: the budget is
+// charged what the ledger records.
+func TestBudgetChargesWhatTheLedgerRecords(t *testing.T) {
+	env := harness.Start(t, twoTenants(0))
+	g := customGateway(t, env, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(400)
+		_, _ = w.Write([]byte(`{"error":{"code":"content_filter","message":"The response was filtered","status":400}}`))
+	}), priced())
+	key := env.NewKey("acme")
+	tenant := tenantOf(t, env, key)
+	ctx := context.Background()
+	if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, AmountMicros: 1_000_000, Currency: "USD", Period: "day", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Quota.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Each call reserves 4,096 tokens at $10/M, about $0.04: 40 of them
+	// are worth more than the budget, so none may stay charged.
+	codes := map[int]int{}
+	for i := 0; i < 40; i++ {
+		resp, _ := call(t, "http://"+g.Addr, "/v1/chat/completions", key, chatFor("model-a", 4096))
+		codes[resp.StatusCode]++
+	}
+	g.Quota.Flush(ctx)
+	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := g.Ledger.Flush(fctx); err != nil {
+		t.Fatal(err)
+	}
+	var spent, ledger int64
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(s.spent_micros), 0) FROM budget_spend s JOIN budgets b ON b.id = s.budget_id WHERE b.tenant_id = $1`, tenant).Scan(&spent)
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(cost_micros), 0) FROM usage_events WHERE tenant_id = $1`, tenant).Scan(&ledger)
+	if codes[400] != 40 || spent != 0 || ledger != 0 {
+		t.Fatalf("40 calls refused by the deployment: the client saw %v; budget charged %d micros, ledger %d", codes, spent, ledger)
 	}
 }

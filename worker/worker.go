@@ -484,6 +484,9 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Micros: cost}
 	} else {
 		res.Finish(nil, nil)
+		if res.Resp.StatusCode >= 400 {
+			spent = quota.Usage{} // as the ledger: no usage, no cost
+		}
 	}
 	w.m.tokens.WithLabelValues(res.Deployment.Name).Add(float64(u.TotalTokens))
 	p := &store.FinishJobParams{ID: id, Status: store.JobSucceeded, Deployment: res.Deployment.Name, ResultStatus: res.Resp.StatusCode,
