@@ -116,17 +116,19 @@ const (
 	tooLarge         // the call is larger than the whole budget
 )
 
-// spentFraction: a budget with less left than a call that is at most this
-// share of it counts as spent (a call that is a large part of the budget
-// being refused says nothing about the calls after it).
+// spentFraction: a call refused counts the budget as spent when it is at
+// most this share of the budget, or less than this share is left (a call
+// that is a large part of the budget being refused says nothing about the
+// calls after it).
 const spentFraction = 10
 
 // isSpent reports whether est being refused with left remaining means the
 // budget is spent, in a dimension it limits.
 func isSpent(lim, left, est amount) bool {
-	return (lim.micros > 0 && left.micros < est.micros && est.micros <= lim.micros/spentFraction) ||
-		(lim.tokens > 0 && left.tokens < est.tokens && est.tokens <= lim.tokens/spentFraction) ||
-		(lim.micros > 0 && left.micros <= 0) || (lim.tokens > 0 && left.tokens <= 0)
+	spent := func(lim, left, est int64) bool {
+		return lim > 0 && left < est && (est <= lim/spentFraction || left <= lim/spentFraction)
+	}
+	return spent(lim.micros, left.micros, est.micros) || spent(lim.tokens, left.tokens, est.tokens)
 }
 
 // closedFor is how long a spent budget is left alone by the workers before

@@ -822,3 +822,62 @@ func TestBudgetChargesWhatTheLedgerRecords(t *testing.T) {
 		t.Fatalf("40 calls refused by the deployment: the client saw %v; budget charged %d micros, ledger %d", codes, spent, ledger)
 	}
 }
+
+// A tenant whose queued work cannot run (its key at its limit, or its
+// budget spent) fills its queue's in-flight window with messages waiting
+// out delays; other tenants' jobs must not slow down beside it.
+func TestWorkHeldAtItsLimitDoesNotSlowOthers(t *testing.T) {
+	for _, held := range []string{"key limit", "spent budget"} {
+		t.Run(held, func(t *testing.T) {
+			f := twoTenants(50 * time.Millisecond)
+			f.Worker = config.Worker{Concurrency: 32}
+			env := harness.Start(t, f)
+			limited, other := env.NewKey("limited"), env.NewKey("other")
+			tenant := tenantOf(t, env, limited)
+			ctx := context.Background()
+			if held == "key limit" {
+				k, err := env.Store.KeyBySecret(ctx, limited)
+				if err != nil {
+					t.Fatal(err)
+				}
+				setLimits(t, env, &store.SetLimitsParams{TenantID: tenant, KeyID: k.ID, RPM: 1})
+			} else {
+				if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, Tokens: 100, Period: "month", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+					t.Fatal(err)
+				}
+				if err := env.Gateway.Quota.Refresh(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := 0; i < 10; i++ { // use the limit up
+				if resp, _ := call(t, env.BaseURL, "/v1/chat/completions", limited, chatFor("model-a", 5)); resp.StatusCode == 429 {
+					break
+				}
+			}
+			tenJobs := func() time.Duration {
+				start := time.Now()
+				var ids []string
+				for i := 0; i < 10; i++ {
+					_, j := submit(t, env, other, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-b", 100), "priority": "low"})
+					ids = append(ids, j.ID)
+				}
+				for _, id := range ids {
+					if j := waitJob(t, env, other, id, 60*time.Second); j.Status != "succeeded" {
+						t.Fatalf("%+v", j)
+					}
+				}
+				return time.Since(start)
+			}
+			alone := tenJobs()
+			for i := 0; i < 600; i++ {
+				submit(t, env, limited, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 5), "priority": "low"})
+			}
+			time.Sleep(3 * time.Second) // the held jobs are taken, refused and put back
+			beside := tenJobs()
+			t.Logf("%s: another tenant's 10 jobs took %v alone, %v beside 600 held jobs", held, alone.Round(time.Millisecond), beside.Round(time.Millisecond))
+			if beside > 2*alone+100*time.Millisecond {
+				t.Fatalf("the other tenant slowed down: %v alone, %v beside", alone, beside)
+			}
+		})
+	}
+}

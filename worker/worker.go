@@ -70,13 +70,14 @@ type Worker struct {
 	typical    map[string]int                        // running estimate of a job per model token
 	unreserved map[string]*atomic.Int64              // tokens dispatched but not yet reserved
 	wake       chan struct{}
+	saturated  map[string]time.Time // consumers to skip until then (see fetch)
 }
 
 // New builds a worker pool; reg may be nil.
 func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, prices *quota.Prices, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
 	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
-		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), running: map[uuid.UUID]context.CancelCauseFunc{}}
+		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}}
 	// Jobs may name an alias or one deployment (pinned to it).
 	names := b.Models()
 	for _, d := range b.Deployments() {
@@ -201,6 +202,9 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			eligible := false
 			for k := 0; k < len(tenants) && slots > 0; k++ {
 				i := (start + k) % len(tenants)
+				if w.isSaturated(prio, model, tenants[i], now) {
+					continue
+				}
 				room := w.quota.Room(tenants[i], g.Name, int64(est))
 				if room == 0 {
 					continue
@@ -246,6 +250,16 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 // maxBatch bounds the messages taken from one tenant in one turn.
 const maxBatch = 16
 
+// A consumer at its MaxAckPending (a tenant whose messages all wait out
+// delays: over its key's limit, or backing off) does not answer a no-wait
+// pull at all, and the client gives up only after a second. Waiting for it
+// would stall every tenant's dispatch, so a pull unanswered for fetchStall
+// marks the consumer saturated, and it is skipped for saturatedFor.
+const (
+	fetchStall   = 50 * time.Millisecond
+	saturatedFor = 2 * time.Second
+)
+
 func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID, n int) []jetstream.Msg {
 	c, err := w.q.Consumer(ctx, prio, model, tenant)
 	if err != nil {
@@ -258,17 +272,51 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 		return nil
 	}
 	var out []jetstream.Msg
-	for m := range batch.Messages() {
-		out = append(out, m)
+	stall := time.NewTimer(fetchStall)
+	defer stall.Stop()
+	msgs := batch.Messages()
+	for {
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				if err := batch.Error(); err != nil {
+					// Most often the consumer was removed for being idle
+					// (queue.consumer_idle): the pull is answered with an
+					// error, not by FetchNoWait. Make it again next turn.
+					w.log.Debug("fetch", "priority", prio, "model", model, "tenant", tenant, "err", err)
+					w.q.Forget(prio, model, tenant)
+				}
+				return out
+			}
+			out = append(out, m)
+		case <-stall.C:
+			w.saturated[saturationKey(prio, model, tenant)] = time.Now().Add(saturatedFor)
+			w.m.saturated.Inc()
+			// Anything the pull still brings goes straight back.
+			go func() {
+				for m := range msgs {
+					_ = m.Nak()
+				}
+			}()
+			return out
+		}
 	}
-	if err := batch.Error(); err != nil {
-		// Most often the consumer was removed for being idle
-		// (queue.consumer_idle): the pull is answered with an error, not
-		// by FetchNoWait. Make it again on the next turn.
-		w.log.Debug("fetch", "priority", prio, "model", model, "tenant", tenant, "err", err)
-		w.q.Forget(prio, model, tenant)
+}
+
+func saturationKey(prio, model string, tenant uuid.UUID) string {
+	return prio + "/" + model + "/" + tenant.String()
+}
+
+// isSaturated reports whether a consumer was found saturated a moment ago.
+// Only the dispatch loop uses w.saturated.
+func (w *Worker) isSaturated(prio, model string, tenant uuid.UUID, now time.Time) bool {
+	k := saturationKey(prio, model, tenant)
+	until, ok := w.saturated[k]
+	if ok && !now.Before(until) {
+		delete(w.saturated, k)
+		return false
 	}
-	return out
+	return ok
 }
 
 func (w *Worker) estimate(model string) int {
@@ -594,6 +642,7 @@ type metrics struct {
 	abortedCalls prometheus.Counter
 	latency      *prometheus.HistogramVec
 	tokens       *prometheus.CounterVec
+	saturated    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
@@ -606,11 +655,13 @@ func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "levee_job_duration_seconds", Help: "Time from a job's acceptance to its end.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 3, 12)}, []string{"priority"}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_worker_tokens_total", Help: "Tokens drained by workers, per deployment."}, []string{"deployment"}),
+		saturated: prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_worker_saturated_consumers_total",
+			Help: "Times a tenant's queue was skipped for a while: all its messages in flight or waiting out delays (MaxAckPending)."}),
 	}
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.started, m.finished, m.retries, m.deadLettered, m.abortedCalls, m.latency, m.tokens, &queueCollector{st: st})
+	reg.MustRegister(m.started, m.finished, m.retries, m.deadLettered, m.abortedCalls, m.latency, m.tokens, m.saturated, &queueCollector{st: st})
 	return m
 }
 
