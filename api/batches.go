@@ -231,7 +231,7 @@ func renderBatch(b *store.Batch) *batchObject {
 		CompletedAt: unix(b.CompletedAt), FailedAt: unix(b.FailedAt), ExpiredAt: unix(b.ExpiredAt),
 		CancellingAt: unix(b.CancellingAt), CancelledAt: unix(b.CancelledAt),
 		RequestCounts: map[string]int{"total": b.Total, "completed": b.Completed, "failed": b.Failed}, Metadata: b.Metadata,
-		Usage: newUsage(b.PromptTokens, b.CompletionTokens, b.CostMicros)}
+		Usage: newUsage(b.PromptTokens, b.CompletionTokens, b.CostNanos)}
 	if len(o.Errors) == 0 {
 		o.Errors = json.RawMessage("null")
 	}

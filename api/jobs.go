@@ -72,21 +72,21 @@ type usageObject struct {
 	Cost json.Number `json:"cost"`
 }
 
-func newUsage(prompt, completion, costMicros int64) *usageObject {
-	return &usageObject{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion, Cost: money(costMicros)}
+func newUsage(prompt, completion, costNanos int64) *usageObject {
+	return &usageObject{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion, Cost: money(costNanos)}
 }
 
-// money renders millionths of a currency unit as an exact decimal number.
-func money(micros int64) json.Number {
+// money renders billionths of a currency unit as an exact decimal number.
+func money(nanos int64) json.Number {
 	sign := ""
-	if micros < 0 {
-		sign, micros = "-", -micros
+	if nanos < 0 {
+		sign, nanos = "-", -nanos
 	}
-	whole, frac := micros/1_000_000, micros%1_000_000
+	whole, frac := nanos/1_000_000_000, nanos%1_000_000_000
 	if frac == 0 {
 		return json.Number(fmt.Sprintf("%s%d", sign, whole))
 	}
-	return json.Number(strings.TrimRight(fmt.Sprintf("%s%d.%06d", sign, whole, frac), "0"))
+	return json.Number(strings.TrimRight(fmt.Sprintf("%s%d.%09d", sign, whole, frac), "0"))
 }
 
 type resultObject struct {
@@ -125,7 +125,7 @@ func renderJob(j *store.Job) *jobObject {
 		o.Deployment = &d
 	}
 	if j.Terminal() && j.Status != store.JobCancelled {
-		o.Usage = newUsage(int64(j.PromptTokens), int64(j.CompletionTokens), j.CostMicros)
+		o.Usage = newUsage(int64(j.PromptTokens), int64(j.CompletionTokens), j.CostNanos)
 	}
 	if j.ResultStatus != 0 {
 		body := json.RawMessage(j.ResultBody)

@@ -136,21 +136,21 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 			// known; the ledger and the budget both take it.
 			completion := estimateBudget(req, g)
 			ev.PromptTokens, ev.CompletionTokens = call.Estimated-completion, completion
-			ev.CostMicros = s.prices.Estimate(g, call.Estimated)
-			s.prices.Record(key.TenantName, g.Name, ev.CostMicros)
-			spent = quota.Usage{Tokens: int64(call.Estimated), Micros: ev.CostMicros}
+			ev.CostNanos = s.prices.Estimate(g, call.Estimated)
+			s.prices.Record(key.TenantName, g.Name, ev.CostNanos)
+			spent = quota.Usage{Tokens: int64(call.Estimated), Nanos: ev.CostNanos}
 		}
 		return routeError(ctx, err, g.Name)
 	}
-	spent = quota.Usage{Tokens: int64(res.Estimate), Micros: s.prices.Estimate(g, res.Estimate)}
+	spent = quota.Usage{Tokens: int64(res.Estimate), Nanos: s.prices.Estimate(g, res.Estimate)}
 	ev.Deployment, ev.Attempts, ev.Status = res.Deployment.Name, res.Attempts, res.Resp.StatusCode
 	defer res.Resp.Body.Close()
 	// What usage the deployment reports is priced, and charged to the caller.
 	settle := func(u *broker.Usage) {
 		ev.PromptTokens, ev.CompletionTokens = u.PromptTokens, u.CompletionTokens
-		ev.CostMicros = s.prices.Cost(res.Deployment.Name, *u, false)
-		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Micros: ev.CostMicros}
-		s.prices.Record(key.TenantName, g.Name, ev.CostMicros)
+		ev.CostNanos = s.prices.Cost(res.Deployment.Name, *u, false)
+		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Nanos: ev.CostNanos}
+		s.prices.Record(key.TenantName, g.Name, ev.CostNanos)
 	}
 
 	h := c.Response().Header()
@@ -213,7 +213,7 @@ func (s *Server) admitQuota(c echo.Context, call *broker.Call, key *store.Key) (
 	est, enc := s.broker.Estimate(call.Group, call.Req)
 	call.Estimated, call.EstimateEncoding = est, enc
 	adm, ref, err := s.quota.Admit(c.Request().Context(), quota.Caller{Tenant: key.TenantID, Key: key.ID, Model: call.Group.Name},
-		quota.Charge{Tokens: int64(est), Micros: s.prices.Estimate(call.Group, est)})
+		quota.Charge{Tokens: int64(est), Nanos: s.prices.Estimate(call.Group, est)})
 	if err != nil {
 		return nil, err
 	}

@@ -265,14 +265,14 @@ func (s *Server) usageHandler(c echo.Context) error {
 	var cost int64
 	for _, r := range rows {
 		l := usageLine{Date: r.Day.Format(time.DateOnly), Model: r.Model, Requests: r.Requests, Errors: r.Errors,
-			PromptTokens: r.PromptTokens, CompletionTokens: r.CompletionTokens, TotalTokens: r.PromptTokens + r.CompletionTokens, Cost: money(r.CostMicros)}
+			PromptTokens: r.PromptTokens, CompletionTokens: r.CompletionTokens, TotalTokens: r.PromptTokens + r.CompletionTokens, Cost: money(r.CostNanos)}
 		data = append(data, l)
 		total.Requests += l.Requests
 		total.Errors += l.Errors
 		total.PromptTokens += l.PromptTokens
 		total.CompletionTokens += l.CompletionTokens
 		total.TotalTokens += l.TotalTokens
-		cost += r.CostMicros
+		cost += r.CostNanos
 	}
 	return c.JSON(http.StatusOK, map[string]any{"object": "list", "tenant": k.TenantName, "currency": s.prices.Currency,
 		"start_date": p.From.Format(time.DateOnly), "end_date": p.To.Format(time.DateOnly), "data": data,

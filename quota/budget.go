@@ -38,16 +38,16 @@ type budget struct {
 	pending []settlement
 }
 
-// amount is money (micros) and tokens together.
-type amount struct{ micros, tokens int64 }
+// amount is money (nanos) and tokens together.
+type amount struct{ nanos, tokens int64 }
 
-func (a amount) add(b amount) amount  { return amount{a.micros + b.micros, a.tokens + b.tokens} }
-func (a amount) sub(b amount) amount  { return amount{a.micros - b.micros, a.tokens - b.tokens} }
-func (a amount) covers(b amount) bool { return a.micros >= b.micros && a.tokens >= b.tokens }
-func (a amount) zero() bool           { return a.micros == 0 && a.tokens == 0 }
-func (a amount) positive() amount     { return amount{max(a.micros, 0), max(a.tokens, 0)} }
+func (a amount) add(b amount) amount  { return amount{a.nanos + b.nanos, a.tokens + b.tokens} }
+func (a amount) sub(b amount) amount  { return amount{a.nanos - b.nanos, a.tokens - b.tokens} }
+func (a amount) covers(b amount) bool { return a.nanos >= b.nanos && a.tokens >= b.tokens }
+func (a amount) zero() bool           { return a.nanos == 0 && a.tokens == 0 }
+func (a amount) positive() amount     { return amount{max(a.nanos, 0), max(a.tokens, 0)} }
 func (a amount) only(lim amount) amount {
-	return amount{pick(lim.micros, a.micros), pick(lim.tokens, a.tokens)}
+	return amount{pick(lim.nanos, a.nanos), pick(lim.tokens, a.tokens)}
 }
 
 // pick keeps v only in a dimension the budget limits.
@@ -71,7 +71,7 @@ const idleReturn = time.Second
 
 func newBudget(b store.Budget) *budget { return &budget{b: b} }
 
-func (bg *budget) limit() amount { return amount{bg.b.AmountMicros, bg.b.Tokens} }
+func (bg *budget) limit() amount { return amount{bg.b.AmountNanos, bg.b.Tokens} }
 
 // periodStart is the start of the budget's period holding now (UTC).
 func periodStart(b store.Budget, now time.Time) time.Time {
@@ -128,7 +128,7 @@ func isSpent(lim, left, est amount) bool {
 	spent := func(lim, left, est int64) bool {
 		return lim > 0 && left < est && (est <= lim/spentFraction || left <= lim/spentFraction)
 	}
-	return spent(lim.micros, left.micros, est.micros) || spent(lim.tokens, left.tokens, est.tokens)
+	return spent(lim.nanos, left.nanos, est.nanos) || spent(lim.tokens, left.tokens, est.tokens)
 }
 
 // closedFor is how long a spent budget is left alone by the workers before
@@ -218,8 +218,8 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		bg.mu.Unlock()
 		dctx, cancel := db()
 		l, err := st.LeaseBudget(dctx, &store.LeaseParams{BudgetID: bg.b.ID, PeriodStart: p,
-			Micros: want.micros, Tokens: want.tokens, ChunkMicros: lim.micros / leaseChunks, ChunkTokens: lim.tokens / leaseChunks,
-			LimitMicros: lim.micros, LimitTokens: lim.tokens})
+			Nanos: want.nanos, Tokens: want.tokens, ChunkNanos: lim.nanos / leaseChunks, ChunkTokens: lim.tokens / leaseChunks,
+			LimitNanos: lim.nanos, LimitTokens: lim.tokens})
 		cancel()
 		bg.mu.Lock()
 		if err != nil {
@@ -229,11 +229,11 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		switch {
 		case !p.Equal(bg.period):
 			// The period turned while leasing: that lease is the old one's.
-			bg.pending = append(bg.pending, settlement{period: p, released: amount{l.Micros, l.Tokens}})
+			bg.pending = append(bg.pending, settlement{period: p, released: amount{l.Nanos, l.Tokens}})
 		case l.OK:
-			bg.grant = bg.grant.add(amount{l.Micros, l.Tokens})
+			bg.grant = bg.grant.add(amount{l.Nanos, l.Tokens})
 		default:
-			failed, used = true, amount{l.UsedMicros, l.UsedTokens}
+			failed, used = true, amount{l.UsedNanos, l.UsedTokens}
 		}
 	}
 }
@@ -282,9 +282,9 @@ func (bg *budget) settleParams(s settlement) *store.SettleParams {
 	b := bg.b
 	bg.mu.Unlock()
 	return &store.SettleParams{BudgetID: b.ID, TenantID: b.TenantID, PeriodStart: s.period,
-		SpentMicros: s.spent.micros, SpentTokens: s.spent.tokens, ReleaseMicros: s.released.micros, ReleaseTokens: s.released.tokens,
-		ThresholdMicros: int64(math.Ceil(float64(b.AmountMicros) * b.Soft)), ThresholdTokens: int64(math.Ceil(float64(b.Tokens) * b.Soft)),
-		LimitMicros: b.AmountMicros, LimitTokens: b.Tokens}
+		SpentNanos: s.spent.nanos, SpentTokens: s.spent.tokens, ReleaseNanos: s.released.nanos, ReleaseTokens: s.released.tokens,
+		ThresholdNanos: int64(math.Ceil(float64(b.AmountNanos) * b.Soft)), ThresholdTokens: int64(math.Ceil(float64(b.Tokens) * b.Soft)),
+		LimitNanos: b.AmountNanos, LimitTokens: b.Tokens}
 }
 
 // flush writes settled spend and released leases to Postgres, and gives an

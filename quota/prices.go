@@ -9,9 +9,10 @@ import (
 	"github.com/levee-gw/levee/config"
 )
 
-// Prices turn usage into cost, in millionths of the configured currency
-// (micros). A price per million tokens is a price in micros per token, so a
-// cost is tokens times price, rounded once, at the end, to a whole micro.
+// Prices turn usage into cost, in billionths of the configured currency
+// (nanos). A price per million tokens times 1,000 is a price in nanos per
+// token, so a cost is tokens times price, rounded once, at the end, to a
+// whole nano: exact for any price with up to three decimals.
 type Prices struct {
 	Currency   string
 	byName     map[string]price // deployment name or model
@@ -33,7 +34,7 @@ func NewPrices(cfg *config.Config, reg prometheus.Registerer) *Prices {
 		reg.MustRegister(p.spent)
 	}
 	for _, pr := range cfg.Pricing.Prices {
-		p.byName[pr.Match] = price{in: pr.Input, cached: *pr.CachedInput, out: pr.Output, batch: pr.BatchDiscount}
+		p.byName[pr.Match] = price{in: pr.Input * 1e3, cached: *pr.CachedInput * 1e3, out: pr.Output * 1e3, batch: pr.BatchDiscount}
 	}
 	for _, d := range cfg.Deployments {
 		p.deployment[d.Name] = d.Model
@@ -67,9 +68,9 @@ func (p *Prices) Cost(deployment string, u broker.Usage, batch bool) int64 {
 }
 
 // Record counts a call's cost in levee_cost_total.
-func (p *Prices) Record(tenant, model string, micros int64) {
-	if micros != 0 {
-		p.spent.WithLabelValues(tenant, model).Add(float64(micros) / 1e6)
+func (p *Prices) Record(tenant, model string, nanos int64) {
+	if nanos != 0 {
+		p.spent.WithLabelValues(tenant, model).Add(float64(nanos) / 1e9)
 	}
 }
 

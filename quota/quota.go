@@ -110,10 +110,10 @@ func (q *Quota) Load(s *store.Quotas) {
 		configured[l.TenantID] = true
 	}
 	for _, b := range s.Budgets {
-		if b.AmountMicros > 0 && b.Currency != q.currency {
+		if b.AmountNanos > 0 && b.Currency != q.currency {
 			q.log.Error("a budget is in another currency than the price table; its money limit is not enforced",
 				"tenant", b.TenantID, "budget", b.Currency, "prices", q.currency)
-			b.AmountMicros = 0
+			b.AmountNanos = 0
 			if b.Tokens == 0 {
 				continue
 			}
@@ -177,7 +177,7 @@ type Caller struct {
 // tokens and what that can cost at most.
 type Charge struct {
 	Tokens int64
-	Micros int64
+	Nanos int64
 }
 
 // Refusal says why a call was not admitted.
@@ -319,7 +319,7 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 	}
 	a.budgets = bs
 	now, b := a.now, a.bucket
-	est := amount{ch.Micros, ch.Tokens}
+	est := amount{ch.Nanos, ch.Tokens}
 	for i, bg := range bs {
 		p, v, err := bg.reserve(ctx, q.st, q.dbTimeout, now, est)
 		if err == nil && v == fits {
@@ -511,7 +511,7 @@ func headersOf(ls []*limiter) Headers {
 // Usage is what a call turned out to cost.
 type Usage struct {
 	Tokens int64
-	Micros int64
+	Nanos int64
 }
 
 // Finish reconciles the call: with reached false (it never got to a
@@ -528,10 +528,10 @@ func (a *Admission) Finish(u Usage, reached bool) {
 	for _, l := range a.limits {
 		l.end(now, a.bucket, a.charge.Tokens, u.Tokens-a.charge.Tokens, reached)
 	}
-	est := amount{a.charge.Micros, a.charge.Tokens}
+	est := amount{a.charge.Nanos, a.charge.Tokens}
 	for i, bg := range a.budgets {
 		if reached {
-			bg.settle(now, a.periods[i], est, amount{u.Micros, u.Tokens})
+			bg.settle(now, a.periods[i], est, amount{u.Nanos, u.Tokens})
 		} else {
 			bg.release(a.periods[i], est)
 		}

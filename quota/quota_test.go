@@ -48,27 +48,27 @@ func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (store.L
 	defer m.mu.Unlock()
 	m.leases++
 	r := m.row(p.PeriodStart)
-	um, ut := r.SpentMicros+r.LeasedMicros, r.SpentTokens+r.LeasedTokens
-	cm, ct := max(p.Micros, p.ChunkMicros), max(p.Tokens, p.ChunkTokens)
-	gm, gt := p.Micros, p.Tokens
-	if (p.LimitMicros == 0 || um+4*cm <= p.LimitMicros) && (p.LimitTokens == 0 || ut+4*ct <= p.LimitTokens) {
+	um, ut := r.SpentNanos+r.LeasedNanos, r.SpentTokens+r.LeasedTokens
+	cm, ct := max(p.Nanos, p.ChunkNanos), max(p.Tokens, p.ChunkTokens)
+	gm, gt := p.Nanos, p.Tokens
+	if (p.LimitNanos == 0 || um+4*cm <= p.LimitNanos) && (p.LimitTokens == 0 || ut+4*ct <= p.LimitTokens) {
 		gm, gt = cm, ct
 	}
-	if (p.LimitMicros > 0 && um+gm > p.LimitMicros) || (p.LimitTokens > 0 && ut+gt > p.LimitTokens) {
-		return store.Lease{UsedMicros: um, UsedTokens: ut}, nil
+	if (p.LimitNanos > 0 && um+gm > p.LimitNanos) || (p.LimitTokens > 0 && ut+gt > p.LimitTokens) {
+		return store.Lease{UsedNanos: um, UsedTokens: ut}, nil
 	}
-	r.LeasedMicros += gm
+	r.LeasedNanos += gm
 	r.LeasedTokens += gt
-	return store.Lease{Micros: gm, Tokens: gt, OK: true, UsedMicros: um, UsedTokens: ut}, nil
+	return store.Lease{Nanos: gm, Tokens: gt, OK: true, UsedNanos: um, UsedTokens: ut}, nil
 }
 
 func (m *memStore) SettleBudget(_ context.Context, p *store.SettleParams) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	r := m.row(p.PeriodStart)
-	r.SpentMicros += p.SpentMicros
+	r.SpentNanos += p.SpentNanos
 	r.SpentTokens += p.SpentTokens
-	r.LeasedMicros = max(r.LeasedMicros-p.ReleaseMicros, 0)
+	r.LeasedNanos = max(r.LeasedNanos-p.ReleaseNanos, 0)
 	r.LeasedTokens = max(r.LeasedTokens-p.ReleaseTokens, 0)
 	return nil
 }
@@ -217,21 +217,21 @@ func TestBudgetHoldsExactlyAcrossProcesses(t *testing.T) {
 
 func TestBudgetLeasesInChunksWhilePlentyRemains(t *testing.T) {
 	bid := uuid.New()
-	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{{ID: bid, TenantID: tenant, AmountMicros: 64_000_000, Currency: "USD", Period: "month", Soft: 0.8}}}}
+	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{{ID: bid, TenantID: tenant, AmountNanos: 64_000_000, Currency: "USD", Period: "month", Soft: 0.8}}}}
 	q := newQuota(t, st)
 	for i := 0; i < 100; i++ {
-		a, r, err := q.Admit(context.Background(), Caller{Tenant: tenant}, Charge{Tokens: 10, Micros: 1000})
+		a, r, err := q.Admit(context.Background(), Caller{Tenant: tenant}, Charge{Tokens: 10, Nanos: 1000})
 		if err != nil || r != nil {
 			t.Fatalf("call %d: %v %+v", i, err, r)
 		}
-		a.Finish(Usage{Tokens: 10, Micros: 400}, true)
+		a.Finish(Usage{Tokens: 10, Nanos: 400}, true)
 	}
 	if st.leases != 1 {
 		t.Fatalf("100 small calls took %d leases of a big budget, want 1", st.leases)
 	}
 	q.Flush(context.Background())
 	r := st.spend[periodStart(st.q.Budgets[0], t0)]
-	if r.SpentMicros != 100*400 || r.LeasedMicros != 1_000_000-100*1000 {
+	if r.SpentNanos != 100*400 || r.LeasedNanos != 1_000_000-100*1000 {
 		t.Fatalf("after a flush: %+v", r)
 	}
 }
@@ -345,11 +345,11 @@ func BenchmarkAdmitFinish(b *testing.B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
-		a, r, err := q.Admit(ctx, me, Charge{Tokens: 120, Micros: 1200})
+		a, r, err := q.Admit(ctx, me, Charge{Tokens: 120, Nanos: 1200})
 		if err != nil || r != nil {
 			b.Fatal(err, r)
 		}
-		a.Finish(Usage{Tokens: 100, Micros: 1000}, true)
+		a.Finish(Usage{Tokens: 100, Nanos: 1000}, true)
 	}
 }
 

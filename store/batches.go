@@ -233,7 +233,7 @@ type Batch struct {
 	CancelledAt      *time.Time
 	// Counts are live, from the batch's jobs, and so is their usage.
 	Completed, Failed                          int
-	PromptTokens, CompletionTokens, CostMicros int64
+	PromptTokens, CompletionTokens, CostNanos int64
 }
 
 const batchColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completion_window, b.status, b.metadata, b.errors, b.total,
@@ -246,7 +246,7 @@ const batchColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completi
 // batchFrom is the FROM clause batchColumns read: the batch and its jobs'
 // usage so far.
 const batchFrom = ` FROM batches b, LATERAL (SELECT coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
-	coalesce(sum(cost_micros), 0) AS cost FROM jobs j WHERE j.batch_id = b.id) u`
+	coalesce(sum(cost_nanos), 0) AS cost FROM jobs j WHERE j.batch_id = b.id) u`
 
 // batchFromWithoutUsage is batchFrom for readers that need no usage (the
 // runner, twice a second).
@@ -256,7 +256,7 @@ func scanBatch(row pgx.Row) (*Batch, error) {
 	b := &Batch{}
 	err := row.Scan(&b.ID, &b.TenantID, &b.InputFileID, &b.Endpoint, &b.CompletionWindow, &b.Status, &b.Metadata, &b.Errors, &b.Total,
 		&b.OutputFileID, &b.ErrorFileID, &b.CreatedAt, &b.InProgressAt, &b.ExpiresAt, &b.FinalizingAt, &b.CompletedAt, &b.FailedAt,
-		&b.ExpiredAt, &b.CancellingAt, &b.CancelledAt, &b.Completed, &b.Failed, &b.PromptTokens, &b.CompletionTokens, &b.CostMicros)
+		&b.ExpiredAt, &b.CancellingAt, &b.CancelledAt, &b.Completed, &b.Failed, &b.PromptTokens, &b.CompletionTokens, &b.CostNanos)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -498,7 +498,7 @@ func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFi
 		var line int
 		err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
 			&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-			&j.CostMicros, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
+			&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
 		return row{j, cid}, line, len(j.Body) + len(j.ResultBody), err
 	}, func(r row) error { return fn(r.j, r.cid) })
 }

@@ -46,7 +46,7 @@ type Job struct {
 	Deployment       string
 	PromptTokens     int
 	CompletionTokens int
-	CostMicros       int64
+	CostNanos       int64
 	ResultStatus     int
 	ResultBody       []byte
 	ErrorCode        string
@@ -64,13 +64,13 @@ func (j *Job) Terminal() bool {
 
 const jobColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), endpoint, model, body, priority, status,
 	metadata, coalesce(webhook_url, ''), attempts, coalesce(deployment, ''), coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
-	coalesce(cost_micros, 0), coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until`
+	coalesce(cost_nanos, 0), coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until`
 
 func scanJob(row pgx.Row) (*Job, error) {
 	j := &Job{}
 	err := row.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
 		&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-		&j.CostMicros, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil)
+		&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -272,7 +272,7 @@ type FinishJobParams struct {
 	ErrorMessage     string
 	PromptTokens     int
 	CompletionTokens int
-	CostMicros       int64
+	CostNanos       int64
 	Latency          time.Duration
 	Attempts         int
 }
@@ -296,26 +296,26 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 		WITH j AS (
 			UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
 				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
-				cost_micros = $14, finished_at = now(), lease_until = NULL
+				cost_nanos = $14, finished_at = now(), lease_until = NULL
 			WHERE id = $1 AND status = 'running'
 			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at, webhook_url, webhook_secret, batch_id, status
 		), e AS (`+jobEventSQL+`), u AS (
 			INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
-				status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_micros)
+				status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos)
 			SELECT finished_at, 'job_' || id, tenant_id, key_id, $3, model, endpoint, $10, $8, $9, $11, priority, $12, $14 FROM j
 		), r AS (
-			INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_micros)
+			INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
 			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, 1, $13, $8, $9, $14 FROM j
 			ON CONFLICT (tenant_id, day, model) DO UPDATE SET
 				requests = usage_daily.requests + 1,
 				errors = usage_daily.errors + EXCLUDED.errors,
 				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
 				completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
-				cost_micros = usage_daily.cost_micros + EXCLUDED.cost_micros
+				cost_nanos = usage_daily.cost_nanos + EXCLUDED.cost_nanos
 		)
 		SELECT count(*) FROM j`,
 		p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens,
-		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr, p.CostMicros).Scan(&n)
+		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr, p.CostNanos).Scan(&n)
 	if err != nil {
 		return false, fmt.Errorf("store: finish job: %w", err)
 	}

@@ -26,9 +26,9 @@ type Budget struct {
 	ID       uuid.UUID
 	TenantID uuid.UUID
 	KeyID    uuid.UUID
-	// AmountMicros is in millionths of Currency (0: no money budget);
+	// AmountNanos is in billionths of Currency (0: no money budget);
 	// Tokens is a token budget (0: none).
-	AmountMicros int64
+	AmountNanos int64
 	Currency     string
 	Tokens       int64
 	// Period is day or month (calendar, UTC), or fixed: periods of
@@ -114,12 +114,12 @@ func (s *Store) LoadQuotas(ctx context.Context) (*Quotas, error) {
 	return q, nil
 }
 
-const budgetColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), coalesce(amount_micros, 0),
+const budgetColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), coalesce(amount_nanos, 0),
 	coalesce(currency, ''), coalesce(tokens, 0), period, starts_at, coalesce(reset_at, starts_at), soft, on_exhausted`
 
 func scanBudget(r pgx.Row) (Budget, error) {
 	var b Budget
-	err := r.Scan(&b.ID, &b.TenantID, &b.KeyID, &b.AmountMicros, &b.Currency, &b.Tokens, &b.Period, &b.StartsAt, &b.ResetAt, &b.Soft, &b.OnExhausted)
+	err := r.Scan(&b.ID, &b.TenantID, &b.KeyID, &b.AmountNanos, &b.Currency, &b.Tokens, &b.Period, &b.StartsAt, &b.ResetAt, &b.Soft, &b.OnExhausted)
 	return b, err
 }
 
@@ -167,7 +167,7 @@ func (s *Store) SetLimits(ctx context.Context, p *SetLimitsParams) error {
 type SetBudgetParams struct {
 	TenantID     uuid.UUID
 	KeyID        uuid.UUID
-	AmountMicros int64
+	AmountNanos int64
 	Currency     string
 	Tokens       int64
 	Period       string
@@ -184,7 +184,7 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 		key = p.KeyID
 	}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if p.AmountMicros == 0 && p.Tokens == 0 {
+		if p.AmountNanos == 0 && p.Tokens == 0 {
 			if _, err := tx.Exec(ctx, `DELETE FROM budgets WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`, p.TenantID, key); err != nil {
 				return err
 			}
@@ -195,25 +195,25 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 			resetAt = p.ResetAt
 		}
 		var currency any
-		if p.AmountMicros != 0 {
+		if p.AmountNanos != 0 {
 			currency = p.Currency
 		}
 		id, _ := uuid.NewV7()
 		// Updating in place keeps the budget's id, and with it the spend
 		// of the period under way; a new period or end of a fixed one
 		// starts its first period now (SET reads the row as it was).
-		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_micros = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
+		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_nanos = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
 				starts_at = CASE WHEN period IS DISTINCT FROM $6 OR reset_at IS DISTINCT FROM $7::timestamptz THEN now() ELSE starts_at END,
 				reset_at = $7, soft = $8, on_exhausted = $9, updated_at = now()
 			WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`,
-			p.TenantID, key, p.AmountMicros, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)
+			p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)
 		if err != nil {
 			return err
 		}
 		if tag.RowsAffected() == 0 {
-			if _, err := tx.Exec(ctx, `INSERT INTO budgets (id, tenant_id, key_id, amount_micros, currency, tokens, period, reset_at, soft, on_exhausted)
+			if _, err := tx.Exec(ctx, `INSERT INTO budgets (id, tenant_id, key_id, amount_nanos, currency, tokens, period, reset_at, soft, on_exhausted)
 				VALUES ($1, $2, $3, nullif($4::bigint, 0), $5, nullif($6::bigint, 0), $7, $8, $9, $10)`,
-				id, p.TenantID, key, p.AmountMicros, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted); err != nil {
+				id, p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted); err != nil {
 				return err
 			}
 		}
@@ -227,20 +227,20 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 
 // BudgetSpend is a budget's state in one period.
 type BudgetSpend struct {
-	SpentMicros, SpentTokens   int64
-	LeasedMicros, LeasedTokens int64
+	SpentNanos, SpentTokens   int64
+	LeasedNanos, LeasedTokens int64
 }
 
 // LeaseParams ask for a share of a budget's period, to admit calls with.
-// Micros and Tokens are what is wanted now; Chunk* what a process would
+// Nanos and Tokens are what is wanted now; Chunk* what a process would
 // rather hold (so it need not come back for every call), granted while at
 // least four chunks remain. Limits of 0 are not checked.
 type LeaseParams struct {
 	BudgetID                 uuid.UUID
 	PeriodStart              time.Time
-	Micros, Tokens           int64
-	ChunkMicros, ChunkTokens int64
-	LimitMicros, LimitTokens int64
+	Nanos, Tokens           int64
+	ChunkNanos, ChunkTokens int64
+	LimitNanos, LimitTokens int64
 }
 
 // Lease is what LeaseBudget granted (OK false: nothing, the call does not
@@ -248,9 +248,9 @@ type LeaseParams struct {
 // a caller refused can tell a budget that is spent from a call too large
 // for what is left.
 type Lease struct {
-	Micros, Tokens         int64
+	Nanos, Tokens         int64
 	OK                     bool
-	UsedMicros, UsedTokens int64
+	UsedNanos, UsedTokens int64
 }
 
 // LeaseBudget grants a share of a period's budget, exactly: spent plus leased
@@ -266,28 +266,28 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (Lease, error) 
 		WITH want AS (
 			SELECT $3::bigint AS m, $4::bigint AS t, greatest($3::bigint, $5::bigint)::bigint AS cm, greatest($4::bigint, $6::bigint)::bigint AS ct
 		), cur AS (
-			SELECT coalesce((SELECT spent_micros + leased_micros FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS um,
+			SELECT coalesce((SELECT spent_nanos + leased_nanos FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS um,
 			       coalesce((SELECT spent_tokens + leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS ut
 		), grant_ AS (
 			SELECT CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.cm ELSE want.m END AS m,
 			       CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.ct ELSE want.t END AS t
 			FROM want, cur
 		), up AS (
-			INSERT INTO budget_spend AS s (budget_id, period_start, leased_micros, leased_tokens)
+			INSERT INTO budget_spend AS s (budget_id, period_start, leased_nanos, leased_tokens)
 			SELECT $1, $2, g.m, g.t FROM grant_ g WHERE ($7::bigint = 0 OR g.m <= $7::bigint) AND ($8::bigint = 0 OR g.t <= $8::bigint)
 			ON CONFLICT (budget_id, period_start) DO UPDATE SET
-				leased_micros = s.leased_micros + EXCLUDED.leased_micros, leased_tokens = s.leased_tokens + EXCLUDED.leased_tokens
-			WHERE ($7::bigint = 0 OR s.spent_micros + s.leased_micros + EXCLUDED.leased_micros <= $7::bigint)
+				leased_nanos = s.leased_nanos + EXCLUDED.leased_nanos, leased_tokens = s.leased_tokens + EXCLUDED.leased_tokens
+			WHERE ($7::bigint = 0 OR s.spent_nanos + s.leased_nanos + EXCLUDED.leased_nanos <= $7::bigint)
 			  AND ($8::bigint = 0 OR s.spent_tokens + s.leased_tokens + EXCLUDED.leased_tokens <= $8::bigint)
 			RETURNING 1
 		)
 		SELECT g.m, g.t, EXISTS (SELECT FROM up), cur.um, cur.ut FROM grant_ g, cur`,
-		p.BudgetID, p.PeriodStart, p.Micros, p.Tokens, p.ChunkMicros, p.ChunkTokens, p.LimitMicros, p.LimitTokens).Scan(&l.Micros, &l.Tokens, &l.OK, &l.UsedMicros, &l.UsedTokens)
+		p.BudgetID, p.PeriodStart, p.Nanos, p.Tokens, p.ChunkNanos, p.ChunkTokens, p.LimitNanos, p.LimitTokens).Scan(&l.Nanos, &l.Tokens, &l.OK, &l.UsedNanos, &l.UsedTokens)
 	if err != nil {
 		return Lease{}, fmt.Errorf("store: lease budget: %w", err)
 	}
 	if !l.OK {
-		l.Micros, l.Tokens = 0, 0
+		l.Nanos, l.Tokens = 0, 0
 	}
 	return l, nil
 }
@@ -300,11 +300,11 @@ type SettleParams struct {
 	BudgetID                     uuid.UUID
 	TenantID                     uuid.UUID
 	PeriodStart                  time.Time
-	SpentMicros, SpentTokens     int64
-	ReleaseMicros, ReleaseTokens int64
-	ThresholdMicros              int64
+	SpentNanos, SpentTokens     int64
+	ReleaseNanos, ReleaseTokens int64
+	ThresholdNanos              int64
 	ThresholdTokens              int64
-	LimitMicros, LimitTokens     int64
+	LimitNanos, LimitTokens     int64
 }
 
 // SettleBudget records spend and releases leases, and emits the budget's
@@ -316,24 +316,24 @@ func (s *Store) SettleBudget(ctx context.Context, p *SettleParams) error {
 	// its time equal to the transaction's.
 	_, err := s.pool.Exec(ctx, `
 		WITH b AS (
-			INSERT INTO budget_spend AS s (budget_id, period_start, spent_micros, spent_tokens, threshold_at, exceeded_at)
+			INSERT INTO budget_spend AS s (budget_id, period_start, spent_nanos, spent_tokens, threshold_at, exceeded_at)
 			SELECT $1, $3, $4::bigint, $5::bigint,
 				CASE WHEN ($8::bigint > 0 AND $4::bigint >= $8::bigint) OR ($9::bigint > 0 AND $5::bigint >= $9::bigint) THEN now() END,
 				CASE WHEN ($10::bigint > 0 AND $4::bigint >= $10::bigint) OR ($11::bigint > 0 AND $5::bigint >= $11::bigint) THEN now() END
 			ON CONFLICT (budget_id, period_start) DO UPDATE SET
-				spent_micros = s.spent_micros + EXCLUDED.spent_micros, spent_tokens = s.spent_tokens + EXCLUDED.spent_tokens,
-				leased_micros = greatest(s.leased_micros - $6::bigint, 0), leased_tokens = greatest(s.leased_tokens - $7::bigint, 0),
-				threshold_at = CASE WHEN s.threshold_at IS NULL AND (($8::bigint > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $8::bigint)
+				spent_nanos = s.spent_nanos + EXCLUDED.spent_nanos, spent_tokens = s.spent_tokens + EXCLUDED.spent_tokens,
+				leased_nanos = greatest(s.leased_nanos - $6::bigint, 0), leased_tokens = greatest(s.leased_tokens - $7::bigint, 0),
+				threshold_at = CASE WHEN s.threshold_at IS NULL AND (($8::bigint > 0 AND s.spent_nanos + EXCLUDED.spent_nanos >= $8::bigint)
 					OR ($9::bigint > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $9::bigint)) THEN now() ELSE s.threshold_at END,
-				exceeded_at = CASE WHEN s.exceeded_at IS NULL AND (($10::bigint > 0 AND s.spent_micros + EXCLUDED.spent_micros >= $10::bigint)
+				exceeded_at = CASE WHEN s.exceeded_at IS NULL AND (($10::bigint > 0 AND s.spent_nanos + EXCLUDED.spent_nanos >= $10::bigint)
 					OR ($11::bigint > 0 AND s.spent_tokens + EXCLUDED.spent_tokens >= $11::bigint)) THEN now() ELSE s.exceeded_at END
-			RETURNING s.spent_micros, s.spent_tokens, s.threshold_at = now() AS threshold, s.exceeded_at = now() AS exceeded
+			RETURNING s.spent_nanos, s.spent_tokens, s.threshold_at = now() AS threshold, s.exceeded_at = now() AS exceeded
 		), ev AS (
-			SELECT 'budget.threshold_reached' AS type, spent_micros, spent_tokens FROM b WHERE threshold
-			UNION ALL SELECT 'budget.exceeded', spent_micros, spent_tokens FROM b WHERE exceeded
+			SELECT 'budget.threshold_reached' AS type, spent_nanos, spent_tokens FROM b WHERE threshold
+			UNION ALL SELECT 'budget.exceeded', spent_nanos, spent_tokens FROM b WHERE exceeded
 		)`+budgetEventsSQL+`SELECT 1`,
-		p.BudgetID, p.TenantID, p.PeriodStart, p.SpentMicros, p.SpentTokens, p.ReleaseMicros, p.ReleaseTokens,
-		p.ThresholdMicros, p.ThresholdTokens, p.LimitMicros, p.LimitTokens)
+		p.BudgetID, p.TenantID, p.PeriodStart, p.SpentNanos, p.SpentTokens, p.ReleaseNanos, p.ReleaseTokens,
+		p.ThresholdNanos, p.ThresholdTokens, p.LimitNanos, p.LimitTokens)
 	if err != nil {
 		return fmt.Errorf("store: settle budget: %w", err)
 	}
@@ -347,9 +347,9 @@ func (s *Store) MarkBudgetExceeded(ctx context.Context, budgetID, tenantID uuid.
 		WITH b AS (
 			INSERT INTO budget_spend AS s (budget_id, period_start, exceeded_at) VALUES ($1, $3, now())
 			ON CONFLICT (budget_id, period_start) DO UPDATE SET exceeded_at = now() WHERE s.exceeded_at IS NULL
-			RETURNING s.spent_micros, s.spent_tokens
+			RETURNING s.spent_nanos, s.spent_tokens
 		), ev AS (
-			SELECT 'budget.exceeded' AS type, spent_micros, spent_tokens FROM b
+			SELECT 'budget.exceeded' AS type, spent_nanos, spent_tokens FROM b
 		)`+budgetEventsSQL+`SELECT 1`, budgetID, tenantID, periodStart)
 	if err != nil {
 		return fmt.Errorf("store: budget exceeded: %w", err)
@@ -357,14 +357,14 @@ func (s *Store) MarkBudgetExceeded(ctx context.Context, budgetID, tenantID uuid.
 	return nil
 }
 
-// budgetEventsSQL turns the rows of CTE ev (type, spent_micros,
+// budgetEventsSQL turns the rows of CTE ev (type, spent_nanos,
 // spent_tokens) into webhook events and deliveries to the tenant's matching
 // endpoints; $1 is the budget, $2 its tenant, $3 the period.
 const budgetEventsSQL = `, e AS (
 	INSERT INTO webhook_events (id, tenant_id, type, data)
 	SELECT gen_random_uuid(), $2, ev.type, jsonb_build_object('id', 'budget_' || $1::uuid::text, 'status',
 		replace(ev.type, 'budget.', ''), 'period_start', to_char($3::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
-		'spent', round(ev.spent_micros::numeric / 1000000, 6), 'spent_tokens', ev.spent_tokens)
+		'spent', round(ev.spent_nanos::numeric / 1000000000, 9), 'spent_tokens', ev.spent_tokens)
 	FROM ev WHERE EXISTS (SELECT 1 FROM webhook_endpoints we WHERE we.tenant_id = $2 AND we.enabled
 		AND (cardinality(we.events) = 0 OR ev.type = ANY (we.events)))
 	RETURNING id, tenant_id, type
@@ -378,8 +378,8 @@ const budgetEventsSQL = `, e AS (
 // GetBudgetSpend reads a budget's spend in one period (zero if none yet).
 func (s *Store) GetBudgetSpend(ctx context.Context, budgetID uuid.UUID, periodStart time.Time) (*BudgetSpend, error) {
 	b := &BudgetSpend{}
-	err := s.pool.QueryRow(ctx, `SELECT spent_micros, spent_tokens, leased_micros, leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2`,
-		budgetID, periodStart).Scan(&b.SpentMicros, &b.SpentTokens, &b.LeasedMicros, &b.LeasedTokens)
+	err := s.pool.QueryRow(ctx, `SELECT spent_nanos, spent_tokens, leased_nanos, leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2`,
+		budgetID, periodStart).Scan(&b.SpentNanos, &b.SpentTokens, &b.LeasedNanos, &b.LeasedTokens)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return b, nil
 	}

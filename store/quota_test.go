@@ -15,7 +15,7 @@ func TestBudgetLeasesAreExact(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.SetBudget(ctx, &store.SetBudgetParams{TenantID: ten.ID, Tokens: 1000, AmountMicros: 5_000_000, Currency: "USD", Period: "day", Soft: 0.5, OnExhausted: "wait"}); err != nil {
+	if err := st.SetBudget(ctx, &store.SetBudgetParams{TenantID: ten.ID, Tokens: 1000, AmountNanos: 5_000_000, Currency: "USD", Period: "day", Soft: 0.5, OnExhausted: "wait"}); err != nil {
 		t.Fatal(err)
 	}
 	q, err := st.LoadQuotas(ctx)
@@ -45,7 +45,7 @@ func TestBudgetLeasesAreExact(t *testing.T) {
 	}
 	lease := func(tokens, chunk int64) (int64, bool) {
 		t.Helper()
-		l, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: p, Tokens: tokens, ChunkTokens: chunk, LimitTokens: 1000, LimitMicros: 5_000_000})
+		l, err := st.LeaseBudget(ctx, &store.LeaseParams{BudgetID: b.ID, PeriodStart: p, Tokens: tokens, ChunkTokens: chunk, LimitTokens: 1000, LimitNanos: 5_000_000})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -27,9 +27,9 @@ type UsageEvent struct {
 	Latency          time.Duration
 	Priority         string
 	Attempts         int
-	// CostMicros is what the call cost, in millionths of the configured
+	// CostNanos is what the call cost, in billionths of the configured
 	// currency.
-	CostMicros int64
+	CostNanos int64
 }
 
 // LedgerConfig tunes the writer.
@@ -257,7 +257,7 @@ func (l *Ledger) write(flushes <-chan chan struct{}) {
 }
 
 var usageColumns = []string{"created_at", "request_id", "tenant_id", "key_id", "deployment", "model", "operation",
-	"status", "prompt_tokens", "completion_tokens", "latency_us", "priority", "attempts", "cost_micros"}
+	"status", "prompt_tokens", "completion_tokens", "latency_us", "priority", "attempts", "cost_nanos"}
 
 type rollupKey struct {
 	tenant uuid.UUID
@@ -281,7 +281,7 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 			key = e.KeyID
 		}
 		rows[i] = []any{e.At, e.RequestID, e.TenantID, key, e.Deployment, e.Model, e.Operation,
-			int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(), e.Priority, int32(max(e.Attempts, 1)), e.CostMicros}
+			int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(), e.Priority, int32(max(e.Attempts, 1)), e.CostNanos}
 		k := rollupKey{e.TenantID, e.At.UTC().Truncate(24 * time.Hour), e.Model}
 		r := sums[k]
 		if r == nil {
@@ -294,12 +294,12 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 		}
 		r.prompt += int64(e.PromptTokens)
 		r.completion += int64(e.CompletionTokens)
-		r.cost += e.CostMicros
+		r.cost += e.CostNanos
 	}
 	if len(rows) == 1 {
 		// One row (a finished job): an INSERT is cheaper than a COPY round.
 		if _, err := tx.Exec(ctx, `INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
-			status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_micros) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)`, rows[0]...); err != nil {
+			status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)`, rows[0]...); err != nil {
 			return fmt.Errorf("insert usage: %w", err)
 		}
 	} else if _, err := tx.CopyFrom(ctx, pgx.Identifier{"usage_events"}, usageColumns, pgx.CopyFromRows(rows)); err != nil {
@@ -307,14 +307,14 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 	}
 	b := &pgx.Batch{}
 	for k, r := range sums {
-		b.Queue(`INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_micros)
+		b.Queue(`INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 			ON CONFLICT (tenant_id, day, model) DO UPDATE SET
 				requests = usage_daily.requests + EXCLUDED.requests,
 				errors = usage_daily.errors + EXCLUDED.errors,
 				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
 				completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
-				cost_micros = usage_daily.cost_micros + EXCLUDED.cost_micros`,
+				cost_nanos = usage_daily.cost_nanos + EXCLUDED.cost_nanos`,
 			k.tenant, k.day, k.model, r.requests, r.errors, r.prompt, r.completion, r.cost)
 	}
 	return tx.SendBatch(ctx, b).Close()
@@ -328,7 +328,7 @@ type UsageRow struct {
 	Errors           int64
 	PromptTokens     int64
 	CompletionTokens int64
-	CostMicros       int64
+	CostNanos       int64
 }
 
 // UsageParams select a tenant's usage between two days, inclusive.
@@ -340,7 +340,7 @@ type UsageParams struct {
 // Usage reads the daily rollup, never the raw ledger.
 func (s *Store) Usage(ctx context.Context, p *UsageParams) ([]UsageRow, error) {
 	rows, err := s.pool.Query(ctx, `
-		SELECT day, model, requests, errors, prompt_tokens, completion_tokens, cost_micros
+		SELECT day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos
 		FROM usage_daily WHERE tenant_id = $1 AND day BETWEEN $2 AND $3
 		ORDER BY day, model`, p.TenantID, p.From, p.To)
 	if err != nil {
@@ -348,7 +348,7 @@ func (s *Store) Usage(ctx context.Context, p *UsageParams) ([]UsageRow, error) {
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (UsageRow, error) {
 		var u UsageRow
-		err := r.Scan(&u.Day, &u.Model, &u.Requests, &u.Errors, &u.PromptTokens, &u.CompletionTokens, &u.CostMicros)
+		err := r.Scan(&u.Day, &u.Model, &u.Requests, &u.Errors, &u.PromptTokens, &u.CompletionTokens, &u.CostNanos)
 		return u, err
 	})
 }

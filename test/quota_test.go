@@ -270,7 +270,7 @@ func TestCostIsExact(t *testing.T) {
 	}}
 	env := harness.Start(t, f)
 	key := env.NewKey("billed")
-	var wantMicros int64
+	var wantNanos int64
 	for i := 0; i < 3; i++ {
 		resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, chat(20))
 		if resp.StatusCode != 200 {
@@ -284,13 +284,13 @@ func TestCostIsExact(t *testing.T) {
 		}
 		_ = json.Unmarshal(raw, &body)
 		// 2.50 per million prompt tokens, 10 per million completion tokens:
-		// micros per token.
-		wantMicros += body.Usage.Prompt*25/10 + body.Usage.Completion*10
+		// 2,500 and 10,000 nanos per token.
+		wantNanos += body.Usage.Prompt*2500 + body.Usage.Completion*10_000
 	}
 	_, j := submit(t, env, key, jobBody(20, "low"))
 	done := waitJob(t, env, key, j.ID, 20*time.Second)
-	jobMicros := done.Usage.PromptTokens*25/10 + done.Usage.CompletionTokens*10
-	wantMicros += int64(jobMicros)
+	jobNanos := done.Usage.PromptTokens*2500 + done.Usage.CompletionTokens*10_000
+	wantNanos += int64(jobNanos)
 	var jobObj struct {
 		Usage struct {
 			Cost json.Number `json:"cost"`
@@ -298,8 +298,8 @@ func TestCostIsExact(t *testing.T) {
 	}
 	_, raw := call(t, env.BaseURL, "/v1/jobs/"+j.ID, key, nil)
 	_ = json.Unmarshal(raw, &jobObj)
-	if jobObj.Usage.Cost.String() != string(moneyString(int64(jobMicros))) {
-		t.Fatalf("job cost %s, want %s (%s)", jobObj.Usage.Cost, moneyString(int64(jobMicros)), raw)
+	if jobObj.Usage.Cost.String() != string(moneyString(int64(jobNanos))) {
+		t.Fatalf("job cost %s, want %s (%s)", jobObj.Usage.Cost, moneyString(int64(jobNanos)), raw)
 	}
 	env.FlushUsage()
 	_, raw = call(t, env.BaseURL, "/v1/usage", key, nil)
@@ -310,8 +310,8 @@ func TestCostIsExact(t *testing.T) {
 		} `json:"total"`
 	}
 	_ = json.Unmarshal(raw, &usage)
-	if usage.Currency != "EUR" || usage.Total.Cost.String() != moneyString(wantMicros) {
-		t.Fatalf("usage cost %s %s, want %s EUR: %s", usage.Total.Cost, usage.Currency, moneyString(wantMicros), raw)
+	if usage.Currency != "EUR" || usage.Total.Cost.String() != moneyString(wantNanos) {
+		t.Fatalf("usage cost %s %s, want %s EUR: %s", usage.Total.Cost, usage.Currency, moneyString(wantNanos), raw)
 	}
 	resp, err := http.Get(env.BaseURL + "/metrics")
 	if err != nil {
@@ -319,17 +319,17 @@ func TestCostIsExact(t *testing.T) {
 	}
 	metrics, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	want := fmt.Sprintf(`levee_cost_total{model="gpt-4o",tenant="billed"} %s`, strconv.FormatFloat(float64(wantMicros)/1e6, 'g', -1, 64))
+	want := fmt.Sprintf(`levee_cost_total{model="gpt-4o",tenant="billed"} %s`, strconv.FormatFloat(float64(wantNanos)/1e9, 'g', -1, 64))
 	if !strings.Contains(string(metrics), want) {
 		t.Fatalf("metrics lack %q:\n%s", want, grepLines(string(metrics), "levee_cost_total"))
 	}
 }
 
-func moneyString(micros int64) string {
-	if micros%1_000_000 == 0 {
-		return strconv.FormatInt(micros/1_000_000, 10)
+func moneyString(nanos int64) string {
+	if nanos%1_000_000_000 == 0 {
+		return strconv.FormatInt(nanos/1_000_000_000, 10)
 	}
-	return strings.TrimRight(fmt.Sprintf("%d.%06d", micros/1_000_000, micros%1_000_000), "0")
+	return strings.TrimRight(fmt.Sprintf("%d.%09d", nanos/1_000_000_000, nanos%1_000_000_000), "0")
 }
 
 func grepLines(s, what string) string {
@@ -659,7 +659,7 @@ func TestBudgetCLIRefusesWhatItCannotEnforce(t *testing.T) {
 	const example = "../deploy/levee.example.yaml"
 	row := func() string {
 		var s string
-		if err := env.Store.Pool().QueryRow(context.Background(), `SELECT coalesce(amount_micros::text, '-') || ' ' || coalesce(currency, '-') || ' ' || coalesce(tokens::text, '-') || '/' || period
+		if err := env.Store.Pool().QueryRow(context.Background(), `SELECT coalesce(amount_nanos::text, '-') || ' ' || coalesce(currency, '-') || ' ' || coalesce(tokens::text, '-') || '/' || period
 			FROM budgets WHERE tenant_id = $1 AND key_id IS NULL`, tenant).Scan(&s); err != nil {
 			return "none"
 		}
@@ -670,17 +670,17 @@ func TestBudgetCLIRefusesWhatItCannotEnforce(t *testing.T) {
 		refused string // a part of the error, or "" when it must succeed
 		row     string // the budget afterwards
 	}{
-		{[]string{"--budget", "500USD/month"}, "", "500000000 USD -/month"},
-		{[]string{"--budget-tokens", "1000000/day"}, "the money budget is per month", "500000000 USD -/month"},
-		{[]string{"--budget", "20usd/day", "--budget-tokens", "1000000/day"}, "", "20000000 USD 1000000/day"},
-		{[]string{"--budget", "30USD/month"}, "the token budget is per day", "20000000 USD 1000000/day"},
-		{[]string{"--budget", "0.0000001USD/day"}, "between 0.000001", "20000000 USD 1000000/day"},
-		{[]string{"--budget", "500€/day"}, "three-letter currency", "20000000 USD 1000000/day"},
-		{[]string{"--budget", "10000000000000USD/day"}, "between 0.000001", "20000000 USD 1000000/day"},
-		{[]string{"--budget-tokens", "1000000000000000000/day"}, "between 1 and", "20000000 USD 1000000/day"},
-		{[]string{"--budget", "500EUR/day", "--config", example}, "not the price table's currency", "20000000 USD 1000000/day"},
-		{[]string{"--model", "GPT-4o", "--tpm", "5", "--config", example}, "no such model", "20000000 USD 1000000/day"},
-		{[]string{"--model", "gpt-4o", "--tpm", "5", "--config", example}, "", "20000000 USD 1000000/day"},
+		{[]string{"--budget", "500USD/month"}, "", "500000000000 USD -/month"},
+		{[]string{"--budget-tokens", "1000000/day"}, "the money budget is per month", "500000000000 USD -/month"},
+		{[]string{"--budget", "20usd/day", "--budget-tokens", "1000000/day"}, "", "20000000000 USD 1000000/day"},
+		{[]string{"--budget", "30USD/month"}, "the token budget is per day", "20000000000 USD 1000000/day"},
+		{[]string{"--budget", "0.0000000001USD/day"}, "between 0.000000001", "20000000000 USD 1000000/day"},
+		{[]string{"--budget", "500€/day"}, "three-letter currency", "20000000000 USD 1000000/day"},
+		{[]string{"--budget", "10000000000000USD/day"}, "between 0.000000001", "20000000000 USD 1000000/day"},
+		{[]string{"--budget-tokens", "1000000000000000000/day"}, "between 1 and", "20000000000 USD 1000000/day"},
+		{[]string{"--budget", "500EUR/day", "--config", example}, "not the price table's currency", "20000000000 USD 1000000/day"},
+		{[]string{"--model", "GPT-4o", "--tpm", "5", "--config", example}, "no such model", "20000000000 USD 1000000/day"},
+		{[]string{"--model", "gpt-4o", "--tpm", "5", "--config", example}, "", "20000000000 USD 1000000/day"},
 		{[]string{"--no-budget"}, "", "none"},
 	} {
 		p := harness.Spawn(t, cfgEnv, append([]string{"tenant", "update", "acme"}, tc.args...)...)
@@ -796,7 +796,7 @@ func TestBudgetChargesWhatTheLedgerRecords(t *testing.T) {
 	key := env.NewKey("acme")
 	tenant := tenantOf(t, env, key)
 	ctx := context.Background()
-	if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, AmountMicros: 1_000_000, Currency: "USD", Period: "day", Soft: 0.8, OnExhausted: "wait"}); err != nil {
+	if err := env.Store.SetBudget(ctx, &store.SetBudgetParams{TenantID: tenant, AmountNanos: 1_000_000_000, Currency: "USD", Period: "day", Soft: 0.8, OnExhausted: "wait"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := g.Quota.Refresh(ctx); err != nil {
@@ -816,10 +816,10 @@ func TestBudgetChargesWhatTheLedgerRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	var spent, ledger int64
-	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(s.spent_micros), 0) FROM budget_spend s JOIN budgets b ON b.id = s.budget_id WHERE b.tenant_id = $1`, tenant).Scan(&spent)
-	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(cost_micros), 0) FROM usage_events WHERE tenant_id = $1`, tenant).Scan(&ledger)
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(s.spent_nanos), 0) FROM budget_spend s JOIN budgets b ON b.id = s.budget_id WHERE b.tenant_id = $1`, tenant).Scan(&spent)
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT coalesce(sum(cost_nanos), 0) FROM usage_events WHERE tenant_id = $1`, tenant).Scan(&ledger)
 	if codes[400] != 40 || spent != 0 || ledger != 0 {
-		t.Fatalf("40 calls refused by the deployment: the client saw %v; budget charged %d micros, ledger %d", codes, spent, ledger)
+		t.Fatalf("40 calls refused by the deployment: the client saw %v; budget charged %d nanos, ledger %d", codes, spent, ledger)
 	}
 }
 

@@ -439,7 +439,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		est, enc := w.b.Estimate(g, req)
 		bc.Estimated, bc.EstimateEncoding = est, enc
 		a, ref, err := w.quota.Admit(ctx, quota.Caller{Tenant: job.TenantID, Key: job.KeyID, Model: g.Name},
-			quota.Charge{Tokens: int64(est), Micros: w.prices.Estimate(g, est)})
+			quota.Charge{Tokens: int64(est), Nanos: w.prices.Estimate(g, est)})
 		switch {
 		case err != nil:
 			w.m.retries.WithLabelValues("quota_unavailable").Inc()
@@ -489,7 +489,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		// Cancelled while calling: Postgres has its outcome already. The
 		// deployment had the call and charged it.
 		w.m.abortedCalls.Inc()
-		spent = quota.Usage{Tokens: int64(bc.Estimated), Micros: w.prices.Estimate(g, bc.Estimated)}
+		spent = quota.Usage{Tokens: int64(bc.Estimated), Nanos: w.prices.Estimate(g, bc.Estimated)}
 		_ = msg.Ack()
 		return
 	case ctx.Err() != nil:
@@ -509,7 +509,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	w.learn(model, res.Estimate)
-	spent = quota.Usage{Tokens: int64(res.Estimate), Micros: w.prices.Estimate(g, res.Estimate)}
+	spent = quota.Usage{Tokens: int64(res.Estimate), Nanos: w.prices.Estimate(g, res.Estimate)}
 	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
 	res.Resp.Body.Close()
 	if readErr != nil && errors.Is(context.Cause(call), errNotRunning) {
@@ -529,7 +529,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	if hasUsage {
 		res.Finish(&u, nil)
 		cost = w.prices.Cost(res.Deployment.Name, u, job.Priority == "batch")
-		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Micros: cost}
+		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Nanos: cost}
 	} else {
 		res.Finish(nil, nil)
 		if res.Resp.StatusCode >= 400 {
@@ -538,7 +538,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	}
 	w.m.tokens.WithLabelValues(res.Deployment.Name).Add(float64(u.TotalTokens))
 	p := &store.FinishJobParams{ID: id, Status: store.JobSucceeded, Deployment: res.Deployment.Name, ResultStatus: res.Resp.StatusCode,
-		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, CostMicros: cost, Latency: time.Since(start), Attempts: job.Attempts}
+		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, CostNanos: cost, Latency: time.Since(start), Attempts: job.Attempts}
 	if res.Resp.StatusCode >= 400 {
 		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
 	}
@@ -580,7 +580,7 @@ func (w *Worker) finish(ctx context.Context, msg jetstream.Msg, job *store.Job, 
 	}
 	_ = msg.Ack()
 	if applied {
-		w.prices.Record(w.tenantName(ctx, job.TenantID), job.Model, p.CostMicros)
+		w.prices.Record(w.tenantName(ctx, job.TenantID), job.Model, p.CostNanos)
 		w.m.finished.WithLabelValues(job.Priority, p.Status).Inc()
 		w.m.latency.WithLabelValues(job.Priority).Observe(time.Since(job.CreatedAt).Seconds())
 		w.q.NotifyDone(p.ID)

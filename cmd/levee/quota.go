@@ -104,7 +104,7 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 	for _, b := range cur.Budgets {
 		if b.TenantID == tenant && b.KeyID == key {
 			existed = true
-			p.AmountMicros, p.Currency, p.Tokens, p.Period, p.Soft, p.OnExhausted = b.AmountMicros, b.Currency, b.Tokens, b.Period, b.Soft, b.OnExhausted
+			p.AmountNanos, p.Currency, p.Tokens, p.Period, p.Soft, p.OnExhausted = b.AmountNanos, b.Currency, b.Tokens, b.Period, b.Soft, b.OnExhausted
 			if b.Period == "fixed" {
 				p.ResetAt = b.ResetAt
 			}
@@ -112,10 +112,10 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 	}
 	stored := p.Period
 	if q.noBudget {
-		p.AmountMicros, p.Tokens = 0, 0
+		p.AmountNanos, p.Tokens = 0, 0
 	}
 	if q.budget != "" {
-		micros, currency, period, err := parseMoney(q.budget)
+		nanos, currency, period, err := parseMoney(q.budget)
 		if err != nil {
 			return fmt.Errorf("--budget: %w", err)
 		}
@@ -125,7 +125,7 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 		if q.budgetTokens == "" && p.Tokens > 0 && period != stored {
 			return fmt.Errorf("--budget: the token budget is per %s; give --budget-tokens with the same period too, or remove it", stored)
 		}
-		p.AmountMicros, p.Currency, p.Period = micros, currency, period
+		p.AmountNanos, p.Currency, p.Period = nanos, currency, period
 	}
 	if q.budgetTokens != "" {
 		n, period, err := parsePerPeriod(q.budgetTokens)
@@ -139,7 +139,7 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 		if q.budget != "" && period != p.Period {
 			return errors.New("--budget and --budget-tokens must have the same period")
 		}
-		if q.budget == "" && p.AmountMicros > 0 && period != stored {
+		if q.budget == "" && p.AmountNanos > 0 && period != stored {
 			return fmt.Errorf("--budget-tokens: the money budget is per %s; give --budget with the same period too, or remove it", stored)
 		}
 		p.Tokens, p.Period = v, period
@@ -174,13 +174,13 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 	if err := st.SetBudget(ctx, p); err != nil {
 		return err
 	}
-	if p.AmountMicros == 0 && p.Tokens == 0 {
+	if p.AmountNanos == 0 && p.Tokens == 0 {
 		fmt.Fprintln(out, "budget: none")
 		return nil
 	}
 	var parts []string
-	if p.AmountMicros > 0 {
-		parts = append(parts, fmt.Sprintf("%s %s", strconv.FormatFloat(float64(p.AmountMicros)/1e6, 'f', -1, 64), p.Currency))
+	if p.AmountNanos > 0 {
+		parts = append(parts, fmt.Sprintf("%s %s", strconv.FormatFloat(float64(p.AmountNanos)/1e9, 'f', -1, 64), p.Currency))
 	}
 	if p.Tokens > 0 {
 		parts = append(parts, fmt.Sprintf("%d tokens", p.Tokens))
@@ -189,15 +189,18 @@ func (q *quotaFlags) apply(ctx context.Context, st *store.Store, tenant, key uui
 	return nil
 }
 
-// maxBudget bounds a budget (in millionths of the currency, or tokens), so
-// sums of spend and leases stay far from overflowing.
-const maxBudget = 1e15
+// maxBudgetMoney (currency units) and maxBudget (tokens) bound a budget, so
+// sums of spend and leases (in nanos, or tokens) stay far from overflowing.
+const (
+	maxBudgetMoney = 1e8
+	maxBudget      = 1e15
+)
 
 var moneyRE = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)([A-Za-z]{3})$`)
 
-// parseMoney parses "500USD/month" into millionths of the currency, the
+// parseMoney parses "500USD/month" into billionths of the currency, the
 // currency (ISO 4217: three letters) and the period.
-func parseMoney(s string) (micros int64, currency, period string, err error) {
+func parseMoney(s string) (nanos int64, currency, period string, err error) {
 	amount, period, err := parsePerPeriod(s)
 	if err != nil {
 		return 0, "", "", err
@@ -207,10 +210,10 @@ func parseMoney(s string) (micros int64, currency, period string, err error) {
 		return 0, "", "", fmt.Errorf("%q: want an amount and a three-letter currency, such as 500USD or 12.5EUR", amount)
 	}
 	v, err := strconv.ParseFloat(m[1], 64)
-	if err != nil || math.Round(v*1e6) < 1 || v*1e6 > maxBudget {
-		return 0, "", "", fmt.Errorf("%q: the amount must be between 0.000001 and %d", m[1], int64(maxBudget/1e6))
+	if err != nil || math.Round(v*1e9) < 1 || v > maxBudgetMoney {
+		return 0, "", "", fmt.Errorf("%q: the amount must be between 0.000000001 and %d", m[1], int64(maxBudgetMoney))
 	}
-	return int64(math.Round(v * 1e6)), strings.ToUpper(m[2]), period, nil
+	return int64(math.Round(v * 1e9)), strings.ToUpper(m[2]), period, nil
 }
 
 // servesModel reports whether cfg has an alias or deployment named m.
