@@ -177,7 +177,7 @@ type Caller struct {
 // tokens and what that can cost at most.
 type Charge struct {
 	Tokens int64
-	Nanos int64
+	Nanos  int64
 }
 
 // Refusal says why a call was not admitted.
@@ -511,7 +511,7 @@ func headersOf(ls []*limiter) Headers {
 // Usage is what a call turned out to cost.
 type Usage struct {
 	Tokens int64
-	Nanos int64
+	Nanos  int64
 }
 
 // Finish reconciles the call: with reached false (it never got to a

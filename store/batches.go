@@ -232,7 +232,7 @@ type Batch struct {
 	CancellingAt     *time.Time
 	CancelledAt      *time.Time
 	// Counts are live, from the batch's jobs, and so is their usage.
-	Completed, Failed                          int
+	Completed, Failed                         int
 	PromptTokens, CompletionTokens, CostNanos int64
 }
 

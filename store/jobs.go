@@ -46,7 +46,7 @@ type Job struct {
 	Deployment       string
 	PromptTokens     int
 	CompletionTokens int
-	CostNanos       int64
+	CostNanos        int64
 	ResultStatus     int
 	ResultBody       []byte
 	ErrorCode        string
@@ -272,7 +272,7 @@ type FinishJobParams struct {
 	ErrorMessage     string
 	PromptTokens     int
 	CompletionTokens int
-	CostNanos       int64
+	CostNanos        int64
 	Latency          time.Duration
 	Attempts         int
 }

@@ -29,8 +29,8 @@ type Budget struct {
 	// AmountNanos is in billionths of Currency (0: no money budget);
 	// Tokens is a token budget (0: none).
 	AmountNanos int64
-	Currency     string
-	Tokens       int64
+	Currency    string
+	Tokens      int64
 	// Period is day or month (calendar, UTC), or fixed: periods of
 	// ResetAt-StartsAt, the first ending at ResetAt.
 	Period   string
@@ -165,15 +165,15 @@ func (s *Store) SetLimits(ctx context.Context, p *SetLimitsParams) error {
 // SetBudgetParams set one scope's budget (tenant: KeyID nil). With neither
 // an amount nor tokens, the budget is removed.
 type SetBudgetParams struct {
-	TenantID     uuid.UUID
-	KeyID        uuid.UUID
+	TenantID    uuid.UUID
+	KeyID       uuid.UUID
 	AmountNanos int64
-	Currency     string
-	Tokens       int64
-	Period       string
-	ResetAt      time.Time
-	Soft         float64
-	OnExhausted  string
+	Currency    string
+	Tokens      int64
+	Period      string
+	ResetAt     time.Time
+	Soft        float64
+	OnExhausted string
 }
 
 // SetBudget replaces one scope's budget. Spend already recorded in the
@@ -236,8 +236,8 @@ type BudgetSpend struct {
 // rather hold (so it need not come back for every call), granted while at
 // least four chunks remain. Limits of 0 are not checked.
 type LeaseParams struct {
-	BudgetID                 uuid.UUID
-	PeriodStart              time.Time
+	BudgetID                uuid.UUID
+	PeriodStart             time.Time
 	Nanos, Tokens           int64
 	ChunkNanos, ChunkTokens int64
 	LimitNanos, LimitTokens int64
@@ -249,7 +249,7 @@ type LeaseParams struct {
 // for what is left.
 type Lease struct {
 	Nanos, Tokens         int64
-	OK                     bool
+	OK                    bool
 	UsedNanos, UsedTokens int64
 }
 
@@ -297,13 +297,13 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (Lease, error) 
 // Threshold* are the soft limits, crossing which sends
 // budget.threshold_reached once a period.
 type SettleParams struct {
-	BudgetID                     uuid.UUID
-	TenantID                     uuid.UUID
-	PeriodStart                  time.Time
+	BudgetID                    uuid.UUID
+	TenantID                    uuid.UUID
+	PeriodStart                 time.Time
 	SpentNanos, SpentTokens     int64
 	ReleaseNanos, ReleaseTokens int64
 	ThresholdNanos              int64
-	ThresholdTokens              int64
+	ThresholdTokens             int64
 	LimitNanos, LimitTokens     int64
 }
 

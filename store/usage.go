@@ -328,7 +328,7 @@ type UsageRow struct {
 	Errors           int64
 	PromptTokens     int64
 	CompletionTokens int64
-	CostNanos       int64
+	CostNanos        int64
 }
 
 // UsageParams select a tenant's usage between two days, inclusive.
