@@ -316,6 +316,57 @@ func ParseUsage(body []byte) (Usage, bool) {
 	return u, true
 }
 
+// WithDefaultMaxTokens gives a call that sets no ceiling on what it
+// generates the one it is charged for (p.DefaultMaxTokens), so the
+// deployment cannot generate more than Levee charged on admission — and
+// checked against the caller's limits and budget. The body was parsed
+// strictly (one top-level object, no duplicate keys, and this key absent),
+// so the member is inserted after its opening brace without re-encoding.
+func WithDefaultMaxTokens(body []byte, r *Request, p config.Model) []byte {
+	if r.MaxTokensParam != "" || p.DefaultMaxTokens <= 0 || r.Op == OpEmbeddings {
+		return body
+	}
+	param := "max_tokens"
+	if r.Op == OpChat {
+		switch p.MaxTokensParam {
+		case "none":
+			return body
+		case "", "max_completion_tokens":
+			param = "max_completion_tokens"
+		}
+	}
+	if len(r.nullCeilings) > 0 {
+		// A ceiling sent as null is no ceiling: dropped, so the body does
+		// not carry two (or the same key twice), re-encoding this rare one.
+		var m map[string]json.RawMessage
+		if json.Unmarshal(body, &m) != nil {
+			return body
+		}
+		for _, k := range r.nullCeilings {
+			delete(m, k)
+		}
+		m[param] = json.RawMessage(strconv.Itoa(p.DefaultMaxTokens))
+		out, err := json.Marshal(m)
+		if err != nil {
+			return body
+		}
+		return out
+	}
+	i := bytes.IndexByte(body, '{')
+	if i < 0 {
+		return body
+	}
+	member := `"` + param + `":` + strconv.Itoa(p.DefaultMaxTokens)
+	rest := bytes.TrimLeft(body[i+1:], " \t\r\n")
+	if len(rest) > 0 && rest[0] != '}' {
+		member += ","
+	}
+	out := make([]byte, 0, len(body)+len(member))
+	out = append(out, body[:i+1]...)
+	out = append(out, member...)
+	return append(out, body[i+1:]...)
+}
+
 // WithStreamUsage asks upstream for the final usage chunk. It returns the
 // body unchanged when the client already asked.
 func WithStreamUsage(body []byte, r *Request) ([]byte, error) {

@@ -3,6 +3,7 @@ package broker
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -197,5 +198,57 @@ func TestBufferedHonoursTheContextAndTheTimeout(t *testing.T) {
 	short.Timeout = 50 * time.Millisecond
 	if _, err := c.Buffered(context.Background(), &short, OpChat, []byte(`{}`), http.Header{}); !errors.Is(err, ErrTimeout) {
 		t.Fatalf("deployment timeout: err %v, want ErrTimeout", err)
+	}
+}
+
+func TestWithDefaultMaxTokens(t *testing.T) {
+	p := config.Model{DefaultMaxTokens: 300}
+	for _, tc := range []struct {
+		name  string
+		op    Op
+		param string // the model's max_tokens_param
+		body  string
+		want  string // the ceiling sent, as the upstream reads it
+		keys  int    // how many ceilings the body carries
+	}{
+		{"chat without a ceiling", OpChat, "", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, "max_completion_tokens=300", 1},
+		{"chat, endpoint knows only max_tokens", OpChat, "max_tokens", ` { "messages":[{"role":"user","content":"hi"}]}`, "max_tokens=300", 1},
+		{"chat, sent as it came", OpChat, "none", `{"messages":[{"role":"user","content":"hi"}]}`, "", 0},
+		{"chat with its own ceiling", OpChat, "", `{"messages":[{"role":"user","content":"hi"}],"max_tokens":5}`, "max_tokens=5", 1},
+		{"a ceiling sent as null is replaced", OpChat, "", `{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":null}`, "max_completion_tokens=300", 1},
+		{"the other ceiling sent as null goes", OpChat, "", `{"messages":[{"role":"user","content":"hi"}],"max_tokens":null}`, "max_completion_tokens=300", 1},
+		{"legacy completions", OpCompletions, "", `{"prompt":"hi"}`, "max_tokens=300", 1},
+		{"the key named in content is not a ceiling", OpChat, "", `{"messages":[{"role":"user","content":"\"max_tokens\":1"}]}`, "max_completion_tokens=300", 1},
+		{"embeddings have none", OpEmbeddings, "", `{"input":"hi"}`, "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := ParseRequest(tc.op, []byte(tc.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.MaxTokensParam = tc.param
+			out := WithDefaultMaxTokens([]byte(tc.body), r, p)
+			// What Levee forwards must parse strictly (no duplicate key) and
+			// carry the ceiling it was charged for.
+			back, err := ParseRequest(tc.op, out)
+			if err != nil {
+				t.Fatalf("%s: %v", out, err)
+			}
+			got := ""
+			if back.MaxTokensParam != "" {
+				got = fmt.Sprintf("%s=%d", back.MaxTokensParam, back.MaxTokens)
+			}
+			var m map[string]json.RawMessage
+			_ = json.Unmarshal(out, &m)
+			keys := 0
+			for _, k := range []string{"max_tokens", "max_completion_tokens"} {
+				if _, ok := m[k]; ok {
+					keys++
+				}
+			}
+			if got != tc.want || keys != tc.keys {
+				t.Fatalf("%s: ceiling %q over %d keys, want %q over %d", out, got, keys, tc.want, tc.keys)
+			}
+		})
 	}
 }

@@ -65,6 +65,9 @@ type Request struct {
 	MaxTokens      int
 	MaxTokensParam string
 	N, BestOf      int
+	// nullCeilings are max_tokens or max_completion_tokens sent as null
+	// (present, but no ceiling).
+	nullCeilings []string
 
 	// Parsed but not yet counted: counting needs the deployment's encoding.
 	messages []message
@@ -107,8 +110,8 @@ type wireRequest struct {
 	Model               string          `json:"model"`
 	Stream              bool            `json:"stream"`
 	StreamOptions       *streamOptions  `json:"stream_options"`
-	MaxTokens           *int            `json:"max_tokens"`
-	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	MaxTokens           json.RawMessage `json:"max_tokens"`
+	MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
 	N                   *int            `json:"n"`
 	BestOf              *int            `json:"best_of"`
 	Messages            []wireMessage   `json:"messages"`
@@ -139,21 +142,41 @@ func ParseRequest(op Op, body []byte) (*Request, error) {
 	if w.StreamOptions != nil {
 		r.IncludeUsage = w.StreamOptions.IncludeUsage
 	}
+	// The ceilings are read raw: one sent as null is there (a ceiling
+	// given to it later must replace it, not be a second key) but unset.
+	var maxTokens, maxCompletion *int
+	for _, f := range []struct {
+		param string
+		raw   json.RawMessage
+		dst   **int
+	}{{"max_tokens", w.MaxTokens, &maxTokens}, {"max_completion_tokens", w.MaxCompletionTokens, &maxCompletion}} {
+		switch {
+		case len(f.raw) == 0:
+		case string(f.raw) == "null":
+			r.nullCeilings = append(r.nullCeilings, f.param)
+		default:
+			var n int
+			if err := strictjson.Unmarshal(f.raw, &n); err != nil {
+				return nil, &BadRequestError{Param: f.param, Msg: f.param + " must be an integer."}
+			}
+			*f.dst = &n
+		}
+	}
 	// Each limit the client sets must be a real one: 0 or less would be
 	// charged as "no limit" here and refused (or worse) upstream.
 	for _, f := range []struct {
 		param string
 		v     *int
-	}{{"max_tokens", w.MaxTokens}, {"max_completion_tokens", w.MaxCompletionTokens}, {"n", w.N}, {"best_of", w.BestOf}} {
+	}{{"max_tokens", maxTokens}, {"max_completion_tokens", maxCompletion}, {"n", w.N}, {"best_of", w.BestOf}} {
 		if f.v != nil && *f.v < 1 {
 			return nil, &BadRequestError{Param: f.param, Msg: f.param + " must be at least 1."}
 		}
 	}
-	if w.MaxTokens != nil {
-		r.MaxTokens, r.MaxTokensParam = *w.MaxTokens, "max_tokens"
+	if maxTokens != nil {
+		r.MaxTokens, r.MaxTokensParam = *maxTokens, "max_tokens"
 	}
-	if w.MaxCompletionTokens != nil && *w.MaxCompletionTokens > r.MaxTokens {
-		r.MaxTokens, r.MaxTokensParam = *w.MaxCompletionTokens, "max_completion_tokens"
+	if maxCompletion != nil && *maxCompletion > r.MaxTokens {
+		r.MaxTokens, r.MaxTokensParam = *maxCompletion, "max_completion_tokens"
 	}
 	if w.N != nil {
 		r.N = *w.N

@@ -364,6 +364,8 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 	if c.Estimated > 0 {
 		est, estEnc = c.Estimated, c.EstimateEncoding
 	}
+	// What is charged is a ceiling on what the deployment may generate.
+	c.Body = WithDefaultMaxTokens(c.Body, c.Req, c.Group.Policy)
 	estimate := func(d *Deployment) int {
 		if d.Encoding != estEnc {
 			estEnc = d.Encoding

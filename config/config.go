@@ -228,8 +228,16 @@ type Model struct {
 	Deployments []string `yaml:"deployments"`
 	// MaxTokens is the ceiling on max_tokens / max_completion_tokens; 0 = none.
 	MaxTokens int `yaml:"max_tokens"`
-	// DefaultMaxTokens is what a call that sets no max_tokens is charged for.
+	// DefaultMaxTokens is what a call that sets no max_tokens is charged
+	// for, and sent with (see MaxTokensParam).
 	DefaultMaxTokens int `yaml:"default_max_tokens"`
+	// MaxTokensParam is how a chat call that sets no ceiling is sent with
+	// DefaultMaxTokens: max_completion_tokens (the default: OpenAI's and
+	// Azure's current name, required by reasoning models), max_tokens (for
+	// endpoints that know only that), or none (sent as it came: the
+	// deployment may then generate more than was charged, past tenant
+	// limits and budgets until the call ends).
+	MaxTokensParam string `yaml:"max_tokens_param"`
 	// MaxN and MaxBestOf cap n and best_of; 0 means 1.
 	MaxN      int `yaml:"max_n"`
 	MaxBestOf int `yaml:"max_best_of"`
@@ -512,6 +520,11 @@ func (c *Config) Validate() error {
 		}
 		if m.MaxBestOf == 0 {
 			m.MaxBestOf = 1
+		}
+		switch m.MaxTokensParam {
+		case "", "max_completion_tokens", "max_tokens", "none":
+		default:
+			return &FieldError{f("max_tokens_param"), "must be max_completion_tokens, max_tokens or none"}
 		}
 		if m.MaxN < 0 || m.MaxBestOf < 0 || m.DefaultMaxTokens < 0 {
 			return &FieldError{f("max_n"), "limits must be >= 0"}

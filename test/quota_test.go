@@ -881,3 +881,52 @@ func TestWorkHeldAtItsLimitDoesNotSlowOthers(t *testing.T) {
 		})
 	}
 }
+
+// A call that sets no max_tokens is charged default_max_tokens, and sent
+// with it: the deployment cannot generate past what the tenant's limit was
+// charged, however long its answers would otherwise be.
+func TestCallWithoutCeilingIsSentTheOneItIsCharged(t *testing.T) {
+	f := twoTenants(100 * time.Millisecond)
+	for i := range f.Deployments {
+		f.Deployments[i].Sim.CompletionTokens = 4000 // far past default_max_tokens (1,024)
+		f.Deployments[i].Sim.DefaultMaxTokens = 16384
+	}
+	env := harness.Start(t, f)
+	key := env.NewKey("acme")
+	const limit = 5000
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, key), TPM: limit})
+	body := map[string]any{"model": "model-a", "messages": []map[string]string{{"role": "user", "content": "Say hello to the levee."}}}
+	var total, served atomic.Int64
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(3 * time.Second)
+	for c := 0; c < 8; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				resp, raw := call(t, env.BaseURL, "/v1/chat/completions", key, body)
+				if resp.StatusCode != 200 {
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				var u struct {
+					Usage struct {
+						Completion int64 `json:"completion_tokens"`
+						Total      int64 `json:"total_tokens"`
+					} `json:"usage"`
+				}
+				_ = json.Unmarshal(raw, &u)
+				if u.Usage.Completion > 1024 {
+					t.Errorf("a call without max_tokens generated %d tokens, past the 1,024 it was charged", u.Usage.Completion)
+				}
+				served.Add(1)
+				total.Add(u.Usage.Total)
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("TPM %d, calls without max_tokens: %d served, %d tokens", limit, served.Load(), total.Load())
+	if served.Load() == 0 || total.Load() > limit {
+		t.Fatalf("%d calls served %d tokens within a minute of a %d-token limit", served.Load(), total.Load(), limit)
+	}
+}
