@@ -30,8 +30,8 @@ chaos: ## 10,000 jobs through 2 gateways and 2 workers while NATS and Postgres r
 sdk-node: ## install the pinned openai-node SDK so `make test` also runs it against Levee
 	cd test/sdk-node && npm ci --no-audit --no-fund
 
-bench: ## added latency and sustained rate, direct vs through Levee (zero-latency simulator)
-	$(GO) run ./test/bench/proxy
+bench: ## added latency and sustained rate, direct vs through Levee, and with tenant limits checked (zero-latency simulator)
+	$(GO) run ./test/bench/proxy -limits
 
 bench-jobs: ## end-to-end jobs/s: submit over HTTP to all succeeded (zero-latency simulator, no limits)
 	$(GO) run ./test/bench/jobs
