@@ -121,6 +121,24 @@ func TestTenantRateLimitHoldsAndIsolates(t *testing.T) {
 	}
 }
 
+// tenJobsOf submits 10 low jobs of key's tenant on model-b and waits for
+// them all to succeed: how long that takes.
+func tenJobsOf(t *testing.T, env *harness.Env, key string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var ids []string
+	for i := 0; i < 10; i++ {
+		_, j := submit(t, env, key, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-b", 100), "priority": "low"})
+		ids = append(ids, j.ID)
+	}
+	for _, id := range ids {
+		if j := waitJob(t, env, key, id, 60*time.Second); j.Status != "succeeded" {
+			t.Fatalf("%+v", j)
+		}
+	}
+	return time.Since(start)
+}
+
 // latencies makes n calls with c clients and returns their latencies,
 // sorted; every one must succeed.
 func latencies(t *testing.T, env *harness.Env, key, model string, n, c int) []time.Duration {
@@ -218,20 +236,7 @@ func TestQueuedWorkWaitsAtItsLimit(t *testing.T) {
 	const limit = 3000 // about 20 jobs a minute
 	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, limited), TPM: limit})
 
-	tenJobs := func() time.Duration {
-		start := time.Now()
-		var ids []string
-		for i := 0; i < 10; i++ {
-			_, j := submit(t, env, other, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-b", 100), "priority": "low"})
-			ids = append(ids, j.ID)
-		}
-		for _, id := range ids {
-			if j := waitJob(t, env, other, id, 60*time.Second); j.Status != "succeeded" {
-				t.Fatalf("%+v", j)
-			}
-		}
-		return time.Since(start)
-	}
+	tenJobs := func() time.Duration { return tenJobsOf(t, env, other) }
 	alone := tenJobs()
 	for i := 0; i < 1000; i++ {
 		if resp, _ := submit(t, env, limited, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 100), "priority": "low"}); resp.StatusCode != 202 {
@@ -854,20 +859,7 @@ func TestWorkHeldAtItsLimitDoesNotSlowOthers(t *testing.T) {
 					break
 				}
 			}
-			tenJobs := func() time.Duration {
-				start := time.Now()
-				var ids []string
-				for i := 0; i < 10; i++ {
-					_, j := submit(t, env, other, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-b", 100), "priority": "low"})
-					ids = append(ids, j.ID)
-				}
-				for _, id := range ids {
-					if j := waitJob(t, env, other, id, 60*time.Second); j.Status != "succeeded" {
-						t.Fatalf("%+v", j)
-					}
-				}
-				return time.Since(start)
-			}
+			tenJobs := func() time.Duration { return tenJobsOf(t, env, other) }
 			alone := tenJobs()
 			for i := 0; i < 600; i++ {
 				submit(t, env, limited, map[string]any{"endpoint": "/v1/chat/completions", "body": chatFor("model-a", 5), "priority": "low"})
