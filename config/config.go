@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -95,7 +96,68 @@ type Auth struct {
 	// keep working, so one address cannot lock a tenant out.
 	FailureRate  float64 `yaml:"failure_rate"`
 	FailureBurst int     `yaml:"failure_burst"`
+	// AdminKeyEnv names the environment variable whose value, if set, is
+	// an admin key (lva-…) every process accepts on /admin/v1/ (default
+	// LEVEE_ADMIN_KEY): the bootstrap before any admin key is created.
+	AdminKeyEnv string `yaml:"admin_key_env"`
+	AdminKey    string `yaml:"-"`
+	// OIDC lists the identity providers whose tokens (JWTs) are accepted
+	// wherever an API key is.
+	OIDC OIDC `yaml:"oidc"`
 }
+
+// OIDC is federated authentication: a JWT from a trusted issuer is a
+// caller, mapped to a tenant and to scopes by its claims.
+type OIDC struct {
+	Issuers []Issuer `yaml:"issuers"`
+	// Leeway is the clock skew allowed on exp, nbf and iat (default 60s).
+	Leeway time.Duration `yaml:"leeway"`
+}
+
+// Issuer is one trusted identity provider (for Entra ID, one per token
+// version: their iss differs).
+type Issuer struct {
+	// Issuer is the exact iss a token must carry.
+	Issuer string `yaml:"issuer"`
+	// JWKSURL is where its signing keys are; empty: discovered from
+	// Issuer's /.well-known/openid-configuration (jwks_uri).
+	JWKSURL string `yaml:"jwks_url"`
+	// Audiences: a token's aud must contain one of them.
+	Audiences []string `yaml:"audiences"`
+	// Algorithms accepted (default RS256, ES256, EdDSA). none and HMAC
+	// are never accepted, whatever is listed.
+	Algorithms []string `yaml:"algorithms"`
+	// TenantClaim names the claim that says whose the caller is (tid,
+	// azp, appid, a group claim…); Tenants maps its values to tenant names
+	// (empty: the value is the tenant's name). A string claim or an array
+	// of strings: the first value that maps wins.
+	TenantClaim string            `yaml:"tenant_claim"`
+	Tenants     map[string]string `yaml:"tenants"`
+	// Grants give scopes by claims; a token gets the union of the grants
+	// it matches. No grants listed: every token of the issuer may do all
+	// its tenant may. Grants listed and none matched: refused (403).
+	Grants []Grant `yaml:"grants"`
+}
+
+// Grant is a scope given to tokens whose Claim holds Value (a string
+// equal to it, or an array containing it); an empty Claim matches every
+// token of the issuer.
+type Grant struct {
+	Claim string `yaml:"claim"`
+	Value string `yaml:"value"`
+	// Models (aliases), Endpoints (groups: chat, completions, embeddings,
+	// responses, jobs, batches, files, usage, webhooks) and MaxPriority
+	// (high, normal, low) as for API keys; empty: no restriction.
+	Models      []string `yaml:"models"`
+	Endpoints   []string `yaml:"endpoints"`
+	MaxPriority string   `yaml:"max_priority"`
+}
+
+// EndpointGroups are what a key or token may be scoped to.
+var EndpointGroups = []string{"chat", "completions", "embeddings", "responses", "jobs", "batches", "files", "usage", "webhooks"}
+
+// Priorities, highest first, as a key or token may be capped at.
+var Priorities = []string{"high", "normal", "low"}
 
 // Usage tunes the ledger writer that takes usage rows off the request path.
 type Usage struct {
@@ -279,6 +341,10 @@ func Parse(raw []byte, getenv func(string) string) (*Config, error) {
 	if c.NATSURL == "" {
 		c.NATSURL = getenv("NATS_URL")
 	}
+	if c.Auth.AdminKeyEnv == "" {
+		c.Auth.AdminKeyEnv = "LEVEE_ADMIN_KEY"
+	}
+	c.Auth.AdminKey = getenv(c.Auth.AdminKeyEnv)
 	for i := range c.Deployments {
 		d := &c.Deployments[i]
 		if d.CredentialEnv != "" {
@@ -337,6 +403,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Auth.FailureRate < 0 || c.Auth.FailureBurst < 1 {
 		return &FieldError{"auth.failure_rate", "failure_rate must be > 0 and failure_burst >= 1"}
+	}
+	if err := c.Auth.OIDC.validate(); err != nil {
+		return err
+	}
+	if k := c.Auth.AdminKey; k != "" && (!strings.HasPrefix(k, "lva-") || len(k) < 24) {
+		return &FieldError{"auth.admin_key_env", fmt.Sprintf("$%s must be an admin key: lva- and at least 20 more characters", c.Auth.AdminKeyEnv)}
 	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 30 * time.Second
@@ -634,4 +706,64 @@ func EncodingFor(model string) string {
 		}
 	}
 	return "cl100k_base"
+}
+
+// allowedAlgorithms are the JWS algorithms a trusted issuer may use: no
+// none, no HMAC (a public key must never double as a shared secret).
+var allowedAlgorithms = []string{"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+func (o *OIDC) validate() error {
+	if o.Leeway == 0 {
+		o.Leeway = time.Minute
+	}
+	if o.Leeway < 0 || o.Leeway > 10*time.Minute {
+		return &FieldError{"auth.oidc.leeway", "must be between 0 and 10m"}
+	}
+	seen := map[string]bool{}
+	for i := range o.Issuers {
+		is := &o.Issuers[i]
+		f := func(name string) string { return fmt.Sprintf("auth.oidc.issuers[%d].%s", i, name) }
+		u, err := url.Parse(is.Issuer)
+		if is.Issuer == "" || err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+			return &FieldError{f("issuer"), "must be the issuer's URL, exactly as its tokens' iss"}
+		}
+		if seen[is.Issuer] {
+			return &FieldError{f("issuer"), "listed twice"}
+		}
+		seen[is.Issuer] = true
+		if is.JWKSURL != "" {
+			if u, err := url.Parse(is.JWKSURL); err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+				return &FieldError{f("jwks_url"), "must be an http(s) URL"}
+			}
+		}
+		if len(is.Audiences) == 0 {
+			return &FieldError{f("audiences"), "at least one audience is required: a token meant for another application must not be accepted"}
+		}
+		if len(is.Algorithms) == 0 {
+			is.Algorithms = []string{"RS256", "ES256", "EdDSA"}
+		}
+		for _, a := range is.Algorithms {
+			if !slices.Contains(allowedAlgorithms, a) {
+				return &FieldError{f("algorithms"), fmt.Sprintf("%q is not accepted (one of %s)", a, strings.Join(allowedAlgorithms, ", "))}
+			}
+		}
+		if is.TenantClaim == "" {
+			return &FieldError{f("tenant_claim"), "required: the claim that names the caller's tenant (e.g. tid)"}
+		}
+		for j, g := range is.Grants {
+			gf := func(name string) string { return fmt.Sprintf("auth.oidc.issuers[%d].grants[%d].%s", i, j, name) }
+			if (g.Claim == "") != (g.Value == "") {
+				return &FieldError{gf("claim"), "claim and value go together (both empty: every token)"}
+			}
+			for _, e := range g.Endpoints {
+				if !slices.Contains(EndpointGroups, e) {
+					return &FieldError{gf("endpoints"), fmt.Sprintf("%q is not one of %s", e, strings.Join(EndpointGroups, ", "))}
+				}
+			}
+			if g.MaxPriority != "" && !slices.Contains(Priorities, g.MaxPriority) {
+				return &FieldError{gf("max_priority"), "must be high, normal or low"}
+			}
+		}
+	}
+	return nil
 }
