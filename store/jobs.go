@@ -304,9 +304,9 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 				status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos)
 			SELECT finished_at, 'job_' || id, tenant_id, key_id, $3, model, endpoint, $10, $8, $9, $11, priority, $12, $14 FROM j
 		), r AS (
-			INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
-			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, 1, $13, $8, $9, $14 FROM j
-			ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+			INSERT INTO usage_daily (tenant_id, day, model, key_id, deployment, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
+			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), $3, 1, $13, $8, $9, $14 FROM j
+			ON CONFLICT (tenant_id, day, model, key_id, deployment) DO UPDATE SET
 				requests = usage_daily.requests + 1,
 				errors = usage_daily.errors + EXCLUDED.errors,
 				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,

@@ -132,6 +132,7 @@ type SetLimitsParams struct {
 	Model       string
 	TPM, RPM    int64
 	Concurrency int64
+	Actor       string
 }
 
 // SetLimits replaces one scope's limits. It is the one function the CLI
@@ -144,7 +145,12 @@ func (s *Store) SetLimits(ctx context.Context, p *SetLimitsParams) error {
 	if p.KeyID != uuid.Nil {
 		key = p.KeyID
 	}
+	const row = `SELECT tenant_id, key_id, model, tpm, rpm, concurrency FROM limits WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2 AND model = $3`
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		before, err := rowJSON(ctx, tx, row, p.TenantID, key, p.Model)
+		if err != nil {
+			return err
+		}
 		if _, err := tx.Exec(ctx, `DELETE FROM limits WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2 AND model = $3`, p.TenantID, key, p.Model); err != nil {
 			return err
 		}
@@ -153,6 +159,13 @@ func (s *Store) SetLimits(ctx context.Context, p *SetLimitsParams) error {
 				p.TenantID, key, p.Model, p.TPM, p.RPM, p.Concurrency); err != nil {
 				return err
 			}
+		}
+		after, err := rowJSON(ctx, tx, row, p.TenantID, key, p.Model)
+		if err != nil {
+			return err
+		}
+		if err := audit(ctx, tx, actorOr(p.Actor), "limits.set", limitsTarget(p.KeyID), limitsTargetID(p.TenantID, p.KeyID), p.TenantID, before, after); err != nil {
+			return err
 		}
 		return bumpSettings(ctx, tx)
 	})
@@ -174,6 +187,7 @@ type SetBudgetParams struct {
 	ResetAt     time.Time
 	Soft        float64
 	OnExhausted string
+	Actor       string
 }
 
 // SetBudget replaces one scope's budget. Spend already recorded in the
@@ -183,46 +197,79 @@ func (s *Store) SetBudget(ctx context.Context, p *SetBudgetParams) error {
 	if p.KeyID != uuid.Nil {
 		key = p.KeyID
 	}
+	const row = `SELECT id, tenant_id, key_id, amount_nanos, currency, tokens, period, starts_at, reset_at, soft, on_exhausted
+		FROM budgets WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if p.AmountNanos == 0 && p.Tokens == 0 {
-			if _, err := tx.Exec(ctx, `DELETE FROM budgets WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`, p.TenantID, key); err != nil {
-				return err
-			}
-			return bumpSettings(ctx, tx)
-		}
-		var resetAt any
-		if !p.ResetAt.IsZero() {
-			resetAt = p.ResetAt
-		}
-		var currency any
-		if p.AmountNanos != 0 {
-			currency = p.Currency
-		}
-		id, _ := uuid.NewV7()
-		// Updating in place keeps the budget's id, and with it the spend
-		// of the period under way; a new period or end of a fixed one
-		// starts its first period now (SET reads the row as it was).
-		tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_nanos = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
-				starts_at = CASE WHEN period IS DISTINCT FROM $6 OR reset_at IS DISTINCT FROM $7::timestamptz THEN now() ELSE starts_at END,
-				reset_at = $7, soft = $8, on_exhausted = $9, updated_at = now()
-			WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`,
-			p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)
+		before, err := rowJSON(ctx, tx, row, p.TenantID, key)
 		if err != nil {
 			return err
 		}
-		if tag.RowsAffected() == 0 {
-			if _, err := tx.Exec(ctx, `INSERT INTO budgets (id, tenant_id, key_id, amount_nanos, currency, tokens, period, reset_at, soft, on_exhausted)
-				VALUES ($1, $2, $3, nullif($4::bigint, 0), $5, nullif($6::bigint, 0), $7, $8, $9, $10)`,
-				id, p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted); err != nil {
-				return err
-			}
+		if err := setBudgetTx(ctx, tx, p, key); err != nil {
+			return err
 		}
-		return bumpSettings(ctx, tx)
+		after, err := rowJSON(ctx, tx, row, p.TenantID, key)
+		if err != nil {
+			return err
+		}
+		return audit(ctx, tx, actorOr(p.Actor), "budget.set", limitsTarget(p.KeyID), limitsTargetID(p.TenantID, p.KeyID), p.TenantID, before, after)
 	})
 	if err != nil {
 		return fmt.Errorf("store: set budget: %w", err)
 	}
 	return nil
+}
+
+func setBudgetTx(ctx context.Context, tx pgx.Tx, p *SetBudgetParams, key any) error {
+	if p.AmountNanos == 0 && p.Tokens == 0 {
+		if _, err := tx.Exec(ctx, `DELETE FROM budgets WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`, p.TenantID, key); err != nil {
+			return err
+		}
+		return bumpSettings(ctx, tx)
+	}
+	var resetAt any
+	if !p.ResetAt.IsZero() {
+		resetAt = p.ResetAt
+	}
+	var currency any
+	if p.AmountNanos != 0 {
+		currency = p.Currency
+	}
+	id, _ := uuid.NewV7()
+	// Updating in place keeps the budget's id, and with it the spend
+	// of the period under way; a new period or end of a fixed one
+	// starts its first period now (SET reads the row as it was).
+	tag, err := tx.Exec(ctx, `UPDATE budgets SET amount_nanos = nullif($3::bigint, 0), currency = $4, tokens = nullif($5::bigint, 0), period = $6,
+			starts_at = CASE WHEN period IS DISTINCT FROM $6 OR reset_at IS DISTINCT FROM $7::timestamptz THEN now() ELSE starts_at END,
+			reset_at = $7, soft = $8, on_exhausted = $9, updated_at = now()
+		WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`,
+		p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		if _, err := tx.Exec(ctx, `INSERT INTO budgets (id, tenant_id, key_id, amount_nanos, currency, tokens, period, reset_at, soft, on_exhausted)
+			VALUES ($1, $2, $3, nullif($4::bigint, 0), $5, nullif($6::bigint, 0), $7, $8, $9, $10)`,
+			id, p.TenantID, key, p.AmountNanos, currency, p.Tokens, p.Period, resetAt, p.Soft, p.OnExhausted); err != nil {
+			return err
+		}
+	}
+	return bumpSettings(ctx, tx)
+}
+
+// limitsTarget and limitsTargetID name what limits and budgets apply to
+// in the audit log: a tenant, or one of its keys.
+func limitsTarget(key uuid.UUID) string {
+	if key == uuid.Nil {
+		return "tenant"
+	}
+	return "key"
+}
+
+func limitsTargetID(tenant, key uuid.UUID) string {
+	if key == uuid.Nil {
+		return tenant.String()
+	}
+	return key.String()
 }
 
 // BudgetSpend is a budget's state in one period.
@@ -387,23 +434,4 @@ func (s *Store) GetBudgetSpend(ctx context.Context, budgetID uuid.UUID, periodSt
 		return nil, fmt.Errorf("store: budget spend: %w", err)
 	}
 	return b, nil
-}
-
-// KeyByID finds a key by id, with its tenant.
-func (s *Store) KeyByID(ctx context.Context, id uuid.UUID) (*Key, error) {
-	k := &Key{}
-	var keyPrio *string
-	err := s.pool.QueryRow(ctx, `SELECT k.id, k.tenant_id, t.name, k.prefix, k.name, k.default_priority, t.default_priority, k.created_at
-		FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = $1`, id).
-		Scan(&k.ID, &k.TenantID, &k.TenantName, &k.Prefix, &k.Name, &keyPrio, &k.DefaultPriority, &k.CreatedAt)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, fmt.Errorf("store: key %s: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("store: key: %w", err)
-	}
-	if keyPrio != nil {
-		k.DefaultPriority = *keyPrio
-	}
-	return k, nil
 }

@@ -260,9 +260,11 @@ var usageColumns = []string{"created_at", "request_id", "tenant_id", "key_id", "
 	"status", "prompt_tokens", "completion_tokens", "latency_us", "priority", "attempts", "cost_nanos"}
 
 type rollupKey struct {
-	tenant uuid.UUID
-	day    time.Time
-	model  string
+	tenant     uuid.UUID
+	day        time.Time
+	model      string
+	key        uuid.UUID
+	deployment string
 }
 
 type rollup struct{ requests, errors, prompt, completion, cost int64 }
@@ -282,7 +284,7 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 		}
 		rows[i] = []any{e.At, e.RequestID, e.TenantID, key, e.Deployment, e.Model, e.Operation,
 			int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(), e.Priority, int32(max(e.Attempts, 1)), e.CostNanos}
-		k := rollupKey{e.TenantID, e.At.UTC().Truncate(24 * time.Hour), e.Model}
+		k := rollupKey{e.TenantID, e.At.UTC().Truncate(24 * time.Hour), e.Model, e.KeyID, e.Deployment}
 		r := sums[k]
 		if r == nil {
 			r = &rollup{}
@@ -307,15 +309,15 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 	}
 	b := &pgx.Batch{}
 	for k, r := range sums {
-		b.Queue(`INSERT INTO usage_daily (tenant_id, day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-			ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+		b.Queue(`INSERT INTO usage_daily (tenant_id, day, model, key_id, deployment, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
+			VALUES ($1, $2, $3, $9, $10, $4, $5, $6, $7, $8)
+			ON CONFLICT (tenant_id, day, model, key_id, deployment) DO UPDATE SET
 				requests = usage_daily.requests + EXCLUDED.requests,
 				errors = usage_daily.errors + EXCLUDED.errors,
 				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
 				completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
 				cost_nanos = usage_daily.cost_nanos + EXCLUDED.cost_nanos`,
-			k.tenant, k.day, k.model, r.requests, r.errors, r.prompt, r.completion, r.cost)
+			k.tenant, k.day, k.model, r.requests, r.errors, r.prompt, r.completion, r.cost, k.key, k.deployment)
 	}
 	return tx.SendBatch(ctx, b).Close()
 }
@@ -340,9 +342,9 @@ type UsageParams struct {
 // Usage reads the daily rollup, never the raw ledger.
 func (s *Store) Usage(ctx context.Context, p *UsageParams) ([]UsageRow, error) {
 	rows, err := s.pool.Query(ctx, `
-		SELECT day, model, requests, errors, prompt_tokens, completion_tokens, cost_nanos
+		SELECT day, model, sum(requests)::bigint, sum(errors)::bigint, sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, sum(cost_nanos)::bigint
 		FROM usage_daily WHERE tenant_id = $1 AND day BETWEEN $2 AND $3
-		ORDER BY day, model`, p.TenantID, p.From, p.To)
+		GROUP BY day, model ORDER BY day, model`, p.TenantID, p.From, p.To)
 	if err != nil {
 		return nil, fmt.Errorf("store: usage: %w", err)
 	}
