@@ -43,7 +43,7 @@ func TestUnknownKeysAreCachedToo(t *testing.T) {
 	// An expired answer is asked again.
 	h := kc.bad
 	for k := range h {
-		h[k] = time.Now().Add(-time.Second)
+		h[k] = badKey{until: time.Now().Add(-time.Second)}
 	}
 	if _, err := kc.lookup(context.Background(), "lv-nope", always); !errors.Is(err, errUnknownKey) || ks.lookups.Load() != 2 {
 		t.Fatalf("expired negative entry: %v after %d lookups", err, ks.lookups.Load())

@@ -269,9 +269,12 @@ func (s *Server) createBatch(c echo.Context) error {
 	if req.CompletionWindow != "24h" {
 		return invalid("completion_window", "invalid_request", "completion_window must be 24h.")
 	}
-	_, endpoint, ok := batch.Endpoint(req.Endpoint)
+	op, endpoint, ok := batch.Endpoint(req.Endpoint)
 	if !ok {
 		return invalid("endpoint", "invalid_request", "endpoint must be /v1/chat/completions, /v1/completions or /v1/embeddings.")
+	}
+	if err := allowGroup(key, op.Group()); err != nil {
+		return err
 	}
 	if err := checkMetadata(req.Metadata); err != nil {
 		return err
@@ -290,6 +293,23 @@ func (s *Server) createBatch(c echo.Context) error {
 	}
 	if _, lineEndpoint, _ := batch.Endpoint(f.URL); lineEndpoint != endpoint {
 		return invalid("endpoint", "url_mismatch", "The input file's lines use %s, not %s.", f.URL, req.Endpoint)
+	}
+	if key.Scopes.Models != nil {
+		// Every line's model must be one the key may use: the batch is
+		// refused whole rather than run in part.
+		models, err := s.batches.FileModels(ctx, fid)
+		if err != nil {
+			return err
+		}
+		for _, m := range models {
+			g, ok := s.broker.Resolve(m)
+			if !ok {
+				continue // an unknown model fails its line at validation
+			}
+			if err := s.allowModel(key, g, "input_file_id"); err != nil {
+				return err
+			}
+		}
 	}
 	b, err := s.batches.CreateBatch(ctx, &store.CreateBatchParams{TenantID: key.TenantID, InputFileID: fid, Endpoint: req.Endpoint,
 		Window: 24 * time.Hour, Metadata: req.Metadata})

@@ -187,18 +187,29 @@ func (s *Server) submitJob(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	// A job is a call too: its key must be allowed the call's endpoint
+	// group and model, as well as jobs.
+	if err := allowGroup(key, op.Group()); err != nil {
+		return err
+	}
+	if err := s.allowModel(key, g, "body.model"); err != nil {
+		return err
+	}
 	if req.Stream {
 		return invalid("body.stream", "invalid_request", "A job cannot stream; leave stream unset.")
 	}
 	prio := jr.Priority
 	if prio == "" {
 		prio = "normal"
-		if key.DefaultPriority == "low" {
+		if key.DefaultPriority == "low" || key.Scopes.MaxPriority == "low" {
 			prio = "low"
 		}
 	}
 	if prio != "normal" && prio != "low" {
 		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", strictjson.Clip(prio))
+	}
+	if err := allowPriority(key, prio, "priority"); err != nil {
+		return err
 	}
 	if err := checkMetadata(jr.Metadata); err != nil {
 		return err

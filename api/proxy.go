@@ -107,6 +107,9 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if err != nil {
 		return admitError(err, "")
 	}
+	if err := s.allowModel(key, g, "model"); err != nil {
+		return err
+	}
 	if ev.Priority, err = priorityOf(c, key); err != nil {
 		return err
 	}
@@ -345,9 +348,9 @@ func priorityOf(c echo.Context, k *store.Key) (string, error) {
 	}
 	switch p {
 	case "high", "normal", "low":
-		return p, nil
+		return p, allowPriority(k, p, "X-Levee-Priority")
 	}
-	return "", invalid("X-Levee-Priority", "invalid_priority", "X-Levee-Priority must be high, normal or low, not %q.", p)
+	return "", invalid("X-Levee-Priority", "invalid_priority", "X-Levee-Priority must be high, normal or low, not %q.", strictjson.Clip(p))
 }
 
 // streamError carries how many content events were relayed before a stream

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -22,6 +23,7 @@ import (
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/oidc"
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/webhook"
@@ -66,6 +68,11 @@ type Options struct {
 	// Quota holds callers' limits and budgets; Prices turn usage into cost.
 	Quota  *quota.Quota
 	Prices *quota.Prices
+	// Admin enables the admin API (/admin/v1/) and token callers' tenants;
+	// nil: off.
+	Admin *store.Store
+	// OIDC verifies JWTs presented as keys; nil: only API keys.
+	OIDC *oidc.Verifier
 }
 
 // Server is the HTTP API.
@@ -87,11 +94,18 @@ type Server struct {
 	runner   *batch.Runner
 	uploads  *uploadSlots
 	guard    webhook.Guard
-	log      *slog.Logger
-	e        *echo.Echo
-	metrics  *metrics
-	idBase   string
-	idSeq    atomic.Uint64
+	admin    *store.Store
+	admins   *adminCache
+	oidc     *oidc.Verifier
+	tenants  *tenantCache
+	used     *lastUse
+	// adminUsed notes admin keys' use as used does tenant keys'.
+	adminUsed *lastUse
+	log       *slog.Logger
+	e         *echo.Echo
+	metrics   *metrics
+	idBase    string
+	idSeq     atomic.Uint64
 }
 
 type metrics struct {
@@ -104,7 +118,9 @@ type metrics struct {
 func New(o Options) *Server {
 	s := &Server{cfg: o.Config, broker: o.Broker, keys: newKeyCache(o.Keys, o.Config.DatabaseMaxConns/2), failures: newFailureLimiter(o.Config.Auth), ledger: o.Ledger, usage: o.Usage,
 		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, quota: o.Quota, prices: o.Prices, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
-		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-"}
+		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-",
+		admin: o.Admin, admins: newAdminCache(o.Config.Auth.AdminKey), used: newLastUse(), adminUsed: newLastUse(),
+		oidc: o.OIDC, tenants: &tenantCache{m: map[string]tenantEntry{}}}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -134,41 +150,46 @@ func New(o Options) *Server {
 	// registers a catch-all that would turn every 405 into a 404.
 	auth, db := s.authenticate, s.bounded
 	for _, op := range []broker.Op{broker.OpChat, broker.OpCompletions, broker.OpEmbeddings} {
-		e.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op), auth)
-		e.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op), auth)
-		e.POST("/v1/"+op.Path(), s.proxyOpenAI(op), auth)
+		scope := s.scope(op.Group())
+		e.POST("/openai/deployments/:deployment/"+op.Path(), s.proxyAzure(op), auth, scope)
+		e.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op), auth, scope)
+		e.POST("/v1/"+op.Path(), s.proxyOpenAI(op), auth, scope)
 	}
 	for _, p := range []string{"/v1/models", "/openai/v1/models", "/openai/models"} {
 		e.GET(p, s.models, auth)
 		e.GET(p+"/:model", s.model, auth)
 	}
-	e.GET("/v1/usage", s.usageHandler, auth, db)
-	e.POST("/v1/jobs", s.submitJob, auth, db)
-	e.GET("/v1/jobs", s.listJobs, auth, db)
-	e.GET("/v1/jobs/:id", s.getJob, auth, db)
-	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth, db)
+	usage, jobs, files, batches, hooks := s.scope("usage"), s.scope("jobs"), s.scope("files"), s.scope("batches"), s.scope("webhooks")
+	e.GET("/v1/usage", s.usageHandler, auth, usage, db)
+	e.POST("/v1/jobs", s.submitJob, auth, jobs, db)
+	e.GET("/v1/jobs", s.listJobs, auth, jobs, db)
+	e.GET("/v1/jobs/:id", s.getJob, auth, jobs, db)
+	e.POST("/v1/jobs/:id/cancel", s.cancelJob, auth, jobs, db)
 	if s.batches != nil {
 		for _, p := range []string{"/v1", "/openai", "/openai/v1"} {
 			// Uploads and file contents bound their own database work:
 			// their clients may rightly take long.
-			e.POST(p+"/files", s.uploadFile, auth)
-			e.GET(p+"/files", s.listFiles, auth, db)
-			e.GET(p+"/files/:id", s.getFile, auth, db)
-			e.DELETE(p+"/files/:id", s.deleteFile, auth, db)
-			e.GET(p+"/files/:id/content", s.fileContent, auth)
-			e.POST(p+"/batches", s.createBatch, auth, db)
-			e.GET(p+"/batches", s.listBatches, auth, db)
-			e.GET(p+"/batches/:id", s.getBatch, auth, db)
-			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth, db)
+			e.POST(p+"/files", s.uploadFile, auth, files)
+			e.GET(p+"/files", s.listFiles, auth, files, db)
+			e.GET(p+"/files/:id", s.getFile, auth, files, db)
+			e.DELETE(p+"/files/:id", s.deleteFile, auth, files, db)
+			e.GET(p+"/files/:id/content", s.fileContent, auth, files)
+			e.POST(p+"/batches", s.createBatch, auth, batches, db)
+			e.GET(p+"/batches", s.listBatches, auth, batches, db)
+			e.GET(p+"/batches/:id", s.getBatch, auth, batches, db)
+			e.POST(p+"/batches/:id/cancel", s.cancelBatch, auth, batches, db)
 		}
-		e.POST("/v1/webhook_endpoints", s.createEndpoint, auth, db)
-		e.GET("/v1/webhook_endpoints", s.listEndpoints, auth, db)
-		e.GET("/v1/webhook_endpoints/:id", s.getEndpoint, auth, db)
-		e.POST("/v1/webhook_endpoints/:id", s.updateEndpoint, auth, db)
-		e.DELETE("/v1/webhook_endpoints/:id", s.deleteEndpoint, auth, db)
-		e.POST("/v1/webhook_endpoints/:id/rotate_secret", s.rotateEndpoint, auth, db)
-		e.GET("/v1/webhook_endpoints/:id/deliveries", s.endpointDeliveries, auth, db)
-		e.POST("/v1/webhook_deliveries/:id/resend", s.resendDelivery, auth, db)
+		e.POST("/v1/webhook_endpoints", s.createEndpoint, auth, hooks, db)
+		e.GET("/v1/webhook_endpoints", s.listEndpoints, auth, hooks, db)
+		e.GET("/v1/webhook_endpoints/:id", s.getEndpoint, auth, hooks, db)
+		e.POST("/v1/webhook_endpoints/:id", s.updateEndpoint, auth, hooks, db)
+		e.DELETE("/v1/webhook_endpoints/:id", s.deleteEndpoint, auth, hooks, db)
+		e.POST("/v1/webhook_endpoints/:id/rotate_secret", s.rotateEndpoint, auth, hooks, db)
+		e.GET("/v1/webhook_endpoints/:id/deliveries", s.endpointDeliveries, auth, hooks, db)
+		e.POST("/v1/webhook_deliveries/:id/resend", s.resendDelivery, auth, hooks, db)
+	}
+	if s.admin != nil {
+		s.adminRoutes()
 	}
 	return s
 }
@@ -206,18 +227,23 @@ type modelObject struct {
 	OwnedBy string `json:"owned_by"`
 }
 
+// models lists the aliases the caller may use.
 func (s *Server) models(c echo.Context) error {
+	k := keyOf(c)
 	data := []modelObject{}
 	for _, m := range s.broker.Models() {
-		data = append(data, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
+		if k.Scopes.Models == nil || slices.Contains(k.Scopes.Models, m) {
+			data = append(data, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
+		}
 	}
 	return c.JSON(http.StatusOK, map[string]any{"object": "list", "data": data})
 }
 
 func (s *Server) model(c echo.Context) error {
 	name := c.Param("model")
+	k := keyOf(c)
 	for _, m := range s.broker.Models() {
-		if m == name {
+		if m == name && (k.Scopes.Models == nil || slices.Contains(k.Scopes.Models, m)) {
 			return c.JSON(http.StatusOK, modelObject{ID: m, Object: "model", OwnedBy: "levee"})
 		}
 	}

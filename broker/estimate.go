@@ -36,6 +36,19 @@ func (o Op) Path() string {
 
 func (o Op) String() string { return o.Path() }
 
+// Group is the endpoint group a key may be scoped to: chat, completions or
+// embeddings.
+func (o Op) Group() string {
+	switch o {
+	case OpCompletions:
+		return "completions"
+	case OpEmbeddings:
+		return "embeddings"
+	default:
+		return "chat"
+	}
+}
+
 // OpFromPath maps a path suffix (as after /v1/ or /deployments/{d}/) to an Op.
 func OpFromPath(p string) (Op, bool) {
 	switch p {

@@ -104,6 +104,9 @@ type StackOptions struct {
 	File                 *File
 	// APIKey fixes the printed key (LEVEE_DEV_API_KEY).
 	APIKey string
+	// AdminKey is accepted on the admin API (LEVEE_ADMIN_KEY; empty: a
+	// fresh one each start).
+	AdminKey string
 	// Ephemeral runs Postgres without fsync (tests, benchmarks).
 	Ephemeral bool
 	// NoWorkers leaves queue workers to other processes (tests of
@@ -192,6 +195,10 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
 		HTTP: o.File.HTTP, Auth: o.File.Auth, Pricing: o.File.Pricing, DatabaseMaxConns: o.File.DatabaseMaxConns, DatabaseTimeout: o.File.DatabaseTimeout, ShutdownTimeout: 10 * time.Second}
+	cfg.Auth.AdminKey = o.AdminKey
+	if cfg.Auth.AdminKey == "" {
+		cfg.Auth.AdminKey = store.NewAdminSecret()
+	}
 	cfg.Webhooks = o.File.Webhooks
 	cfg.Webhooks.AllowLoopback = true // so a receiver on this machine works
 	for _, d := range o.File.Deployments {

@@ -24,6 +24,7 @@ import (
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/oidc"
 	"github.com/levee-gw/levee/outbox"
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/quota"
@@ -58,10 +59,12 @@ type Gateway struct {
 	Worker *worker.Worker
 	// Quota holds the callers' limits and budgets.
 	Quota *quota.Quota
-	cfg   *config.Config
-	log   *slog.Logger
-	hs    *http.Server
-	errc  chan error
+	// AdminKey is the bootstrap admin key (auth.admin_key_env), if any.
+	AdminKey string
+	cfg      *config.Config
+	log      *slog.Logger
+	hs       *http.Server
+	errc     chan error
 
 	stopWorker     context.CancelFunc
 	workerDone     chan struct{}
@@ -105,7 +108,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		return nil, err
 	}
 	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: cfg.Usage.FlushInterval, BatchSize: cfg.Usage.BatchSize, BufferSize: cfg.Usage.BufferSize, MaxPending: cfg.Usage.MaxPending}, log)
-	g := &Gateway{Broker: b, Ledger: ledger, Queue: q, cfg: cfg, log: log, errc: make(chan error, 1)}
+	g := &Gateway{Broker: b, Ledger: ledger, Queue: q, AdminKey: cfg.Auth.AdminKey, cfg: cfg, log: log, errc: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			_ = ledger.Close(context.Background())
@@ -140,17 +143,26 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	}
 
 	var handler http.Handler
+	var apiServer *api.Server
 	listen := roles.MetricsAddr
 	if roles.API {
 		opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: guard,
-			Quota: qt, Prices: prices}
+			Quota: qt, Prices: prices, Admin: st}
+		if len(cfg.Auth.OIDC.Issuers) > 0 {
+			v, err := oidc.New(cfg.Auth.OIDC, nil, log)
+			if err != nil {
+				return nil, fmt.Errorf("gateway: %w", err)
+			}
+			opts.OIDC = v
+		}
 		if q != nil {
 			opts.Jobs, opts.Queue, opts.Outbox, opts.Batches, opts.Runner = st, q, relay, st, runner
 			if g.Worker != nil {
 				opts.Wake = g.Worker.Wake
 			}
 		}
-		handler, listen = api.New(opts).Handler(), cfg.Listen
+		apiServer = api.New(opts)
+		handler, listen = apiServer.Handler(), cfg.Listen
 	} else if listen != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -180,6 +192,9 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	g.stopBackground = cancelBG
 	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
 	g.spawn(func() { qt.Run(bg) })
+	if apiServer != nil {
+		g.spawn(func() { apiServer.RunKeys(bg, st) })
+	}
 	if q != nil {
 		sh := broker.NewSharer(q.Conn(), b, "", log)
 		g.spawn(func() { _ = sh.Run(bg) })

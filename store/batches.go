@@ -514,3 +514,13 @@ func (s *Store) JobRefs(ctx context.Context, batchID uuid.UUID) ([]*Job, error) 
 		return j, r.Scan(&j.ID, &j.Model)
 	})
 }
+
+// FileModels lists the models an uploaded file's lines name (lines stored
+// before models were recorded name none).
+func (s *Store) FileModels(ctx context.Context, file uuid.UUID) ([]string, error) {
+	rows, err := s.pool.Query(ctx, `SELECT DISTINCT model FROM file_lines WHERE file_id = $1 AND model IS NOT NULL AND model <> '' ORDER BY model`, file)
+	if err != nil {
+		return nil, fmt.Errorf("store: file models: %w", err)
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}

@@ -87,6 +87,9 @@ const (
 // NewSecret returns a fresh key: the prefix and 256 random bits.
 func NewSecret() string { return newSecret(KeyPrefix) }
 
+// NewAdminSecret returns a fresh admin key, as for LEVEE_ADMIN_KEY.
+func NewAdminSecret() string { return newSecret(AdminKeyPrefix) }
+
 func newSecret(prefix string) string {
 	var b [32]byte
 	_, _ = rand.Read(b[:])
@@ -804,6 +807,9 @@ func (s *Store) RevokeAdminKey(ctx context.Context, id uuid.UUID, actor string) 
 		}
 		if tag.RowsAffected() == 0 {
 			return ErrNotFound
+		}
+		if err := keyEvent(ctx, tx, id, uuid.Nil); err != nil {
+			return err
 		}
 		return audit(ctx, tx, actorOr(actor), "admin_key.revoke", "admin_key", id.String(), uuid.Nil, nil, nil)
 	})

@@ -75,7 +75,8 @@ func (s *Store) LoadQuotas(ctx context.Context) (*Quotas, error) {
 			return err
 		}
 		rows, err := tx.Query(ctx, `SELECT tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), model,
-			coalesce(tpm, 0), coalesce(rpm, 0), coalesce(concurrency, 0) FROM limits`)
+			coalesce(tpm, 0), coalesce(rpm, 0), coalesce(concurrency, 0) FROM limits
+			WHERE tenant_id IN (SELECT id FROM tenants WHERE deleted_at IS NULL)`)
 		if err != nil {
 			return err
 		}
@@ -86,7 +87,7 @@ func (s *Store) LoadQuotas(ctx context.Context) (*Quotas, error) {
 		if err != nil {
 			return err
 		}
-		rows, err = tx.Query(ctx, `SELECT `+budgetColumns+` FROM budgets`)
+		rows, err = tx.Query(ctx, `SELECT `+budgetColumns+` FROM budgets WHERE tenant_id IN (SELECT id FROM tenants WHERE deleted_at IS NULL)`)
 		if err != nil {
 			return err
 		}
@@ -112,6 +113,32 @@ func (s *Store) LoadQuotas(ctx context.Context) (*Quotas, error) {
 		return nil, fmt.Errorf("store: load quotas: %w", err)
 	}
 	return q, nil
+}
+
+// QuotasOf returns one scope's limits (every model's and each model's)
+// and budget (nil: none): a tenant's (key uuid.Nil) or a key's.
+func (s *Store) QuotasOf(ctx context.Context, tenant, key uuid.UUID) ([]Limits, *Budget, error) {
+	rows, err := s.pool.Query(ctx, `SELECT tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), model,
+		coalesce(tpm, 0), coalesce(rpm, 0), coalesce(concurrency, 0) FROM limits
+		WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2 ORDER BY model`, tenant, nullUUID(key))
+	if err != nil {
+		return nil, nil, fmt.Errorf("store: limits: %w", err)
+	}
+	lims, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Limits, error) {
+		var l Limits
+		return l, r.Scan(&l.TenantID, &l.KeyID, &l.Model, &l.TPM, &l.RPM, &l.Concurrency)
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("store: limits: %w", err)
+	}
+	b, err := scanBudget(s.pool.QueryRow(ctx, `SELECT `+budgetColumns+` FROM budgets WHERE tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2`, tenant, nullUUID(key)))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return lims, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("store: budget: %w", err)
+	}
+	return lims, &b, nil
 }
 
 const budgetColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), coalesce(amount_nanos, 0),

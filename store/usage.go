@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -353,4 +355,160 @@ func (s *Store) Usage(ctx context.Context, p *UsageParams) ([]UsageRow, error) {
 		err := r.Scan(&u.Day, &u.Model, &u.Requests, &u.Errors, &u.PromptTokens, &u.CompletionTokens, &u.CostNanos)
 		return u, err
 	})
+}
+
+// UsageGroups are what a usage export may be grouped by.
+var UsageGroups = []string{"day", "tenant", "key", "model", "deployment"}
+
+// UsageExportParams select the rollup between two days (inclusive), of one
+// tenant if TenantID is set, grouped by GroupBy (of UsageGroups; none: one
+// line of totals).
+type UsageExportParams struct {
+	From, To time.Time
+	TenantID uuid.UUID
+	GroupBy  []string
+}
+
+// UsageExportRow is one group's usage; the fields of the dimensions not
+// grouped by are zero.
+type UsageExportRow struct {
+	Day              time.Time
+	TenantID         uuid.UUID
+	Tenant           string
+	KeyID            uuid.UUID
+	KeyName          string
+	KeyPrefix        string
+	Model            string
+	Deployment       string
+	Requests         int64
+	Errors           int64
+	PromptTokens     int64
+	CompletionTokens int64
+	CostNanos        int64
+}
+
+// exportPage is how many groups one query of an export reads.
+const exportPage = 1000
+
+// ExportUsage calls each for every group, in order, reading the rollup a
+// page at a time: no connection is held while each writes to a client, and
+// nothing is held in memory but a page.
+func (s *Store) ExportUsage(ctx context.Context, p *UsageExportParams, each func(*UsageExportRow) error) error {
+	// The dimensions are columns of usage_daily, so a page continues after
+	// the last group with a row comparison on them, before grouping.
+	var cols []string
+	for _, g := range UsageGroups {
+		if !slices.Contains(p.GroupBy, g) {
+			continue
+		}
+		cols = append(cols, map[string]string{"day": "u.day", "tenant": "u.tenant_id", "key": "u.key_id", "model": "u.model", "deployment": "u.deployment"}[g])
+	}
+	for _, g := range p.GroupBy {
+		if !slices.Contains(UsageGroups, g) {
+			return fmt.Errorf("store: usage export: cannot group by %q", g)
+		}
+	}
+	var last []any
+	for {
+		args := []any{p.From, p.To, nullUUID(p.TenantID)}
+		where := `u.day BETWEEN $1 AND $2 AND ($3::uuid IS NULL OR u.tenant_id = $3)`
+		if last != nil {
+			ph := make([]string, len(last))
+			for i := range last {
+				args = append(args, last[i])
+				ph[i] = fmt.Sprintf("$%d", len(args))
+			}
+			where += ` AND (` + strings.Join(cols, ", ") + `) > (` + strings.Join(ph, ", ") + `)`
+		}
+		sel, group, order := "", "", ""
+		if len(cols) > 0 {
+			sel = strings.Join(cols, ", ") + ", "
+			group = " GROUP BY " + strings.Join(cols, ", ")
+			order = " ORDER BY " + strings.Join(cols, ", ")
+		}
+		q := `SELECT ` + sel + `sum(u.requests)::bigint, sum(u.errors)::bigint, sum(u.prompt_tokens)::bigint, sum(u.completion_tokens)::bigint,
+			sum(u.cost_nanos)::bigint FROM usage_daily u WHERE ` + where + group + order + fmt.Sprintf(" LIMIT %d", exportPage)
+		rows, err := s.pool.Query(ctx, q, args...)
+		if err != nil {
+			return fmt.Errorf("store: usage export: %w", err)
+		}
+		var page []UsageExportRow
+		var keys [][]any
+		for rows.Next() {
+			var r UsageExportRow
+			var dest []any
+			for _, c := range cols {
+				dest = append(dest, map[string]any{"u.day": &r.Day, "u.tenant_id": &r.TenantID, "u.key_id": &r.KeyID, "u.model": &r.Model, "u.deployment": &r.Deployment}[c])
+			}
+			if err := rows.Scan(append(dest, &r.Requests, &r.Errors, &r.PromptTokens, &r.CompletionTokens, &r.CostNanos)...); err != nil {
+				rows.Close()
+				return fmt.Errorf("store: usage export: %w", err)
+			}
+			k := make([]any, len(cols))
+			for i, c := range cols {
+				k[i] = map[string]any{"u.day": r.Day, "u.tenant_id": r.TenantID, "u.key_id": r.KeyID, "u.model": r.Model, "u.deployment": r.Deployment}[c]
+			}
+			page, keys = append(page, r), append(keys, k)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("store: usage export: %w", err)
+		}
+		if err := s.nameUsage(ctx, page); err != nil {
+			return err
+		}
+		for i := range page {
+			if err := each(&page[i]); err != nil {
+				return err
+			}
+		}
+		if len(page) < exportPage || len(cols) == 0 {
+			return nil
+		}
+		last = keys[len(keys)-1]
+	}
+}
+
+// nameUsage fills the tenants' and keys' names of a page in one query.
+func (s *Store) nameUsage(ctx context.Context, page []UsageExportRow) error {
+	var tenants, keys []uuid.UUID
+	for _, r := range page {
+		if r.TenantID != uuid.Nil {
+			tenants = append(tenants, r.TenantID)
+		}
+		if r.KeyID != uuid.Nil {
+			keys = append(keys, r.KeyID)
+		}
+	}
+	if len(tenants) == 0 && len(keys) == 0 {
+		return nil
+	}
+	rows, err := s.pool.Query(ctx, `SELECT 't', id, name, '' FROM tenants WHERE id = ANY($1)
+		UNION ALL SELECT 'k', id, name, prefix FROM api_keys WHERE id = ANY($2)`, tenants, keys)
+	if err != nil {
+		return fmt.Errorf("store: usage names: %w", err)
+	}
+	type named struct{ name, prefix string }
+	tn, kn := map[uuid.UUID]named{}, map[uuid.UUID]named{}
+	for rows.Next() {
+		var kind string
+		var id uuid.UUID
+		var n named
+		if err := rows.Scan(&kind, &id, &n.name, &n.prefix); err != nil {
+			rows.Close()
+			return fmt.Errorf("store: usage names: %w", err)
+		}
+		if kind == "t" {
+			tn[id] = n
+		} else {
+			kn[id] = n
+		}
+	}
+	rows.Close()
+	for i := range page {
+		page[i].Tenant = tn[page[i].TenantID].name
+		k := kn[page[i].KeyID]
+		page[i].KeyName, page[i].KeyPrefix = k.name, k.prefix
+	}
+	return rows.Err()
 }

@@ -21,7 +21,7 @@ func cmdDev(ctx context.Context, args []string, out io.Writer, log *slog.Logger,
 		return err
 	}
 	o := dev.StackOptions{Listen: *listen, DataDir: *dataDir, DatabaseURL: getenv("DATABASE_URL"), NATSURL: getenv("NATS_URL"),
-		APIKey: getenv("LEVEE_DEV_API_KEY"), Log: log}
+		APIKey: getenv("LEVEE_DEV_API_KEY"), AdminKey: getenv("LEVEE_ADMIN_KEY"), Log: log}
 	if *file != "" {
 		f, err := dev.LoadFile(*file)
 		if err != nil {
@@ -39,6 +39,7 @@ Levee is ready.
   OpenAI base URL:  %s/v1
   Azure endpoint:   %s
   API key:          %s
+  admin key:        %s  (the admin API: %s/admin/v1/)
   models:           %s
   simulator:        %s  (counters: GET /sim/stats)
   DATABASE_URL=%s
@@ -50,7 +51,7 @@ Try:
     -d '{"model":"gpt-4o","messages":[{"role":"user","content":"Hello"}],"max_tokens":50}'
 
 Ctrl-C stops everything.
-`, s.BaseURL, s.BaseURL, s.APIKey, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, s.NATSURL, s.BaseURL, s.APIKey)
+`, s.BaseURL, s.BaseURL, s.APIKey, s.Gateway.AdminKey, s.BaseURL, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, s.NATSURL, s.BaseURL, s.APIKey)
 	select {
 	case err = <-s.Gateway.Done():
 	case <-ctx.Done():

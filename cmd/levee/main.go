@@ -27,17 +27,29 @@ Usage:
   levee batch status BATCH_ID                                     a batch's status and counts
                                (--url/LEVEE_URL, --api-key/LEVEE_API_KEY)
   levee migrate                 [--database-url URL]              apply database migrations
-  levee tenant create NAME      [--database-url URL]              create a tenant
-  levee tenant update NAME [--tpm N] [--rpm N] [--concurrency N] [--model ALIAS]
-                           [--budget 500USD/month] [--budget-tokens N/day] [--reset-at T]
-                           [--soft 0.8] [--on-budget wait|fail] [--no-budget]
-                                                                  set a tenant's limits and budget
-  levee key create --tenant NAME [--name LABEL] [--database-url URL]
+  levee tenant create NAME [--default-priority P]                 create a tenant
+  levee tenant list                                               list tenants
+  levee tenant update NAME [--default-priority P] [--tpm N] [--rpm N] [--concurrency N]
+                           [--model ALIAS] [--budget 500USD/month] [--budget-tokens N/day]
+                           [--reset-at T] [--soft 0.8] [--on-budget wait|fail] [--no-budget]
+                           [--config levee.yaml]                  set a tenant's limits and budget
+  levee tenant delete NAME [--force]                              delete a tenant (--force cancels its work)
+  levee key create --tenant NAME [--name L] [--models a,b] [--endpoints chat,jobs]
+                   [--max-priority P] [--cidrs 10.0.0.0/8] [--expires 720h]
                                                                   create an API key (printed once)
-  levee key update KEY_ID [the flags of tenant update]            set a key's limits and budget
+  levee key list --tenant NAME                                    list a tenant's keys
+  levee key update KEY_ID [the scope flags of create] [the flags of tenant update]
+                                                                  change a key's scopes, limits and budget
+  levee key revoke KEY_ID                                         revoke a key (every process within seconds)
+  levee key rotate KEY_ID [--grace 24h]                           a new secret; the old one works for --grace
+  levee admin-key create [--name L] | revoke ID                   keys for the admin API (/admin/v1/)
+  levee usage export [--group-by tenant,key,model,deployment,day] [--start-date D] [--end-date D]
+                     [--tenant NAME] [--csv]                      usage and cost across tenants
+  (all take --database-url URL, else $DATABASE_URL; changes are audited as cli:$USER)
 
 Environment: DATABASE_URL (else levee dev runs a private cluster), NATS_URL,
-LEVEE_DEV_API_KEY (fixes the key levee dev prints), LEVEE_LOG_LEVEL (debug|info|warn|error).
+LEVEE_DEV_API_KEY (fixes the key levee dev prints), LEVEE_ADMIN_KEY (an admin key every process
+accepts), LEVEE_LOG_LEVEL (debug|info|warn|error).
 `
 
 func main() {
@@ -81,6 +93,10 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 		return cmdTenant(ctx, args[1:], stdout, getenv)
 	case "key":
 		return cmdKey(ctx, args[1:], stdout, getenv)
+	case "admin-key":
+		return cmdAdminKey(ctx, args[1:], stdout, getenv)
+	case "usage":
+		return cmdUsage(ctx, args[1:], stdout, getenv)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
