@@ -430,6 +430,7 @@ func (s *Server) adminUpdateTenant(c echo.Context) error {
 		if t, err = s.admin.UpdateTenant(ctx, &store.UpdateTenantParams{ID: t.ID, DefaultPriority: req.DefaultPriority, Actor: actor}); err != nil {
 			return err
 		}
+		s.announce(uuid.Nil, t.ID)
 	}
 	if err := s.applyQuotas(ctx, t.ID, uuid.Nil, &req.quotaUpdate, actor); err != nil {
 		return err
@@ -461,6 +462,7 @@ func (s *Server) adminDeleteTenant(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	s.announce(uuid.Nil, t.ID)
 	return c.JSON(http.StatusOK, map[string]any{"id": t.ID.String(), "object": "tenant.deleted", "deleted": true})
 }
 
@@ -729,6 +731,7 @@ func (s *Server) adminUpdateKey(c echo.Context) error {
 		if err != nil {
 			return err
 		}
+		s.announce(k.ID, uuid.Nil)
 	}
 	if err := s.applyQuotas(ctx, k.TenantID, k.ID, &req.quotaUpdate, actor); err != nil {
 		return err
@@ -752,6 +755,7 @@ func (s *Server) adminRevokeKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	s.announce(k.ID, uuid.Nil)
 	o, err := s.renderKey(c.Request().Context(), k)
 	if err != nil {
 		return err
@@ -789,6 +793,7 @@ func (s *Server) adminRotateKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	s.announce(k.ID, uuid.Nil)
 	o, err := s.renderKey(c.Request().Context(), k)
 	if err != nil {
 		return err
@@ -1046,6 +1051,6 @@ func (s *Server) adminRevokeAdminKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	s.admins.forget(id)
+	s.announce(id, uuid.Nil)
 	return c.JSON(http.StatusOK, map[string]any{"id": id.String(), "object": "admin_key", "revoked": true})
 }

@@ -504,15 +504,7 @@ func (s *Server) RunKeys(ctx context.Context, ev KeyEvents) {
 				continue
 			}
 			for _, e := range events {
-				s.keys.forget(e.KeyID, e.TenantID)
-				if e.KeyID != uuid.Nil {
-					s.admins.forget(e.KeyID)
-				}
-				if e.TenantID != uuid.Nil {
-					s.tenants.mu.Lock()
-					clear(s.tenants.m)
-					s.tenants.mu.Unlock()
-				}
+				s.forgetKeys(e)
 			}
 		}
 	}

@@ -101,6 +101,7 @@ type Server struct {
 	used     *lastUse
 	// adminUsed notes admin keys' use as used does tenant keys'.
 	adminUsed *lastUse
+	bus       keyBus
 	log       *slog.Logger
 	e         *echo.Echo
 	metrics   *metrics

@@ -112,6 +112,11 @@ type OIDC struct {
 	Issuers []Issuer `yaml:"issuers"`
 	// Leeway is the clock skew allowed on exp, nbf and iat (default 60s).
 	Leeway time.Duration `yaml:"leeway"`
+	// RefetchInterval bounds how often a key set is fetched again because a
+	// token names a key it lacks (default 1m, at least 1s): a flood of
+	// tokens with made-up kids costs the identity provider one fetch per
+	// interval.
+	RefetchInterval time.Duration `yaml:"refetch_interval"`
 }
 
 // Issuer is one trusted identity provider (for Entra ID, one per token
@@ -718,6 +723,12 @@ func (o *OIDC) validate() error {
 	}
 	if o.Leeway < 0 || o.Leeway > 10*time.Minute {
 		return &FieldError{"auth.oidc.leeway", "must be between 0 and 10m"}
+	}
+	if o.RefetchInterval == 0 {
+		o.RefetchInterval = time.Minute
+	}
+	if o.RefetchInterval < time.Second || o.RefetchInterval > time.Hour {
+		return &FieldError{"auth.oidc.refetch_interval", "must be between 1s and 1h"}
 	}
 	seen := map[string]bool{}
 	for i := range o.Issuers {

@@ -204,6 +204,13 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 			}
 		})
 		g.spawn(func() { relay.Run(bg) })
+		if apiServer != nil {
+			g.spawn(func() {
+				if err := apiServer.ShareKeys(bg, q.Conn(), ""); err != nil {
+					log.Error("sharing key changes", "err", err)
+				}
+			})
+		}
 	}
 	if g.Worker != nil {
 		g.spawn(func() { runner.Run(bg) })

@@ -24,8 +24,9 @@ import (
 const (
 	fetchTimeout = 10 * time.Second
 	maxBody      = 1 << 20
-	// refetchEvery bounds fetches of one key set, so that a flood of tokens
-	// naming random kids cannot make Levee hammer the identity provider.
+	// refetchEvery bounds fetches of one key set (unless configured), so
+	// that a flood of tokens naming random kids cannot make Levee hammer
+	// the identity provider.
 	refetchEvery = time.Minute
 	// retryEvery is the bound while the set holds no keys at all (the
 	// first fetch failed): every token of the issuer is refused meanwhile,
@@ -56,6 +57,8 @@ type keySet struct {
 	client *http.Client
 	log    *slog.Logger
 	now    func() time.Time
+	// refetch is the least time between fetches while keys are held.
+	refetch time.Duration
 
 	mu        sync.Mutex
 	keys      []publicKey // replaced whole, never modified: callers keep reading theirs
@@ -83,9 +86,12 @@ func (ks *keySet) get(ctx context.Context, refresh bool) ([]publicKey, error) {
 	}
 	call := ks.pending
 	if call == nil {
-		gap := refetchEvery
+		gap := ks.refetch
+		if gap <= 0 {
+			gap = refetchEvery
+		}
 		if ks.keys == nil {
-			gap = retryEvery
+			gap = min(gap, retryEvery)
 		}
 		if !ks.attempted.IsZero() && now.Sub(ks.attempted) < gap {
 			keys, err := ks.keys, ks.lastErr

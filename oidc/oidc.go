@@ -168,7 +168,7 @@ func New(cfg config.OIDC, client *http.Client, log *slog.Logger) (*Verifier, err
 			id = "discover " + c.Issuer
 		}
 		if sets[id] == nil {
-			sets[id] = &keySet{issuer: c.Issuer, url: c.JWKSURL, client: client, log: log, now: v.clock}
+			sets[id] = &keySet{issuer: c.Issuer, url: c.JWKSURL, client: client, log: log, now: v.clock, refetch: cfg.RefetchInterval}
 		}
 		is.keys = sets[id]
 		v.issuers[c.Issuer] = is
