@@ -237,6 +237,14 @@ type quotaUpdate struct {
 	Budget *json.RawMessage `json:"budget"`
 }
 
+// checkQuotas validates u without applying it: a change is checked whole
+// before any part of it is made, so a bad budget does not leave a tenant
+// created or a key rescoped behind a 400.
+func (s *Server) checkQuotas(u *quotaUpdate) error {
+	return s.applyQuotas(context.Background(), uuid.Nil, uuid.Nil, u, "")
+}
+
+// applyQuotas checks u and, with a tenant, applies it.
 func (s *Server) applyQuotas(ctx context.Context, tenant, key uuid.UUID, u *quotaUpdate, actor string) error {
 	for i, l := range u.Limits {
 		if l.TPM < 0 || l.RPM < 0 || l.Concurrency < 0 {
@@ -258,6 +266,9 @@ func (s *Server) applyQuotas(ctx context.Context, tenant, key uuid.UUID, u *quot
 				return err
 			}
 		}
+	}
+	if tenant == uuid.Nil {
+		return nil
 	}
 	for _, l := range u.Limits {
 		if err := s.admin.SetLimits(ctx, &store.SetLimitsParams{TenantID: tenant, KeyID: key, Model: l.Model, TPM: l.TPM, RPM: l.RPM,
@@ -335,6 +346,9 @@ func (s *Server) adminCreateTenant(c echo.Context) error {
 	}
 	if req.DefaultPriority != "" && !slices.Contains(config.Priorities, req.DefaultPriority) {
 		return invalid("default_priority", "invalid_priority", "default_priority must be high, normal or low.")
+	}
+	if err := s.checkQuotas(&req.quotaUpdate); err != nil {
+		return err
 	}
 	ctx, actor := c.Request().Context(), actorOf(c)
 	t, err := s.admin.CreateTenant(ctx, &store.CreateTenantParams{Name: req.Name, DefaultPriority: req.DefaultPriority, Actor: actor})
@@ -424,6 +438,9 @@ func (s *Server) adminUpdateTenant(c echo.Context) error {
 	}
 	if req.DefaultPriority != nil && !slices.Contains(config.Priorities, *req.DefaultPriority) {
 		return invalid("default_priority", "invalid_priority", "default_priority must be high, normal or low.")
+	}
+	if err := s.checkQuotas(&req.quotaUpdate); err != nil {
+		return err
 	}
 	ctx, actor := c.Request().Context(), actorOf(c)
 	if req.DefaultPriority != nil {
@@ -602,6 +619,9 @@ func (s *Server) adminCreateKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := s.checkQuotas(&req.quotaUpdate); err != nil {
+		return err
+	}
 	p := &store.CreateKeyParams{TenantID: t.ID, Actor: actorOf(c)}
 	if req.Name != nil {
 		p.Name = *req.Name
@@ -719,6 +739,9 @@ func (s *Server) adminUpdateKey(c echo.Context) error {
 	}
 	scopes, expires, err := s.keyFields(&req)
 	if err != nil {
+		return err
+	}
+	if err := s.checkQuotas(&req.quotaUpdate); err != nil {
 		return err
 	}
 	ctx, actor := c.Request().Context(), actorOf(c)
@@ -847,46 +870,8 @@ func (s *Server) adminUsage(c echo.Context) error {
 	// A client that stops reading is cut off rather than holding the
 	// export (and its page of rows) open.
 	deadline := func() { _ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second)) }
-	cols := []string{}
-	for _, g := range store.UsageGroups {
-		if slices.Contains(p.GroupBy, g) {
-			switch g {
-			case "tenant":
-				cols = append(cols, "tenant_id", "tenant")
-			case "key":
-				cols = append(cols, "key_id", "key_name", "key_prefix")
-			default:
-				cols = append(cols, g)
-			}
-		}
-	}
-	cols = append(cols, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
-	values := func(r *store.UsageExportRow) []string {
-		var out []string
-		for _, g := range store.UsageGroups {
-			if !slices.Contains(p.GroupBy, g) {
-				continue
-			}
-			switch g {
-			case "day":
-				out = append(out, r.Day.Format(time.DateOnly))
-			case "tenant":
-				out = append(out, r.TenantID.String(), r.Tenant)
-			case "key":
-				id := ""
-				if r.KeyID != uuid.Nil {
-					id = r.KeyID.String()
-				}
-				out = append(out, id, r.KeyName, r.KeyPrefix)
-			case "model":
-				out = append(out, r.Model)
-			case "deployment":
-				out = append(out, r.Deployment)
-			}
-		}
-		return append(out, strconv.FormatInt(r.Requests, 10), strconv.FormatInt(r.Errors, 10), strconv.FormatInt(r.PromptTokens, 10),
-			strconv.FormatInt(r.CompletionTokens, 10), strconv.FormatInt(r.PromptTokens+r.CompletionTokens, 10), string(money(r.CostNanos)))
-	}
+	cols := store.UsageExportColumns(p.GroupBy)
+	values := func(r *store.UsageExportRow) []string { return r.Values(p.GroupBy) }
 	started := false
 	start := func(ct string) {
 		if !started {

@@ -77,17 +77,7 @@ func newUsage(prompt, completion, costNanos int64) *usageObject {
 }
 
 // money renders billionths of a currency unit as an exact decimal number.
-func money(nanos int64) json.Number {
-	sign := ""
-	if nanos < 0 {
-		sign, nanos = "-", -nanos
-	}
-	whole, frac := nanos/1_000_000_000, nanos%1_000_000_000
-	if frac == 0 {
-		return json.Number(fmt.Sprintf("%s%d", sign, whole))
-	}
-	return json.Number(strings.TrimRight(fmt.Sprintf("%s%d.%09d", sign, whole, frac), "0"))
-}
+func money(nanos int64) json.Number { return json.Number(store.FormatNanos(nanos)) }
 
 type resultObject struct {
 	StatusCode int             `json:"status_code"`

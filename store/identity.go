@@ -800,7 +800,12 @@ func (s *Store) AdminKeyBySecret(ctx context.Context, secret string) (*AdminKey,
 
 // RevokeAdminKey ends an admin key.
 func (s *Store) RevokeAdminKey(ctx context.Context, id uuid.UUID, actor string) error {
+	const row = `SELECT id, prefix, name, created_by, revoked_at FROM admin_keys WHERE id = $1`
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		before, err := rowJSON(ctx, tx, row+` FOR UPDATE`, id)
+		if err != nil {
+			return err
+		}
 		tag, err := tx.Exec(ctx, `UPDATE admin_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL`, id)
 		if err != nil {
 			return err
@@ -811,7 +816,11 @@ func (s *Store) RevokeAdminKey(ctx context.Context, id uuid.UUID, actor string) 
 		if err := keyEvent(ctx, tx, id, uuid.Nil); err != nil {
 			return err
 		}
-		return audit(ctx, tx, actorOr(actor), "admin_key.revoke", "admin_key", id.String(), uuid.Nil, nil, nil)
+		after, err := rowJSON(ctx, tx, row, id)
+		if err != nil {
+			return err
+		}
+		return audit(ctx, tx, actorOr(actor), "admin_key.revoke", "admin_key", id.String(), uuid.Nil, before, after)
 	})
 	if err != nil {
 		return fmt.Errorf("store: revoke admin key: %w", err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -385,6 +386,69 @@ type UsageExportRow struct {
 	PromptTokens     int64
 	CompletionTokens int64
 	CostNanos        int64
+}
+
+// UsageExportColumns names the columns of an export grouped by groupBy, in
+// the order Values gives them: the admin API and the CLI write the same.
+func UsageExportColumns(groupBy []string) []string {
+	var cols []string
+	for _, g := range UsageGroups {
+		if !slices.Contains(groupBy, g) {
+			continue
+		}
+		switch g {
+		case "tenant":
+			cols = append(cols, "tenant_id", "tenant")
+		case "key":
+			cols = append(cols, "key_id", "key_name", "key_prefix")
+		default:
+			cols = append(cols, g)
+		}
+	}
+	return append(cols, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
+}
+
+// Values renders r as UsageExportColumns(groupBy) names them; usage of no
+// key (uuid.Nil) has an empty key_id.
+func (r *UsageExportRow) Values(groupBy []string) []string {
+	var out []string
+	for _, g := range UsageGroups {
+		if !slices.Contains(groupBy, g) {
+			continue
+		}
+		switch g {
+		case "day":
+			out = append(out, r.Day.Format(time.DateOnly))
+		case "tenant":
+			out = append(out, r.TenantID.String(), r.Tenant)
+		case "key":
+			id := ""
+			if r.KeyID != uuid.Nil {
+				id = r.KeyID.String()
+			}
+			out = append(out, id, r.KeyName, r.KeyPrefix)
+		case "model":
+			out = append(out, r.Model)
+		case "deployment":
+			out = append(out, r.Deployment)
+		}
+	}
+	return append(out, strconv.FormatInt(r.Requests, 10), strconv.FormatInt(r.Errors, 10), strconv.FormatInt(r.PromptTokens, 10),
+		strconv.FormatInt(r.CompletionTokens, 10), strconv.FormatInt(r.PromptTokens+r.CompletionTokens, 10), FormatNanos(r.CostNanos))
+}
+
+// FormatNanos writes an amount of nano-units of a currency as a decimal,
+// exactly: no float rounding, no trailing zeros.
+func FormatNanos(nanos int64) string {
+	sign := ""
+	if nanos < 0 {
+		sign, nanos = "-", -nanos
+	}
+	whole, frac := nanos/1_000_000_000, nanos%1_000_000_000
+	if frac == 0 {
+		return sign + strconv.FormatInt(whole, 10)
+	}
+	return strings.TrimRight(fmt.Sprintf("%s%d.%09d", sign, whole, frac), "0")
 }
 
 // exportPage is how many groups one query of an export reads.

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -542,51 +541,24 @@ func cmdUsage(ctx context.Context, args []string, out io.Writer, getenv func(str
 		}
 		p.TenantID = t.ID
 	}
+	// The admin API's columns and formatting, as CSV or one JSON object
+	// per line.
+	cols := store.UsageExportColumns(p.GroupBy)
 	cw := csv.NewWriter(out)
 	enc := json.NewEncoder(out)
-	header := true
+	if *asCSV {
+		if err := cw.Write(cols); err != nil {
+			return err
+		}
+	}
 	err = st.ExportUsage(ctx, p, func(r *store.UsageExportRow) error {
-		row := map[string]string{}
-		var cols []string
-		add := func(k, v string) { cols = append(cols, k); row[k] = v }
-		for _, g := range store.UsageGroups {
-			if !slices.Contains(p.GroupBy, g) {
-				continue
-			}
-			switch g {
-			case "day":
-				add("day", r.Day.Format(time.DateOnly))
-			case "tenant":
-				add("tenant_id", r.TenantID.String())
-				add("tenant", r.Tenant)
-			case "key":
-				add("key_id", r.KeyID.String())
-				add("key_name", r.KeyName)
-			case "model":
-				add("model", r.Model)
-			case "deployment":
-				add("deployment", r.Deployment)
-			}
-		}
-		for _, n := range []struct {
-			k string
-			v int64
-		}{{"requests", r.Requests}, {"errors", r.Errors}, {"prompt_tokens", r.PromptTokens}, {"completion_tokens", r.CompletionTokens}} {
-			add(n.k, strconv.FormatInt(n.v, 10))
-		}
-		add("cost", strconv.FormatFloat(float64(r.CostNanos)/1e9, 'f', -1, 64))
+		vals := r.Values(p.GroupBy)
 		if !*asCSV {
-			return enc.Encode(row)
-		}
-		if header {
-			header = false
-			if err := cw.Write(cols); err != nil {
-				return err
+			row := make(map[string]string, len(cols))
+			for i, c := range cols {
+				row[c] = vals[i]
 			}
-		}
-		vals := make([]string, len(cols))
-		for i, c := range cols {
-			vals[i] = row[c]
+			return enc.Encode(row)
 		}
 		if err := cw.Write(vals); err != nil {
 			return err
