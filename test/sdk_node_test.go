@@ -34,17 +34,24 @@ func TestOpenAINodeSDK(t *testing.T) {
 		Sim: sim.Deployment{TTFT: 100 * time.Millisecond, CompletionTokens: 5}})
 	f.Models = append(f.Models, config.Model{Name: "gpt-4o-slow", Deployments: []string{"slow"}})
 	f.Worker = config.Worker{Concurrency: 4}
+	// The same checks with a JWT from an identity provider as the API key.
+	idp := newIdP(t)
+	f.Auth.OIDC = config.OIDC{Issuers: []config.Issuer{idp.issuer(dev.DevTenant)}}
 	env := harness.Start(t, f)
-	cmd := exec.Command(node, "check.mjs")
-	cmd.Dir = "sdk-node"
-	cmd.Env = append(os.Environ(), "BASE_URL="+env.BaseURL, "API_KEY="+env.APIKey)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("openai-node against Levee: %v\n%s", err, out)
-	}
-	for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "cancel: ok", "errors: ok"} {
-		if !strings.Contains(string(out), want) {
-			t.Fatalf("missing %q in:\n%s", want, out)
-		}
+	for _, cred := range []struct{ name, key string }{{"API key", env.APIKey}, {"JWT", idp.token(t, nil)}} {
+		t.Run(cred.name, func(t *testing.T) {
+			cmd := exec.Command(node, "check.mjs")
+			cmd.Dir = "sdk-node"
+			cmd.Env = append(os.Environ(), "BASE_URL="+env.BaseURL, "API_KEY="+cred.key)
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("openai-node against Levee: %v\n%s", err, out)
+			}
+			for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "cancel: ok", "errors: ok"} {
+				if !strings.Contains(string(out), want) {
+					t.Fatalf("missing %q in:\n%s", want, out)
+				}
+			}
+		})
 	}
 }
