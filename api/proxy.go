@@ -113,6 +113,14 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if ev.Priority, err = priorityOf(c, key); err != nil {
 		return err
 	}
+	if op == broker.OpResponses {
+		if req.Background {
+			return invalid("background", "unsupported_parameter", "Background responses are not served by this gateway yet; leave background unset.")
+		}
+		if g, err = s.pinResponse(c.Request().Context(), key, req, g); err != nil {
+			return err
+		}
+	}
 	if ev.Priority != "high" && !req.Stream && s.queue != nil {
 		deferred = true
 		return s.deferred(c, op, g, body, ev.Priority)
@@ -165,7 +173,13 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		h.Set("x-upstream-request-id", id)
 	}
 	if req.Stream && bytes.HasPrefix([]byte(res.Resp.Header.Get("Content-Type")), []byte("text/event-stream")) {
-		u, streamErr := relaySSE(c.Response(), res.Resp, res.Resp.StatusCode, !req.IncludeUsage)
+		var last []byte
+		u, streamErr := relaySSE(c.Response(), res.Resp, res.Resp.StatusCode, !req.IncludeUsage && op != broker.OpResponses, &last)
+		if op == broker.OpResponses && u != nil {
+			if id, stored := broker.ResponseEventID(last); stored {
+				s.recordResponse(ctx, key, id, res.Deployment.Name, u)
+			}
+		}
 		if u == nil {
 			// The stream broke before the usage chunk: charge what was seen.
 			est := &broker.Usage{PromptTokens: res.Estimate - estimateBudget(req, g), CompletionTokens: streamedTokens(streamErr)}
@@ -197,6 +211,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		spent = quota.Usage{}
 	}
 	res.Finish(u, nil)
+	if op == broker.OpResponses && res.Resp.StatusCode == http.StatusOK {
+		if id, stored := broker.ResponseID(raw); stored {
+			s.recordResponse(ctx, key, id, res.Deployment.Name, u)
+		}
+	}
 	h.Set("Content-Length", strconv.Itoa(len(raw)))
 	c.Response().WriteHeader(res.Resp.StatusCode)
 	_, _ = c.Response().Write(raw)
@@ -387,7 +406,10 @@ var (
 // relaySSE passes a server-sent-event stream through event by event, flushing
 // each, and captures the usage chunk. When Levee itself asked for usage
 // (dropUsage), that chunk is not passed on: the client did not ask for it.
-func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool) (*broker.Usage, error) {
+//
+// last, if set, receives the data of the event that carried the usage (for
+// the Responses API, the terminal event with the whole response).
+func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool, last *[]byte) (*broker.Usage, error) {
 	w.Header().Del("Content-Length")
 	w.Header().Set("Cache-Control", "no-cache")
 	w.WriteHeader(status)
@@ -426,6 +448,9 @@ func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool)
 		if data := eventData(event); data != nil {
 			if u, ok := chunkUsage(data); ok {
 				usage = u
+				if last != nil {
+					*last = append((*last)[:0], data...)
+				}
 				drop = dropUsage && bytes.Contains(compact(data), emptyList)
 			} else if !bytes.Equal(data, []byte("[DONE]")) {
 				events++

@@ -156,6 +156,13 @@ func New(o Options) *Server {
 		e.POST("/openai/v1/"+op.Path(), s.proxyOpenAI(op), auth, scope)
 		e.POST("/v1/"+op.Path(), s.proxyOpenAI(op), auth, scope)
 	}
+	responses := s.scope("responses")
+	for _, p := range []string{"/v1/responses", "/openai/v1/responses", "/openai/responses"} {
+		e.POST(p, s.proxyOpenAI(broker.OpResponses), auth, responses)
+		e.GET(p+"/:id", s.storedResponse(""), auth, responses)
+		e.DELETE(p+"/:id", s.storedResponse(""), auth, responses)
+		e.GET(p+"/:id/input_items", s.storedResponse("/input_items"), auth, responses)
+	}
 	for _, p := range []string{"/v1/models", "/openai/v1/models", "/openai/models"} {
 		e.GET(p, s.models, auth)
 		e.GET(p+"/:model", s.model, auth)

@@ -96,6 +96,11 @@ func URL(d *config.Deployment, op Op) string {
 	if d.API == config.OpenAI {
 		return d.Endpoint + "/v1/" + op.Path()
 	}
+	if op == OpResponses {
+		// Azure serves the Responses API only on its v1 surface, the
+		// deployment named by the body's model.
+		return d.Endpoint + "/openai/v1/responses"
+	}
 	return d.Endpoint + "/openai/deployments/" + d.UpstreamName + "/" + op.Path() + "?api-version=" + d.APIVersion
 }
 
@@ -103,32 +108,38 @@ func URL(d *config.Deployment, op Op) string {
 // body (with the upstream model name for OpenAI-style deployments), the
 // caller's forwarded headers and the deployment's own credential, set with
 // set. Both client paths build their requests through it.
-func upstream(d *config.Deployment, body []byte, from http.Header, set func(k, v string)) ([]byte, error) {
-	if d.API == config.OpenAI {
+func upstream(d *config.Deployment, op Op, body []byte, from http.Header, set func(k, v string)) ([]byte, error) {
+	if d.API == config.OpenAI || op == OpResponses {
 		var err error
 		if body, err = setModel(body, d.UpstreamName); err != nil {
 			return nil, err
 		}
 	}
+	set("Content-Type", "application/json")
+	credentials(d, from, set)
+	return body, nil
+}
+
+// credentials sets the caller's forwarded headers and the deployment's own
+// credential: the only headers of a caller's that reach a deployment.
+func credentials(d *config.Deployment, from http.Header, set func(k, v string)) {
 	for _, k := range forwarded {
 		if v := from.Get(k); v != "" {
 			set(k, v)
 		}
 	}
-	set("Content-Type", "application/json")
 	if d.API == config.OpenAI {
 		set("Authorization", "Bearer "+d.Credential)
 	} else {
 		set("api-key", d.Credential)
 	}
-	return body, nil
 }
 
 // Do sends body to deployment d. The returned response's body must be closed;
 // closing it also frees the call's context.
 func (c *Client) Do(ctx context.Context, d *config.Deployment, op Op, body []byte, from http.Header) (*http.Response, error) {
 	h := make(http.Header, len(forwarded)+2)
-	body, err := upstream(d, body, from, h.Set)
+	body, err := upstream(d, op, body, from, h.Set)
 	if err != nil {
 		return nil, err
 	}
@@ -173,7 +184,7 @@ func (c *Client) Buffered(ctx context.Context, d *config.Deployment, op Op, body
 	}
 	req := fasthttp.AcquireRequest()
 	defer fasthttp.ReleaseRequest(req)
-	body, err := upstream(d, body, from, req.Header.Set)
+	body, err := upstream(d, op, body, from, req.Header.Set)
 	if err != nil {
 		return nil, err
 	}
@@ -307,8 +318,23 @@ func ParseUsage(body []byte) (Usage, bool) {
 	if len(rest) == 0 || rest[0] != '{' {
 		return u, false // "usage": null
 	}
-	if err := json.NewDecoder(bytes.NewReader(rest)).Decode(&u); err != nil {
+	// One decode reads both shapes: chat's prompt/completion and the
+	// Responses API's input/output.
+	var both struct {
+		Usage
+		responseUsage
+	}
+	if err := json.NewDecoder(bytes.NewReader(rest)).Decode(&both); err != nil {
 		return u, false
+	}
+	u = both.Usage
+	if r := both.responseUsage; u.PromptTokens == 0 && u.CompletionTokens == 0 && (r.InputTokens > 0 || r.OutputTokens > 0) {
+		u.PromptTokens, u.CompletionTokens = r.InputTokens, r.OutputTokens
+		if r.InputDetails != nil && r.InputDetails.CachedTokens > 0 {
+			u.Details = &struct {
+				CachedTokens int `json:"cached_tokens"`
+			}{r.InputDetails.CachedTokens}
+		}
 	}
 	if u.TotalTokens == 0 {
 		u.TotalTokens = u.PromptTokens + u.CompletionTokens
@@ -327,6 +353,12 @@ func WithDefaultMaxTokens(body []byte, r *Request, p config.Model) []byte {
 		return body
 	}
 	param := "max_tokens"
+	if r.Op == OpResponses {
+		if p.MaxTokensParam == "none" {
+			return body
+		}
+		param = "max_output_tokens"
+	}
 	if r.Op == OpChat {
 		switch p.MaxTokensParam {
 		case "none":
@@ -370,7 +402,8 @@ func WithDefaultMaxTokens(body []byte, r *Request, p config.Model) []byte {
 // WithStreamUsage asks upstream for the final usage chunk. It returns the
 // body unchanged when the client already asked.
 func WithStreamUsage(body []byte, r *Request) ([]byte, error) {
-	if !r.Stream || r.IncludeUsage || r.Op == OpEmbeddings {
+	// A Responses stream always ends with its usage (response.completed).
+	if !r.Stream || r.IncludeUsage || r.Op == OpEmbeddings || r.Op == OpResponses {
 		return body, nil
 	}
 	var m map[string]json.RawMessage
@@ -389,4 +422,37 @@ func WithStreamUsage(body []byte, r *Request) ([]byte, error) {
 	so["include_usage"] = json.RawMessage("true")
 	m["stream_options"], _ = json.Marshal(so)
 	return json.Marshal(m)
+}
+
+// Forward sends a bodiless request (a GET or DELETE of a stored resource,
+// such as a response) to path under deployment d's API root, with the
+// deployment's credential and the caller's forwarded headers only. The
+// returned response's body must be closed.
+func (c *Client) Forward(ctx context.Context, d *config.Deployment, method, path, rawQuery string, from http.Header) (*http.Response, error) {
+	base := d.Endpoint + "/openai/v1/"
+	if d.API == config.OpenAI {
+		base = d.Endpoint + "/v1/"
+	}
+	u := base + path
+	if rawQuery != "" {
+		u += "?" + rawQuery
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.Timeout)
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("deployment %s: %w", d.Name, err)
+	}
+	credentials(d, from, req.Header.Set)
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		cancel()
+		var ue interface{ Unwrap() error }
+		if errors.As(err, &ue) {
+			err = ue.Unwrap()
+		}
+		return nil, fmt.Errorf("deployment %s: %w", d.Name, err)
+	}
+	resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
 }

@@ -20,6 +20,8 @@ const (
 	OpChat Op = iota
 	OpCompletions
 	OpEmbeddings
+	// OpResponses is the Responses API (/v1/responses).
+	OpResponses
 )
 
 // Path is the operation's path suffix, shared by every dialect.
@@ -29,6 +31,8 @@ func (o Op) Path() string {
 		return "completions"
 	case OpEmbeddings:
 		return "embeddings"
+	case OpResponses:
+		return "responses"
 	default:
 		return "chat/completions"
 	}
@@ -36,14 +40,16 @@ func (o Op) Path() string {
 
 func (o Op) String() string { return o.Path() }
 
-// Group is the endpoint group a key may be scoped to: chat, completions or
-// embeddings.
+// Group is the endpoint group a key may be scoped to: chat, completions,
+// embeddings or responses.
 func (o Op) Group() string {
 	switch o {
 	case OpCompletions:
 		return "completions"
 	case OpEmbeddings:
 		return "embeddings"
+	case OpResponses:
+		return "responses"
 	default:
 		return "chat"
 	}
@@ -58,6 +64,8 @@ func OpFromPath(p string) (Op, bool) {
 		return OpCompletions, true
 	case "embeddings":
 		return OpEmbeddings, true
+	case "responses":
+		return OpResponses, true
 	}
 	return 0, false
 }
@@ -81,6 +89,16 @@ type Request struct {
 	// nullCeilings are max_tokens or max_completion_tokens sent as null
 	// (present, but no ceiling).
 	nullCeilings []string
+
+	// Responses API: the stored response a call continues, whether the
+	// response is to be stored upstream (nil: the default, true) and run
+	// in the background.
+	PreviousResponseID string
+	Store              *bool
+	Background         bool
+	// ContextTokens are what a continued conversation carries from its
+	// earlier turns: the deployment counts them as input.
+	ContextTokens int
 
 	// Parsed but not yet counted: counting needs the deployment's encoding.
 	messages []message
@@ -144,6 +162,9 @@ const MaxModelName = 256
 // ParseRequest reads the fields Levee acts on. It rejects what upstream would
 // reject anyway only where Levee must know the value to charge the call.
 func ParseRequest(op Op, body []byte) (*Request, error) {
+	if op == OpResponses {
+		return parseResponses(body)
+	}
 	var w wireRequest
 	if err := strictjson.Unmarshal(body, &w); err != nil {
 		return nil, badJSON(err, "")
@@ -263,7 +284,7 @@ func (m *message) parse(w wireMessage, param string) error {
 		}
 		for _, p := range parts {
 			switch p.Type {
-			case "text", "input_text":
+			case "text", "input_text", "output_text":
 				m.texts = append(m.texts, p.Text)
 			case "image_url", "input_image":
 				m.images++
@@ -420,11 +441,11 @@ const imageTokens = 765
 // chat (3 per message + fields, +1 for name, +3 priming), and plainly for
 // prompts and inputs.
 func (t *Tokenizers) PromptTokens(encoding string, r *Request) int {
-	n := r.rawToks
+	n := r.rawToks + r.ContextTokens
 	for _, s := range r.texts {
 		n += t.Count(encoding, s)
 	}
-	if r.Op == OpChat {
+	if r.Op == OpChat || r.Op == OpResponses {
 		for _, m := range r.messages {
 			count := t.Count
 			if m.role == "system" || m.role == "developer" {

@@ -249,6 +249,11 @@ func (b *Broker) Deployment(name string) (*Deployment, bool) {
 // Deployments lists every deployment in config order.
 func (b *Broker) Deployments() []*Deployment { return b.order }
 
+// Forward sends a bodiless request to deployment d (see Client.Forward).
+func (b *Broker) Forward(ctx context.Context, d *Deployment, method, path, rawQuery string, from http.Header) (*http.Response, error) {
+	return b.client.Forward(ctx, &d.Deployment, method, path, rawQuery, from)
+}
+
 // Tokenizers returns the shared tokenizers.
 func (b *Broker) Tokenizers() *Tokenizers { return b.tok }
 

@@ -59,6 +59,7 @@ type Config struct {
 	Worker      Worker       `yaml:"worker"`
 	Webhooks    Webhooks     `yaml:"webhooks"`
 	Batches     Batches      `yaml:"batches"`
+	Responses   Responses    `yaml:"responses"`
 	Circuit     Circuit      `yaml:"circuit"`
 	Pricing     Pricing      `yaml:"pricing"`
 	Deployments []Deployment `yaml:"deployments"`
@@ -201,6 +202,14 @@ type Batches struct {
 	// (Azure style) to that deployment only. By default it goes to every
 	// deployment of that deployment's model group, to use all spare capacity.
 	PinDeployments bool `yaml:"pin_deployments"`
+}
+
+// Responses configures the Responses API.
+type Responses struct {
+	// Retention is how long Levee remembers which deployment stores a
+	// response (for follow-ups, reads and deletes); OpenAI keeps stored
+	// responses 30 days (default 720h).
+	Retention time.Duration `yaml:"retention"`
 }
 
 // Webhooks configures outgoing webhooks.
@@ -376,6 +385,12 @@ func (e *FieldError) Error() string { return "config: " + e.Field + ": " + e.Msg
 // Validate fills defaults and checks every field, returning a *FieldError for
 // the first problem.
 func (c *Config) Validate() error {
+	if c.Responses.Retention == 0 {
+		c.Responses.Retention = 30 * 24 * time.Hour
+	}
+	if c.Responses.Retention < time.Minute {
+		return &FieldError{"responses.retention", "must be at least 1m"}
+	}
 	if c.Listen == "" {
 		c.Listen = DefaultListen
 	}

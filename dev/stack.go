@@ -205,7 +205,9 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 		cfg.Deployments = append(cfg.Deployments, config.Deployment{
 			Name: d.Name, Model: d.Model, Kind: d.Kind, TPM: d.TPM, RPM: d.RPM, Region: d.Region,
 			Priority: d.Priority, Weight: d.Weight, Timeout: d.Timeout, SyncReserve: d.SyncReserve, API: config.Azure,
-			Endpoint: s.SimURL, Credential: simKey,
+			// Each deployment is a resource of its own, as on Azure: its
+			// stored responses are its own.
+			Endpoint: s.SimURL + "/resources/" + d.Name, Credential: simKey,
 		})
 	}
 	if err := cfg.Validate(); err != nil {

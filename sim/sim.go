@@ -114,9 +114,10 @@ type deployment struct {
 
 // Server is the simulator; it is an http.Handler.
 type Server struct {
-	key  string
-	deps map[string]*deployment
-	mux  *http.ServeMux
+	key    string
+	deps   map[string]*deployment
+	mux    *http.ServeMux
+	stored responseStore
 }
 
 // New builds a simulator.
@@ -154,13 +155,22 @@ func New(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("POST /openai/deployments/{dep}/{op...}", s.azure)
 	s.mux.HandleFunc("POST /openai/v1/{op...}", s.byModel)
 	s.mux.HandleFunc("POST /v1/{op...}", s.byModel)
+	s.mux.HandleFunc("POST /openai/responses", s.byModel) // the older surface, with api-version
+	for _, p := range []string{"/openai/v1/responses/{id}", "/v1/responses/{id}", "/openai/responses/{id}"} {
+		s.mux.HandleFunc("GET "+p, s.storedResponse)
+		s.mux.HandleFunc("DELETE "+p, s.storedResponse)
+		s.mux.HandleFunc("GET "+p+"/input_items", s.storedResponse)
+	}
 	s.mux.HandleFunc("GET /sim/stats", s.stats)
 	s.mux.HandleFunc("PUT /sim/deployments/{dep}/faults", s.setFaults)
 	s.mux.HandleFunc("POST /sim/reset", s.reset)
 	return s, nil
 }
 
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// A /resources/{name} prefix addresses one resource of many on this one
+// server (each with its own stored responses), as each Azure resource is
+// its own endpoint.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, withResource(r)) }
 
 // SetFaults changes a deployment's injected faults.
 func (s *Server) SetFaults(name string, f Faults) bool {
@@ -285,7 +295,15 @@ func (s *Server) byModel(w http.ResponseWriter, r *http.Request) {
 		Model string `json:"model"`
 	}
 	_ = readJSON(body, &m)
-	s.serve(w, r, m.Model, r.PathValue("op"), false, body)
+	op := r.PathValue("op")
+	if r.URL.Path == "/openai/responses" {
+		if r.URL.Query().Get("api-version") == "" {
+			azureError(w, 404, "404", "Resource not found")
+			return
+		}
+		op = "responses"
+	}
+	s.serve(w, r, m.Model, op, false, body)
 }
 
 // readJSON reads a request the way the real service does: member names
@@ -336,7 +354,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		azureError(w, 401, "401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.")
 		return
 	}
-	if op != "chat/completions" && op != "completions" && op != "embeddings" {
+	if op != "chat/completions" && op != "completions" && op != "embeddings" && op != "responses" {
 		azureError(w, 404, "404", "Resource not found")
 		return
 	}
@@ -352,6 +370,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		azureError(w, 400, "400", "Invalid JSON body: "+err.Error())
 		return
 	}
+	var (
+		rreq *responsesRequest
+		prev *storedResponse
+	)
 	prompt := d.promptTokens(op, &req)
 	maxTok := d.DefaultMaxTokens
 	if req.MaxTokens != nil {
@@ -359,6 +381,29 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 	}
 	if req.MaxCompletionTokens != nil {
 		maxTok = *req.MaxCompletionTokens
+	}
+	if op == "responses" {
+		rreq = &responsesRequest{}
+		if err := readJSON(body, rreq); err != nil {
+			openAIError(w, 400, "invalid_request_error", "", "", "Invalid JSON body: "+err.Error())
+			return
+		}
+		if id := rreq.PreviousResponseID; id != nil {
+			// Stored state is the resource's own: another one has none.
+			if prev = s.stored.get(resourceOf(r), *id); prev == nil {
+				openAIError(w, 404, "invalid_request_error", "previous_response_id", "previous_response_not_found",
+					fmt.Sprintf("Previous response with id '%s' not found.", *id))
+				return
+			}
+		}
+		prompt = d.responsesPrompt(rreq)
+		if prev != nil {
+			prompt += prev.context
+		}
+		maxTok = d.DefaultMaxTokens
+		if rreq.MaxOutputTokens != nil {
+			maxTok = *rreq.MaxOutputTokens
+		}
 	}
 	n := max(req.N, req.BestOf, 1)
 	charge := int64(prompt)
@@ -408,6 +453,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, depName, op strin
 		h.Set("azure-openai-deployment-utilization", fmt.Sprintf("%.1f%%", 100*float64(int64(d.TPM)-remTok)/float64(d.TPM)))
 	}
 
+	if op == "responses" {
+		s.respond(w, r, d, rreq, prev, id, prompt, maxTok)
+		return
+	}
 	if op == "embeddings" {
 		if !sleep(r, d.draw(d.Embedding)) {
 			d.cancelled.Add(1)

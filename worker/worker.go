@@ -40,12 +40,15 @@ type Config struct {
 	// ShutdownGrace is how long in-flight jobs may run on after Run's
 	// context ends before they are returned to the queue.
 	ShutdownGrace time.Duration
+	// ResponseRetention is how long a stored response's deployment is
+	// remembered.
+	ResponseRetention time.Duration
 }
 
 // ConfigFrom takes a worker Config from Levee's.
 func ConfigFrom(c *config.Config) Config {
 	return Config{Concurrency: c.Worker.Concurrency, MaxAttempts: c.Queue.MaxAttempts, Backoff: c.Queue.Backoff,
-		AckWait: c.Queue.AckWait, ShutdownGrace: c.ShutdownTimeout}
+		AckWait: c.Queue.AckWait, ShutdownGrace: c.ShutdownTimeout, ResponseRetention: c.Responses.Retention}
 }
 
 // Worker drains the job queue.
@@ -541,6 +544,15 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		ResultBody: body, PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, CostNanos: cost, Latency: time.Since(start), Attempts: job.Attempts}
 	if res.Resp.StatusCode >= 400 {
 		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
+	}
+	if op == broker.OpResponses && res.Resp.StatusCode == http.StatusOK {
+		// Its follow-ups must find the deployment that stores it.
+		if rid, stored := broker.ResponseID(body); stored {
+			if err := w.st.RecordResponse(context.WithoutCancel(ctx), &store.ResponseRoute{ID: rid, TenantID: job.TenantID,
+				Deployment: res.Deployment.Name, ContextTokens: u.TotalTokens}, w.cfg.ResponseRetention); err != nil {
+				w.log.Warn("recording where a response is stored", "job", id, "err", err)
+			}
+		}
 	}
 	w.finish(ctx, msg, job, p)
 }
