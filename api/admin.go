@@ -11,7 +11,6 @@ import (
 	"math"
 	"net/http"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -146,10 +145,6 @@ func (s *Server) adminRoutes() {
 	e.POST(g+"/admin_keys", s.adminCreateAdminKey, auth, db)
 	e.POST(g+"/admin_keys/:id/revoke", s.adminRevokeAdminKey, auth, db)
 }
-
-// tenantNameRE: a tenant's name appears in metrics, usage and the audit
-// log: plain characters only.
-var tenantNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 type tenantObject struct {
 	ID              string         `json:"id"`
@@ -341,8 +336,8 @@ func (s *Server) adminCreateTenant(c echo.Context) error {
 	if err := decodeJSON(raw, &req); err != nil {
 		return err
 	}
-	if !tenantNameRE.MatchString(req.Name) {
-		return invalid("name", "invalid_name", "name must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+	if err := store.CheckTenantName(req.Name); err != nil {
+		return invalid("name", "invalid_name", "%s", err.Error())
 	}
 	if req.DefaultPriority != "" && !slices.Contains(config.Priorities, req.DefaultPriority) {
 		return invalid("default_priority", "invalid_priority", "default_priority must be high, normal or low.")
@@ -548,6 +543,9 @@ type keyRequest struct {
 
 const maxCIDRs = 64
 
+// maxUnix is 9999-12-31T23:59:59Z.
+const maxUnix = 253402300799
+
 func (s *Server) keyFields(r *keyRequest) (scopes *store.Scopes, expires *time.Time, err error) {
 	if r.Name != nil && (len(*r.Name) > 128 || !strictjson.ValidText(*r.Name)) {
 		return nil, nil, invalid("name", "invalid_name", "name must be at most 128 characters, without control characters.")
@@ -592,7 +590,9 @@ func (s *Server) keyFields(r *keyRequest) (scopes *store.Scopes, expires *time.T
 		var t time.Time
 		if string(*r.ExpiresAt) != "null" {
 			var unix int64
-			if err := strictjson.Unmarshal(*r.ExpiresAt, &unix); err != nil || unix <= 0 {
+			// Up to the end of year 9999: beyond, Postgres (and pgx's
+			// microseconds) cannot hold it as it was meant.
+			if err := strictjson.Unmarshal(*r.ExpiresAt, &unix); err != nil || unix <= 0 || unix > maxUnix {
 				return nil, nil, invalid("expires_at", "invalid_expiry", "expires_at must be Unix seconds (or null for none).")
 			}
 			t = time.Unix(unix, 0)
@@ -729,6 +729,10 @@ func (s *Server) adminUpdateKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	if !k.RevokedAt.IsZero() {
+		// Its limits and budget too: a revoked key is not changed.
+		return keyGone(c.Param("id"))
+	}
 	raw, err := s.readBody(c)
 	if err != nil {
 		return err
@@ -806,7 +810,7 @@ func (s *Server) adminRotateKey(c echo.Context) error {
 			return err
 		}
 	}
-	if req.GraceSeconds < 0 || time.Duration(req.GraceSeconds)*time.Second > maxGrace {
+	if req.GraceSeconds < 0 || req.GraceSeconds > int64(maxGrace/time.Second) {
 		return invalid("grace_seconds", "invalid_grace", "grace_seconds must be between 0 and %d (30 days).", int64(maxGrace/time.Second))
 	}
 	k, secret, err := s.admin.RotateKey(c.Request().Context(), k.ID, time.Duration(req.GraceSeconds)*time.Second, actorOf(c))

@@ -332,7 +332,13 @@ var jwtNamespace = uuid.MustParse("6f1d4b8e-3c2a-5e7f-9a0b-1c2d3e4f5a6b")
 // grants it matches). A failed verification costs the address as a
 // wrong key does.
 func (s *Server) tokenCaller(c echo.Context, token, ip string) (*store.Key, error) {
-	refund, ok := s.failures.take(ip)
+	// A token verified a moment ago is not a guess: it costs the address
+	// nothing, so one client's failures cannot lock out the others'
+	// tokens behind the same address.
+	refund, ok := func() {}, true
+	if !s.oidc.Cached(token) {
+		refund, ok = s.failures.take(ip)
+	}
 	if !ok {
 		s.metrics.authFailures.WithLabelValues("throttled").Inc()
 		return nil, &Error{Status: http.StatusTooManyRequests, Type: "invalid_request_error", Code: "too_many_failed_authentications",
@@ -368,8 +374,11 @@ func (s *Server) tokenCaller(c echo.Context, token, ip string) (*store.Key, erro
 		return nil, err
 	}
 	k := &store.Key{ID: uuid.NewSHA1(jwtNamespace, []byte(p.Issuer+"\x00"+p.Subject)), TenantID: t.ID, TenantName: t.Name, Prefix: "jwt",
-		Name: "jwt:" + p.Subject, DefaultPriority: t.DefaultPriority, ExpiresAt: p.Expires,
+		Name: "jwt:" + p.Subject, DefaultPriority: t.DefaultPriority, ExpiresAt: p.Expires, Token: true,
 		Scopes: store.Scopes{Models: p.Models, Endpoints: p.Endpoints, MaxPriority: p.MaxPriority}}
+	for _, g := range p.Grants {
+		k.Grants = append(k.Grants, store.Scopes{Models: g.Models, Endpoints: g.Endpoints, MaxPriority: g.MaxPriority})
+	}
 	if m := p.MaxPriority; m != "" && priorityRank(k.DefaultPriority) < priorityRank(m) {
 		k.DefaultPriority = m
 	}

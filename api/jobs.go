@@ -220,7 +220,7 @@ func (s *Server) submitJob(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	j, created, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: jr.Endpoint,
+	j, created, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token, Endpoint: jr.Endpoint,
 		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, WebhookSecret: hookSecret, IdempotencyKey: idem}, nil)
 	if err != nil {
 		return err
@@ -291,9 +291,19 @@ func decodeJSON(raw []byte, v any) error {
 // outbox's certain consequence (at once if NATS is there, else as soon as it
 // is back). beforePublish, if set, runs between the two (a deferred call
 // subscribes to the job's end there, so the notice cannot be missed).
+// callerGone answers a caller whose key was revoked, or tenant deleted,
+// while its request was on its way: as a key that no longer works.
+func callerGone() *Error {
+	return &Error{Status: http.StatusUnauthorized, Type: "invalid_request_error", Code: "invalid_api_key",
+		Message: "This API key was revoked, or its tenant deleted, while the request was being read; nothing was accepted."}
+}
+
 func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePublish func(*store.Job)) (*store.Job, bool, error) {
 	p.PublishClaim = outbox.InlineClaim
 	j, created, err := s.jobs.InsertJob(ctx, p)
+	if errors.Is(err, store.ErrCallerGone) {
+		return nil, false, callerGone()
+	}
 	if errors.Is(err, store.ErrIdempotencyMismatch) {
 		return nil, false, &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
 			Message: "This Idempotency-Key was already used with a different request."}
@@ -433,7 +443,7 @@ func (s *Server) deferred(c echo.Context, op broker.Op, g *broker.Group, body []
 	if err != nil {
 		return err
 	}
-	p := &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, Endpoint: "/v1/" + op.Path(), Model: g.Name, Body: body,
+	p := &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token, Endpoint: "/v1/" + op.Path(), Model: g.Name, Body: body,
 		Priority: priority, IdempotencyKey: idem}
 	// Without the end notice (NATS away) the wait still ends: Postgres is
 	// read again every tick.

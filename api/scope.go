@@ -28,8 +28,66 @@ func (s *Server) scope(group string) echo.MiddlewareFunc {
 	}
 }
 
+// narrow keeps the caller's grants that pass keep, and reports whether any
+// did; with no grants (an API key) its scopes are the one grant. The
+// checks of a call (endpoint group, model, priority) narrow in turn, so
+// what passes all of them is one grant that allows the whole call, not a
+// union of several that each allow a part. A token caller's key is made
+// for its request alone, so narrowing it changes no one else's.
+func narrow(k *store.Key, keep func(*store.Scopes) bool) bool {
+	if k.Grants == nil {
+		return keep(&k.Scopes)
+	}
+	var left []store.Scopes
+	for i := range k.Grants {
+		if keep(&k.Grants[i]) {
+			left = append(left, k.Grants[i])
+		}
+	}
+	if len(left) == 0 {
+		return false
+	}
+	k.Grants = left
+	// What the caller may still do: the union of what is left, and a
+	// default priority no higher than the highest cap left.
+	u := store.Scopes{CIDRs: k.Scopes.CIDRs}
+	allModels, allEndpoints, anyPriority := false, false, false
+	for _, g := range left {
+		allModels = allModels || g.Models == nil
+		allEndpoints = allEndpoints || g.Endpoints == nil
+		anyPriority = anyPriority || g.MaxPriority == ""
+		for _, m := range g.Models {
+			if !slices.Contains(u.Models, m) {
+				u.Models = append(u.Models, m)
+			}
+		}
+		for _, e := range g.Endpoints {
+			if !slices.Contains(u.Endpoints, e) {
+				u.Endpoints = append(u.Endpoints, e)
+			}
+		}
+		if u.MaxPriority == "" || priorityRank(g.MaxPriority) < priorityRank(u.MaxPriority) {
+			u.MaxPriority = g.MaxPriority
+		}
+	}
+	if allModels {
+		u.Models = nil
+	}
+	if allEndpoints {
+		u.Endpoints = nil
+	}
+	if anyPriority {
+		u.MaxPriority = ""
+	}
+	k.Scopes = u
+	if m := u.MaxPriority; m != "" && priorityRank(k.DefaultPriority) < priorityRank(m) {
+		k.DefaultPriority = m
+	}
+	return true
+}
+
 func allowGroup(k *store.Key, group string) error {
-	if k.Scopes.Endpoints != nil && !slices.Contains(k.Scopes.Endpoints, group) {
+	if !narrow(k, func(sc *store.Scopes) bool { return sc.Endpoints == nil || slices.Contains(sc.Endpoints, group) }) {
 		return &Error{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "endpoint_not_allowed",
 			Message: fmt.Sprintf("This API key may not use the %s endpoints.", group)}
 	}
@@ -37,18 +95,33 @@ func allowGroup(k *store.Key, group string) error {
 }
 
 // allowModel refuses a call to a model the key may not use. A call naming a
-// deployment is a call to the aliases it serves: one of them must be
-// allowed.
+// deployment is a call to the alias whose policy it is served under.
 func (s *Server) allowModel(k *store.Key, g *broker.Group, param string) error {
-	if k.Scopes.Models == nil || g == nil {
+	if g == nil {
 		return nil
 	}
-	for _, a := range s.broker.AliasesOf(g.Name) {
-		if slices.Contains(k.Scopes.Models, a) {
-			return nil
-		}
+	aliases := s.broker.AliasesOf(g.Name)
+	if len(aliases) > 1 {
+		// A deployment serving several aliases is called under the policy
+		// of the first (broker.Resolve): that alias is the one that must
+		// be allowed, or a key scoped to a strict alias could escape its
+		// policy by naming a deployment it shares with a laxer one.
+		aliases = aliases[:1]
 	}
-	return modelNotAllowed(param, g.Name)
+	if !narrow(k, func(sc *store.Scopes) bool {
+		if sc.Models == nil {
+			return true
+		}
+		for _, a := range aliases {
+			if slices.Contains(sc.Models, a) {
+				return true
+			}
+		}
+		return false
+	}) {
+		return modelNotAllowed(param, g.Name)
+	}
+	return nil
 }
 
 func modelNotAllowed(param, model string) *Error {
@@ -61,7 +134,9 @@ func priorityRank(p string) int { return slices.Index([]string{"high", "normal",
 
 // allowPriority refuses a priority above the key's highest.
 func allowPriority(k *store.Key, p, param string) error {
-	if m := k.Scopes.MaxPriority; m != "" && priorityRank(p) < priorityRank(m) {
+	if m := k.Scopes.MaxPriority; !narrow(k, func(sc *store.Scopes) bool {
+		return sc.MaxPriority == "" || priorityRank(p) >= priorityRank(sc.MaxPriority)
+	}) {
 		return &Error{Status: http.StatusForbidden, Type: "invalid_request_error", Code: "priority_not_allowed", Param: param,
 			Message: fmt.Sprintf("This API key may ask for priority %s at most, not %s.", m, p)}
 	}

@@ -139,9 +139,10 @@ type Issuer struct {
 	// of strings: the first value that maps wins.
 	TenantClaim string            `yaml:"tenant_claim"`
 	Tenants     map[string]string `yaml:"tenants"`
-	// Grants give scopes by claims; a token gets the union of the grants
-	// it matches. No grants listed: every token of the issuer may do all
-	// its tenant may. Grants listed and none matched: refused (403).
+	// Grants give scopes by claims; a call of a token must fit one grant
+	// it matches whole (endpoint, model and priority together). No grants
+	// listed: every token of the issuer may do all its tenant may. Grants
+	// listed and none matched: refused (403).
 	Grants []Grant `yaml:"grants"`
 }
 

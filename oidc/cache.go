@@ -70,6 +70,6 @@ func (c *cache) put(sum [sha256.Size]byte, p *Principal, now time.Time) {
 
 func (p *Principal) clone() *Principal {
 	q := *p
-	q.Models, q.Endpoints = slices.Clone(p.Models), slices.Clone(p.Endpoints)
+	q.Models, q.Endpoints, q.Grants = slices.Clone(p.Models), slices.Clone(p.Endpoints), slices.Clone(p.Grants)
 	return &q
 }

@@ -97,7 +97,18 @@ type Principal struct {
 	// MaxPriority is the highest cap of the matched grants; "" is
 	// unrestricted.
 	MaxPriority string
-	Expires     time.Time
+	// Grants are the matched grants themselves (nil: the issuer has none,
+	// and the token may do all its tenant may). A call is allowed only if
+	// one grant allows its endpoint, model and priority together: the
+	// union above is what the token can see, never what one call may do.
+	Grants  []Grant
+	Expires time.Time
+}
+
+// Grant is what one matched grant allows; empty fields restrict nothing.
+type Grant struct {
+	Models, Endpoints []string
+	MaxPriority       string
 }
 
 // Verifier checks tokens from the configured issuers. It is safe for
@@ -241,6 +252,17 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Principal, error)
 	}
 	v.cache.put(sum, p, now)
 	return p.clone(), nil
+}
+
+// Cached reports whether token verified a moment ago and is still valid,
+// without verifying it: a caller whose token is known good is not charged
+// for a failed authentication before it is checked, as a key in use is not.
+func (v *Verifier) Cached(token string) bool {
+	if len(token) > maxTokenLen {
+		return false
+	}
+	_, ok := v.cache.get(sha256.Sum256([]byte(token)), v.now())
+	return ok
 }
 
 func (v *Verifier) verify(ctx context.Context, token string, now time.Time) (*Principal, error) {
@@ -509,8 +531,8 @@ func tenant(cfg config.Issuer, claims map[string]jsontext.Value) (string, error)
 	return "", &Error{Code: CodeUnknownTenant, Message: msg, Forbidden: true}
 }
 
-// grant sets p's scopes to the union of the grants the token matches. No
-// grants configured: unrestricted.
+// grant records the grants the token matches, and their union as p's
+// scopes. No grants configured: unrestricted.
 func grant(cfg config.Issuer, claims map[string]jsontext.Value, p *Principal) error {
 	if len(cfg.Grants) == 0 {
 		return nil
@@ -523,6 +545,7 @@ func grant(cfg config.Issuer, claims map[string]jsontext.Value, p *Principal) er
 			continue
 		}
 		matched++
+		p.Grants = append(p.Grants, Grant{Models: g.Models, Endpoints: g.Endpoints, MaxPriority: g.MaxPriority})
 		allModels = allModels || len(g.Models) == 0
 		allEndpoints = allEndpoints || len(g.Endpoints) == 0
 		anyPriority = anyPriority || g.MaxPriority == ""

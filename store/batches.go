@@ -265,7 +265,11 @@ func scanBatch(row pgx.Row) (*Batch, error) {
 
 // CreateBatchParams describe a new batch.
 type CreateBatchParams struct {
-	TenantID    uuid.UUID
+	TenantID uuid.UUID
+	// KeyID made it (uuid.Nil: none); its lines' jobs are its calls.
+	// TokenCaller: KeyID is a token caller's, with no stored key to check.
+	KeyID       uuid.UUID
+	TokenCaller bool
 	InputFileID uuid.UUID
 	Endpoint    string
 	Window      time.Duration
@@ -279,10 +283,18 @@ func (s *Store) CreateBatch(ctx context.Context, p *CreateBatchParams) (*Batch, 
 	if len(p.Metadata) > 0 {
 		meta = p.Metadata
 	}
-	_, err := s.pool.Exec(ctx, `INSERT INTO batches (id, tenant_id, input_file_id, endpoint, completion_window, status, metadata, expires_at)
-		VALUES ($1, $2, $3, $4, '24h', 'validating', $5, now() + $6::interval)`, id, p.TenantID, p.InputFileID, p.Endpoint, meta, p.Window.String())
+	// Only for a live tenant and key, waiting behind a deletion of the
+	// tenant in progress (see InsertJob).
+	tag, err := s.pool.Exec(ctx, `WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
+		INSERT INTO batches (id, tenant_id, key_id, input_file_id, endpoint, completion_window, status, metadata, expires_at)
+		SELECT $1, t.id, $7, $3, $4, '24h', 'validating', $5, now() + $6::interval FROM t
+		WHERE $7::uuid IS NULL OR $8 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $7 AND revoked_at IS NULL)`,
+		id, p.TenantID, p.InputFileID, p.Endpoint, meta, p.Window.String(), nullUUID(p.KeyID), p.TokenCaller)
 	if err != nil {
 		return nil, fmt.Errorf("store: create batch: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return nil, ErrCallerGone
 	}
 	return s.GetBatch(ctx, p.TenantID, id)
 }
@@ -347,8 +359,8 @@ func (s *Store) StartBatch(ctx context.Context, b *Batch, endpoint string, model
 			return ErrJobTerminal // another process started it, or it was cancelled
 		}
 		rows, err := tx.Query(ctx, `
-			INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line, publish_claim)
-			SELECT gen_random_uuid(), $2, $3, m.alias,
+			INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, batch_id, custom_id, line, publish_claim)
+			SELECT gen_random_uuid(), $2, (SELECT key_id FROM batches WHERE id = $4), $3, m.alias,
 				CASE WHEN fl.body_len IS NOT NULL THEN substring(fl.raw FROM fl.body_at + 1 FOR fl.body_len)
 					ELSE convert_to((convert_from(fl.raw, 'UTF8')::jsonb -> 'body')::text, 'UTF8') END,
 				'\x'::bytea, 'batch', 'queued', '{}', $4, fl.custom_id, fl.line, now() + $7::interval

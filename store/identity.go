@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -70,12 +71,41 @@ type Key struct {
 	// being valid (its expiry, or the end of a rotation's grace); zero:
 	// until revoked.
 	ValidUntil time.Time
+	// Token is a caller authenticated by a JWT: its ID is derived from
+	// the token's issuer and subject, not a stored key's.
+	Token bool
+	// Grants, for a token caller, are the alternatives its scopes came
+	// from (Scopes is their union): a call must fit one of them whole.
+	// Nil for API keys.
+	Grants []Scopes
 	// keyPriority is the key's own default priority ("" = the tenant's).
 	keyPriority string
 }
 
 // KeyPriority is the key's own default priority ("": its tenant's).
 func (k *Key) KeyPriority() string { return k.keyPriority }
+
+// tenantNameRE: a tenant's name appears in metrics, usage, the audit log
+// and paths: plain characters only.
+var tenantNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// InvalidNameError is a tenant name that cannot be used.
+type InvalidNameError struct{ Msg string }
+
+func (e *InvalidNameError) Error() string { return e.Msg }
+
+// CheckTenantName refuses names that are not plain, and names shaped like a
+// tenant id: where an id or a name is taken, such a name could designate
+// another tenant.
+func CheckTenantName(name string) error {
+	if !tenantNameRE.MatchString(name) {
+		return &InvalidNameError{"name must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit."}
+	}
+	if _, err := uuid.Parse(name); err == nil {
+		return &InvalidNameError{"name must not have the shape of a tenant id (a UUID)."}
+	}
+	return nil
+}
 
 // Prefixes start generated secrets, so a leaked one is easy to grep for and
 // a key's kind is plain from its shape.
@@ -170,8 +200,8 @@ type CreateTenantParams struct {
 // CreateTenant inserts a tenant; ErrExists if the name is taken (by a
 // deleted tenant too: its usage still carries the name).
 func (s *Store) CreateTenant(ctx context.Context, p *CreateTenantParams) (*Tenant, error) {
-	if p.Name == "" {
-		return nil, errors.New("store: tenant name is required")
+	if err := CheckTenantName(p.Name); err != nil {
+		return nil, err
 	}
 	prio := p.DefaultPriority
 	if prio == "" {

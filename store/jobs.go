@@ -89,14 +89,21 @@ type InsertJobParams struct {
 	WebhookURL     string
 	WebhookSecret  string
 	IdempotencyKey string
+	// TokenCaller: KeyID is a token caller's id, with no stored key to
+	// check.
+	TokenCaller bool
 	// PublishClaim holds the job back from outbox relays for a moment,
 	// while the process that accepted it publishes it itself.
 	PublishClaim time.Duration
 }
 
+// ErrCallerGone: the tenant was deleted or the key revoked; nothing was
+// accepted.
+var ErrCallerGone = errors.New("store: the tenant is deleted or the key revoked")
+
 // InsertJob stores a queued job. With an idempotency key already used by the
 // tenant it returns that job (created false), or ErrIdempotencyMismatch when
-// the request differs.
+// the request differs; for a deleted tenant or a revoked key, ErrCallerGone.
 func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, error) {
 	h := sha256.New()
 	for _, part := range [][]byte{[]byte(p.Endpoint), {0}, []byte(p.Priority), {0}, p.Body, {0}, p.Metadata, {0}, []byte(p.WebhookURL)} {
@@ -120,20 +127,32 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 	if p.WebhookURL != "" {
 		hook, hookSecret = p.WebhookURL, p.WebhookSecret
 	}
+	// A job is accepted only for a tenant that is not deleted and a key
+	// that is not revoked. The tenant's row is share-locked: a deletion in
+	// progress (which locks it for update, then cancels the tenant's jobs)
+	// is waited for and then seen, so no job slips in behind it.
 	j, err := scanJob(s.pool.QueryRow(ctx, `
+		WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
 		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret, publish_claim)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval)
+		SELECT $1, t.id, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval FROM t
+		WHERE $3::uuid IS NULL OR $14 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $3 AND revoked_at IS NULL)
 		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING `+jobColumns,
-		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String()))
+		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String(), p.TokenCaller))
 	if err == nil {
 		return j, true, nil
 	}
 	if !errors.Is(err, ErrNotFound) {
 		return nil, false, fmt.Errorf("store: insert job: %w", err)
 	}
+	if p.IdempotencyKey == "" {
+		return nil, false, ErrCallerGone
+	}
 	var existing []byte
 	j, err = scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2`, p.TenantID, p.IdempotencyKey))
+	if errors.Is(err, ErrNotFound) {
+		return nil, false, ErrCallerGone
+	}
 	if err != nil {
 		return nil, false, fmt.Errorf("store: idempotent job: %w", err)
 	}
