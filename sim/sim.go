@@ -170,7 +170,9 @@ func New(cfg Config) (*Server, error) {
 // A /resources/{name} prefix addresses one resource of many on this one
 // server (each with its own stored responses), as each Azure resource is
 // its own endpoint.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, withResource(r)) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mux.ServeHTTP(w, withResource(r))
+}
 
 // SetFaults changes a deployment's injected faults.
 func (s *Server) SetFaults(name string, f Faults) bool {
