@@ -271,7 +271,7 @@ func (s *Server) createBatch(c echo.Context) error {
 	}
 	op, endpoint, ok := batch.Endpoint(req.Endpoint)
 	if !ok {
-		return invalid("endpoint", "invalid_request", "endpoint must be /v1/chat/completions, /v1/completions or /v1/embeddings.")
+		return invalid("endpoint", "invalid_request", "endpoint must be /v1/chat/completions, /v1/completions, /v1/embeddings or /v1/responses.")
 	}
 	if err := allowGroup(key, op.Group()); err != nil {
 		return err

@@ -137,6 +137,7 @@ var jobEndpoints = map[string]broker.Op{
 	"/v1/chat/completions": broker.OpChat,
 	"/v1/completions":      broker.OpCompletions,
 	"/v1/embeddings":       broker.OpEmbeddings,
+	"/v1/responses":        broker.OpResponses,
 }
 
 type jobRequest struct {
@@ -168,7 +169,7 @@ func (s *Server) submitJob(c echo.Context) error {
 	}
 	op, ok := jobEndpoints[jr.Endpoint]
 	if !ok {
-		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings; got %q.", strictjson.Clip(jr.Endpoint))
+		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; got %q.", strictjson.Clip(jr.Endpoint))
 	}
 	if len(bytes.TrimSpace(jr.Body)) == 0 || bytes.TrimSpace(jr.Body)[0] != '{' {
 		return invalid("body", "invalid_request", "body must be the JSON object of the call, as sent to %s.", jr.Endpoint)
@@ -187,6 +188,17 @@ func (s *Server) submitJob(c echo.Context) error {
 	}
 	if req.Stream {
 		return invalid("body.stream", "invalid_request", "A job cannot stream; leave stream unset.")
+	}
+	if req.Background {
+		return invalid("body.background", "invalid_request", "A job is already in the background; leave background unset.")
+	}
+	// A job continuing a stored response runs where it is stored.
+	if g, err = s.pinResponse(c.Request().Context(), key, req, g); err != nil {
+		var e *Error
+		if errors.As(err, &e) && e.Param != "" {
+			e.Param = "body." + e.Param
+		}
+		return err
 	}
 	prio := jr.Priority
 	if prio == "" {

@@ -109,6 +109,15 @@ func (r *Runner) Start(ctx context.Context, b *store.Batch) error {
 		case req.Stream:
 			errs = appendErr(errs, "invalid_request", "batch requests cannot stream", line)
 			return nil
+		case req.Background:
+			errs = appendErr(errs, "invalid_request", "batch requests cannot be background responses: a batch already is", line)
+			return nil
+		case req.PreviousResponseID != "":
+			// Lines run on whichever deployment has room; a conversation
+			// is stored on one. (OpenAI's own Batch API has no state
+			// either.)
+			errs = appendErr(errs, "invalid_request", "batch requests cannot continue a stored response (previous_response_id)", line)
+			return nil
 		}
 		models[req.Model] = g.Name
 		return nil

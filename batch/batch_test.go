@@ -17,7 +17,8 @@ func TestEndpoint(t *testing.T) {
 		{"/chat/completions", broker.OpChat, "/v1/chat/completions", true},
 		{"/v1/embeddings", broker.OpEmbeddings, "/v1/embeddings", true},
 		{"/completions", broker.OpCompletions, "/v1/completions", true},
-		{"/v1/responses", 0, "", false},
+		{"/v1/responses", broker.OpResponses, "/v1/responses", true},
+		{"/v1/responses/x", 0, "", false},
 		{"", 0, "", false},
 	} {
 		op, got, ok := Endpoint(tc.in)

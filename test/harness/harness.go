@@ -230,8 +230,46 @@ func (p *Postgres) signal(sig syscall.Signal) {
 		p.t.Fatalf("harness: postmaster.pid: %v", err)
 	}
 	// The postmaster first, so it starts no backend while its children are
-	// found; then every backend and helper it started.
+	// found. A signal is delivered asynchronously: a postmaster running on
+	// another core can still fork a backend after kill returns, so the
+	// children are looked for only once it is seen stopped, and again
+	// until no new one turns up.
 	_ = syscall.Kill(root, sig)
+	if sig == syscall.SIGSTOP {
+		deadline := time.Now().Add(2 * time.Second)
+		for procState(root) != "T" && procState(root) != "t" && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	signalled := map[int]bool{}
+	for {
+		fresh := 0
+		for _, pid := range childrenOf(root) {
+			if !signalled[pid] {
+				signalled[pid] = true
+				fresh++
+				_ = syscall.Kill(pid, sig)
+			}
+		}
+		if fresh == 0 {
+			return
+		}
+	}
+}
+
+// procState is a process's state letter from /proc ("" if gone).
+func procState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	var state string
+	_, _ = fmt.Sscan(string(b[strings.LastIndexByte(string(b), ')')+1:]), &state)
+	return state
+}
+
+// childrenOf lists the processes whose parent is root.
+func childrenOf(root int) []int {
 	var pids []int
 	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
 	for _, st := range stats {
@@ -248,9 +286,7 @@ func (p *Postgres) signal(sig syscall.Signal) {
 			pids = append(pids, pid)
 		}
 	}
-	for _, pid := range pids {
-		_ = syscall.Kill(pid, sig)
-	}
+	return pids
 }
 
 // Start starts it again on the same port and data.

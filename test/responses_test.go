@@ -1,0 +1,260 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+	"github.com/openai/openai-go/v3/responses"
+
+	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/sim"
+	"github.com/levee-gw/levee/test/harness"
+)
+
+// The official openai-go SDK's Responses API through Levee: create (plain
+// and streamed), a follow-up with previous_response_id, retrieve, input
+// items, delete; and what the ledger recorded.
+func TestResponsesWithOpenAIGoSDK(t *testing.T) {
+	env := harness.Start(t, nil)
+	ctx := context.Background()
+	c := openai.NewClient(option.WithBaseURL(env.BaseURL+"/v1/"), option.WithAPIKey(env.APIKey), option.WithMaxRetries(0))
+	var served *http.Response
+	first, err := c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", Instructions: openai.String("Be brief."),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Say hello to the levee.")}}, option.WithResponseInto(&served))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Status != "completed" || first.OutputText() == "" || first.Usage.InputTokens == 0 || first.Usage.OutputTokens == 0 ||
+		!strings.HasPrefix(first.ID, "resp_") {
+		t.Fatalf("response %+v", first)
+	}
+	home := served.Header.Get("x-levee-deployment")
+
+	// Streamed: every event, in order, ending with response.completed.
+	st := c.Responses.NewStreaming(ctx, responses.ResponseNewParams{Model: "gpt-4o",
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Say hello to the levee.")}})
+	var seq []int64
+	var text strings.Builder
+	var done *responses.Response
+	for st.Next() {
+		ev := st.Current()
+		seq = append(seq, ev.SequenceNumber)
+		switch ev.Type {
+		case "response.output_text.delta":
+			text.WriteString(ev.Delta)
+		case "response.completed":
+			r := ev.Response
+			done = &r
+		}
+	}
+	if err := st.Err(); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range seq {
+		if n != int64(i) {
+			t.Fatalf("sequence numbers %v", seq)
+		}
+	}
+	if done == nil || done.OutputText() != text.String() || done.Usage.TotalTokens == 0 {
+		t.Fatalf("stream ended with %+v after %q", done, text.String())
+	}
+
+	// A follow-up goes where the first response is stored (the other
+	// deployment would not know it), however the router would pick.
+	for i := 0; i < 6; i++ {
+		var r *http.Response
+		next, err := c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", PreviousResponseID: openai.String(first.ID),
+			Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("And again.")}}, option.WithResponseInto(&r))
+		if err != nil {
+			t.Fatalf("follow-up %d: %v", i, err)
+		}
+		if d := r.Header.Get("x-levee-deployment"); d != home || next.PreviousResponseID != first.ID {
+			t.Fatalf("follow-up %d served by %s, the first by %s", i, d, home)
+		}
+		// The conversation is carried: the deployment counts it as input.
+		if next.Usage.InputTokens <= first.Usage.InputTokens {
+			t.Fatalf("follow-up input %d, first %d", next.Usage.InputTokens, first.Usage.InputTokens)
+		}
+	}
+
+	got, err := c.Responses.Get(ctx, first.ID, responses.ResponseGetParams{})
+	if err != nil || got.ID != first.ID || got.OutputText() != first.OutputText() {
+		t.Fatalf("retrieve: %v %+v", err, got)
+	}
+	items, err := c.Responses.InputItems.List(ctx, first.ID, responses.InputItemListParams{})
+	if err != nil || len(items.Data) != 1 {
+		t.Fatalf("input items: %v %+v", err, items)
+	}
+	if err := c.Responses.Delete(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Responses.Get(ctx, first.ID, responses.ResponseGetParams{})
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != 404 {
+		t.Fatalf("a deleted response: %v", err)
+	}
+	_, err = c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", PreviousResponseID: openai.String(first.ID),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Still there?")}})
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != 404 || apiErr.Code != "previous_response_not_found" {
+		t.Fatalf("a follow-up of a deleted response: %v", err)
+	}
+
+	// The ledger has each call's true usage.
+	env.FlushUsage()
+	var rows, in, out int64
+	if err := env.Store.Pool().QueryRow(ctx, `SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+		FROM usage_events WHERE operation = 'responses' AND status = 200`).Scan(&rows, &in, &out); err != nil {
+		t.Fatal(err)
+	}
+	if rows != 8 || in == 0 || out == 0 {
+		t.Fatalf("ledger: %d responses, %d in, %d out", rows, in, out)
+	}
+}
+
+// twoResources serves gpt-4o from two deployments, each its own resource
+// (its own stored responses); the router prefers b 100 to 1.
+func twoResources(tpmA int) *dev.File {
+	s := sim.Deployment{CompletionTokens: 20}
+	return &dev.File{
+		Deployments: []dev.FileDeployment{
+			{Name: "res-a", Model: "gpt-4o", Kind: config.Standard, TPM: tpmA, RPM: 1 << 20, Weight: 1, Sim: s},
+			{Name: "res-b", Model: "gpt-4o", Kind: config.Standard, TPM: 1 << 30, RPM: 1 << 30, Weight: 100, Sim: s},
+		},
+		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"res-a", "res-b"}, MaxTokens: 4096}},
+	}
+}
+
+type responseObj struct {
+	ID     string `json:"id"`
+	Status string `json:"status"`
+	Usage  struct {
+		InputTokens int `json:"input_tokens"`
+	} `json:"usage"`
+}
+
+// A follow-up reaches the deployment that stores the conversation even
+// when another has far more room; when its own has none, a high-priority
+// follow-up gets a 429, and nothing is sent elsewhere to fail.
+func TestResponseFollowUpsStayWithTheirDeployment(t *testing.T) {
+	env := harness.Start(t, twoResources(4000))
+	resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "res-a", "input": "Start here.", "max_output_tokens": 50})
+	if resp.StatusCode != 200 {
+		t.Fatalf("%d %s", resp.StatusCode, raw)
+	}
+	var prev responseObj
+	_ = json.Unmarshal(raw, &prev)
+	for i := 0; i < 10; i++ {
+		resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Go on.",
+			"previous_response_id": prev.ID, "max_output_tokens": 50})
+		if resp.StatusCode != 200 || resp.Header.Get("x-levee-deployment") != "res-a" {
+			t.Fatalf("follow-up %d: %d from %s: %s", i, resp.StatusCode, resp.Header.Get("x-levee-deployment"), raw)
+		}
+		_ = json.Unmarshal(raw, &prev)
+	}
+	if b := env.Sim.Stats()["res-b"]; b.Calls != 0 {
+		t.Fatalf("res-b saw %d calls of a conversation stored on res-a", b.Calls)
+	}
+	a := env.Sim.Stats()["res-a"]
+	// res-a's minute holds the conversation; a turn larger than its room
+	// is refused by Levee, not sent to res-b (nor to res-a to be refused).
+	resp, raw = call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Tell me everything.",
+		"previous_response_id": prev.ID, "max_output_tokens": 4000 - int(a.WindowTokens) + 100})
+	wantCode(t, "a follow-up without room on its deployment", resp, raw, 429, "rate_limit_exceeded")
+	if resp.Header.Get("Retry-After") == "" {
+		t.Fatal("no Retry-After")
+	}
+	if b := env.Sim.Stats()["res-b"]; b.Calls != 0 {
+		t.Fatal("the follow-up went to res-b")
+	}
+	if a2 := env.Sim.Stats()["res-a"]; a2.Calls != a.Calls {
+		t.Fatalf("res-a was sent a call it had no room for (%d calls, then %d)", a.Calls, a2.Calls)
+	}
+	// Levee's estimate carried the conversation: the deployment charged
+	// what Levee did, so it never refused a turn.
+	if a.Refused != 0 {
+		t.Fatalf("res-a refused %d turns", a.Refused)
+	}
+}
+
+// Another tenant's response ids do not exist for a caller; bad bodies get
+// their param; background is refused until it is served.
+func TestResponsesRefuseWhatTheyShould(t *testing.T) {
+	env := harness.Start(t, nil)
+	resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Mine."})
+	if resp.StatusCode != 200 {
+		t.Fatalf("%d %s", resp.StatusCode, raw)
+	}
+	var mine responseObj
+	_ = json.Unmarshal(raw, &mine)
+	other := env.NewKey("other")
+	for _, c := range []struct {
+		name, method, path string
+		body               any
+		status             int
+		code               string
+	}{
+		{"another tenant's response", "GET", "/v1/responses/" + mine.ID, nil, 404, "response_not_found"},
+		{"another tenant's input items", "GET", "/v1/responses/" + mine.ID + "/input_items", nil, 404, "response_not_found"},
+		{"deleting another tenant's response", "DELETE", "/v1/responses/" + mine.ID, nil, 404, "response_not_found"},
+		{"continuing another tenant's response", "POST", "/v1/responses", map[string]any{"model": "gpt-4o", "input": "x", "previous_response_id": mine.ID}, 404, "previous_response_not_found"},
+		{"an id that is not one", "GET", "/v1/responses/resp_..%2f..%2fadmin", nil, 404, ""},
+	} {
+		resp, raw := callAs(t, c.method, env.BaseURL+c.path, other, c.body)
+		wantCode(t, c.name, resp, raw, c.status, c.code)
+	}
+	// Still there for its owner.
+	resp, raw = callAs(t, "GET", env.BaseURL+"/v1/responses/"+mine.ID, env.APIKey, nil)
+	wantCode(t, "the owner reads it", resp, raw, 200, "")
+
+	for _, c := range []struct{ body, param string }{
+		{`{"model":"gpt-4o","input":"x","max_output_tokens":100000}`, "max_output_tokens"},
+		{`{"model":"gpt-4o","input":"x","max_output_tokens":4}`, "max_output_tokens"},
+		{`{"model":"gpt-4o","input":"x","background":true}`, "background"},
+		{`{"model":"gpt-4o","input":"x","Input":"y"}`, "Input"},
+		{`{"model":"gpt-4o","input":"x","model":"gpt-4o"}`, "model"},
+		{`{"model":"gpt-4o"}`, "input"},
+		{`{"model":"gpt-4o","input":[{"role":"user","content":[{"type":"input_text","TEXT":"x"}]}]}`, "input[0].content[0].TEXT"},
+		{`{"model":"gpt-4o","input":"x","previous_response_id":"../admin"}`, "previous_response_id"},
+	} {
+		resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, c.body)
+		e := mustEnvelope(t, raw)
+		if resp.StatusCode != 400 || deref(e.Error.Param) != c.param {
+			t.Errorf("%s: %d param %q: %s", c.body, resp.StatusCode, deref(e.Error.Param), raw)
+		}
+	}
+	// Azure's surfaces.
+	for _, p := range []string{"/openai/v1/responses", "/openai/responses?api-version=2025-04-01-preview"} {
+		resp, raw := call(t, env.BaseURL, p, env.APIKey, map[string]any{"model": "gpt-4o", "input": "Azure."}, "api-key", env.APIKey)
+		wantCode(t, p, resp, raw, 200, "")
+	}
+	// A key scoped away from responses.
+	newTenant(t, env, "scoped")
+	k := newAPIKey(t, env, "scoped", map[string]any{"scopes": map[string]any{"endpoints": []string{"chat"}}})
+	resp, raw = call(t, env.BaseURL, "/v1/responses", k.Secret, map[string]any{"model": "gpt-4o", "input": "x"})
+	wantCode(t, "a chat-only key", resp, raw, 403, "endpoint_not_allowed")
+}
+
+// A normal-priority response waits as a deferred job, and its follow-up
+// still finds the deployment that stores it.
+func TestDeferredResponseIsRecordedForFollowUps(t *testing.T) {
+	env := harness.Start(t, nil)
+	resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Later is fine."},
+		"X-Levee-Priority", "normal", "Prefer", "wait=30")
+	if resp.StatusCode != 200 || resp.Header.Get("x-levee-job") == "" {
+		t.Fatalf("deferred: %d %s", resp.StatusCode, raw)
+	}
+	var first responseObj
+	_ = json.Unmarshal(raw, &first)
+	resp, raw = call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "And now?",
+		"previous_response_id": first.ID}, "X-Levee-Priority", "normal", "Prefer", "wait=30")
+	if resp.StatusCode != 200 {
+		t.Fatalf("deferred follow-up: %d %s", resp.StatusCode, raw)
+	}
+}
