@@ -77,6 +77,36 @@ for (const [name, client] of Object.entries(clients)) {
   console.log("cancel: ok");
 }
 
+// The Responses API: plain, streamed, and a follow-up that continues the
+// first (served by the deployment that stores it).
+{
+  const client = clients.openai;
+  const first = await client.responses.create({ model: "gpt-4o", instructions: "Be brief.", input: "Say hello to the levee." });
+  assert.equal(first.status, "completed");
+  assert.ok(first.output_text.length > 0);
+  assert.ok(first.usage.input_tokens > 0 && first.usage.output_tokens > 0);
+
+  const stream = await client.responses.create({ model: "gpt-4o", input: [{ role: "user", content: [{ type: "input_text", text: "Say hello to the levee." }] }], stream: true });
+  let text = "";
+  let seq = -1;
+  let completed = null;
+  for await (const ev of stream) {
+    assert.equal(ev.sequence_number, seq + 1);
+    seq = ev.sequence_number;
+    if (ev.type === "response.output_text.delta") text += ev.delta;
+    if (ev.type === "response.completed") completed = ev.response;
+  }
+  assert.ok(completed && completed.usage.total_tokens > 0);
+  assert.equal(text, completed.output.flatMap((o) => o.content ?? []).map((c) => c.text).join(""));
+
+  const next = await client.responses.create({ model: "gpt-4o", previous_response_id: first.id, input: "And again." });
+  assert.equal(next.previous_response_id, first.id);
+  assert.ok(next.usage.input_tokens > first.usage.input_tokens, "the conversation was carried");
+  const got = await client.responses.retrieve(first.id);
+  assert.equal(got.output_text, first.output_text);
+  console.log("responses: ok");
+}
+
 try {
   await new OpenAI({ baseURL: `${base}/v1`, apiKey: "lv-wrong-key-0000000000", maxRetries: 0 })
     .chat.completions.create({ model: "gpt-4o", messages: [{ role: "user", content: "x" }] });
