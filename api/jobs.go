@@ -28,6 +28,7 @@ type JobStore interface {
 	GetJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 	ListJobs(ctx context.Context, p *store.ListJobsParams) ([]*store.Job, bool, error)
 	CancelJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
+	DeleteJob(ctx context.Context, tenant, id uuid.UUID) error
 }
 
 // JobQueue carries the notices about jobs between processes.
@@ -193,11 +194,7 @@ func (s *Server) submitJob(c echo.Context) error {
 		return invalid("body.background", "invalid_request", "A job is already in the background; leave background unset.")
 	}
 	// A job continuing a stored response runs where it is stored.
-	if g, err = s.pinResponse(c.Request().Context(), key, req, g); err != nil {
-		var e *Error
-		if errors.As(err, &e) && e.Param != "" {
-			e.Param = "body." + e.Param
-		}
+	if g, jr.Body, err = s.pinResponse(c.Request().Context(), key, req, g, jr.Body, "body.previous_response_id"); err != nil {
 		return err
 	}
 	prio := jr.Priority

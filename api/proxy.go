@@ -114,11 +114,12 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		return err
 	}
 	if op == broker.OpResponses {
-		if req.Background {
-			return invalid("background", "unsupported_parameter", "Background responses are not served by this gateway yet; leave background unset.")
-		}
-		if g, err = s.pinResponse(c.Request().Context(), key, req, g); err != nil {
+		if g, body, err = s.pinResponse(c.Request().Context(), key, req, g, body, "previous_response_id"); err != nil {
 			return err
+		}
+		if req.Background {
+			deferred = true // the job records its own usage
+			return s.backgroundResponse(c, key, g, req, body, ev.Priority)
 		}
 	}
 	if ev.Priority != "high" && !req.Stream && s.queue != nil {

@@ -2,12 +2,14 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 
 	"github.com/labstack/echo/v4"
 
@@ -27,7 +29,7 @@ import (
 func responseNotFound(param, id string) *Error {
 	e := &Error{Status: http.StatusNotFound, Type: "invalid_request_error", Param: param, Code: "response_not_found",
 		Message: fmt.Sprintf("Response with id '%s' not found.", strictjson.Clip(id))}
-	if param == "previous_response_id" {
+	if strings.HasSuffix(param, "previous_response_id") {
 		e.Code = "previous_response_not_found"
 		e.Message = fmt.Sprintf("Previous response with id '%s' not found.", strictjson.Clip(id))
 	}
@@ -58,21 +60,28 @@ func (s *Server) responseRoute(ctx context.Context, key *store.Key, id, param st
 }
 
 // pinResponse sends a call that continues a stored response to the
-// deployment that stores it, charged for the conversation it carries.
-func (s *Server) pinResponse(ctx context.Context, key *store.Key, req *broker.Request, g *broker.Group) (*broker.Group, error) {
+// deployment that stores it, charged for the conversation it carries, and
+// names the response there as the deployment knows it (a background
+// response's id is Levee's): body is returned as it is to be sent.
+func (s *Server) pinResponse(ctx context.Context, key *store.Key, req *broker.Request, g *broker.Group, body []byte, param string) (*broker.Group, []byte, error) {
 	if req.PreviousResponseID == "" {
-		return g, nil
+		return g, body, nil
 	}
-	rt, d, err := s.responseRoute(ctx, key, req.PreviousResponseID, "previous_response_id")
+	rt, d, err := s.responseRoute(ctx, key, req.PreviousResponseID, param)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	pg, ok := s.broker.Resolve(d.Name)
 	if !ok {
-		return nil, responseNotFound("previous_response_id", req.PreviousResponseID)
+		return nil, nil, responseNotFound(param, req.PreviousResponseID)
 	}
 	req.ContextTokens = rt.ContextTokens
-	return pg, nil
+	if up := rt.Upstream(); up != req.PreviousResponseID {
+		if body, err = broker.WithResponseFields(body, map[string]any{"previous_response_id": up}); err != nil {
+			return nil, nil, badRequest(err)
+		}
+	}
+	return pg, body, nil
 }
 
 // recordResponse remembers where a response the caller made is stored,
@@ -97,54 +106,284 @@ func (s *Server) recordResponse(ctx context.Context, key *store.Key, id, deploym
 var forwardedResponseQuery = []string{"include[]", "include", "limit", "order", "after", "before"}
 
 // storedResponse serves GET and DELETE /v1/responses/{id} and GET
-// /v1/responses/{id}/input_items from the deployment that stores it.
+// /v1/responses/{id}/input_items: a background response from Postgres,
+// any other from the deployment that stores it.
 func (s *Server) storedResponse(suffix string) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		key := keyOf(c)
-		id := c.Param("id")
-		r := c.Request()
+		key, id, r := keyOf(c), c.Param("id"), c.Request()
 		if r.Method == http.MethodGet && r.URL.Query().Get("stream") == "true" {
-			return invalid("stream", "unsupported_parameter", "Streaming a stored response is only for background responses, which this gateway does not serve yet.")
+			return invalid("stream", "unsupported_parameter", "Streaming a stored response is not served yet; read it without stream.")
 		}
-		_, d, err := s.responseRoute(r.Context(), key, id, "id")
+		if _, ok := store.ParseBackgroundResponseID(id); ok {
+			return s.storedBackground(c, key, id, suffix)
+		}
+		return s.forwardStored(c, key, id, suffix)
+	}
+}
+
+// storedReply is a deployment's answer about a stored response.
+type storedReply struct {
+	status      int
+	contentType string
+	body        []byte
+	deployment  string
+}
+
+// fetchStored sends a GET or DELETE of a stored response (or its input
+// items) to the deployment that stores it, under the id it knows, and
+// answers as the caller knows it (Levee's id).
+func (s *Server) fetchStored(ctx context.Context, key *store.Key, method, id, suffix string, query url.Values, from http.Header) (*storedReply, error) {
+	rt, d, err := s.responseRoute(ctx, key, id, "id")
+	if err != nil {
+		return nil, err
+	}
+	q := url.Values{}
+	for _, k := range forwardedResponseQuery {
+		if vs, ok := query[k]; ok {
+			q[k] = vs
+		}
+	}
+	resp, err := s.broker.Forward(ctx, d, method, "responses/"+rt.Upstream()+suffix, q.Encode(), from)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, &Error{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Message: "The client closed the request."}
+		}
+		s.log.Warn("reading a stored response", "deployment", d.Name, "err", err)
+		return nil, &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unavailable",
+			Message: "The deployment that stores this response could not be reached; retry shortly."}
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, broker.MaxResponseBody))
+	if err != nil {
+		return nil, &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error", Message: "The deployment's response broke off."}
+	}
+	if method == http.MethodDelete && resp.StatusCode == http.StatusOK {
+		dctx, cancel := s.dbContext(context.WithoutCancel(ctx))
+		if err := s.batches.ForgetResponse(dctx, key.TenantID, id); err != nil {
+			s.log.Warn("forgetting a deleted response", "response", id, "err", err)
+		}
+		cancel()
+	}
+	if rt.UpstreamID != "" && resp.StatusCode == http.StatusOK && suffix == "" {
+		if fixed, err := broker.WithResponseFields(raw, map[string]any{"id": id}); err == nil {
+			raw = fixed
+		}
+	}
+	return &storedReply{status: resp.StatusCode, contentType: resp.Header.Get("Content-Type"), body: raw, deployment: d.Name}, nil
+}
+
+// forwardStored relays fetchStored's answer to the caller.
+func (s *Server) forwardStored(c echo.Context, key *store.Key, id, suffix string) error {
+	r := c.Request()
+	rep, err := s.fetchStored(r.Context(), key, r.Method, id, suffix, r.URL.Query(), r.Header)
+	if err != nil {
+		return err
+	}
+	h := c.Response().Header()
+	h.Set("x-levee-deployment", rep.deployment)
+	if rep.contentType != "" {
+		h.Set("Content-Type", rep.contentType)
+	}
+	h.Set("Content-Length", strconv.Itoa(len(rep.body)))
+	c.Response().WriteHeader(rep.status)
+	_, _ = c.Response().Write(rep.body)
+	return nil
+}
+
+// A background response is a Levee job: accepted at once as a queued
+// Response (its id Levee's own), run by the workers in the headroom the
+// synchronous traffic leaves, read back from Postgres, cancelled like a
+// job, and announced with OpenAI's webhook events (response.completed,
+// incomplete, failed, cancelled). Once it has run, the deployment stores
+// it under its own id: follow-ups and input_items are sent there with
+// that id.
+
+func (s *Server) backgroundResponse(c echo.Context, key *store.Key, g *broker.Group, req *broker.Request, body []byte, prio string) error {
+	if s.queue == nil || s.jobs == nil {
+		return s.queueUnavailable()
+	}
+	if req.Stream {
+		return invalid("stream", "unsupported_parameter", "Streaming a background response is not served yet: create it without stream and poll GET /v1/responses/{id}.")
+	}
+	if prio == "high" {
+		prio = "normal" // background work is queued work: it never goes before the synchronous calls
+	}
+	// The deployment runs it in the foreground, for a worker.
+	body, err := broker.WithResponseFields(body, map[string]any{"background": nil})
+	if err != nil {
+		return badRequest(err)
+	}
+	idem, err := idempotencyKey(c.Request())
+	if err != nil {
+		return err
+	}
+	j, _, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token,
+		Endpoint: "/v1/responses", Model: g.Name, Body: body, Priority: prio, IdempotencyKey: idem, Background: true}, nil)
+	if err != nil {
+		return err
+	}
+	return s.writeBackground(c, j)
+}
+
+// backgroundObject renders a background response from its job: queued,
+// in progress, the deployment's Response under Levee's id once it ran,
+// failed with the reason, or cancelled.
+func backgroundObject(j *store.Job) ([]byte, error) {
+	id := store.BackgroundResponseID(j.ID)
+	if j.Status == store.JobSucceeded && len(j.ResultBody) > 0 {
+		return broker.WithResponseFields(j.ResultBody, map[string]any{"id": id, "background": true})
+	}
+	var req struct {
+		Model              string          `json:"model"`
+		Instructions       *string         `json:"instructions"`
+		PreviousResponseID *string         `json:"previous_response_id"`
+		MaxOutputTokens    *int            `json:"max_output_tokens"`
+		Metadata           json.RawMessage `json:"metadata"`
+		Store              *bool           `json:"store"`
+	}
+	_ = json.Unmarshal(j.Body, &req)
+	status := map[string]string{store.JobQueued: "queued", store.JobRunning: "in_progress", store.JobFailed: "failed",
+		store.JobCancelled: "cancelled"}[j.Status]
+	o := map[string]any{"id": id, "object": "response", "created_at": j.CreatedAt.Unix(), "status": status, "background": true,
+		"model": req.Model, "output": []any{}, "usage": nil, "error": nil, "incomplete_details": nil, "instructions": req.Instructions,
+		"previous_response_id": req.PreviousResponseID, "max_output_tokens": req.MaxOutputTokens, "store": req.Store == nil || *req.Store,
+		"metadata": map[string]any{}}
+	if len(req.Metadata) > 0 && string(req.Metadata) != "null" {
+		o["metadata"] = req.Metadata
+	}
+	if j.Status == store.JobFailed {
+		code := j.ErrorCode
+		if code == "" {
+			code = "server_error"
+		}
+		o["error"] = map[string]any{"code": code, "message": j.ErrorMessage}
+	}
+	return json.Marshal(o)
+}
+
+func (s *Server) writeBackground(c echo.Context, j *store.Job) error {
+	raw, err := backgroundObject(j)
+	if err != nil {
+		return err
+	}
+	if j.Deployment != "" {
+		c.Response().Header().Set("x-levee-deployment", j.Deployment)
+	}
+	return c.JSONBlob(http.StatusOK, raw)
+}
+
+// backgroundJob finds the caller's background response by its id.
+func (s *Server) backgroundJob(ctx context.Context, key *store.Key, id string) (*store.Job, error) {
+	jid, ok := store.ParseBackgroundResponseID(id)
+	if !ok || s.jobs == nil {
+		return nil, responseNotFound("id", id)
+	}
+	dctx, cancel := s.dbContext(ctx)
+	defer cancel()
+	j, err := s.jobs.GetJob(dctx, key.TenantID, jid)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && !j.Background) {
+		return nil, responseNotFound("id", id)
+	}
+	return j, err
+}
+
+// storedBackground serves GET, DELETE and input_items of a background
+// response.
+func (s *Server) storedBackground(c echo.Context, key *store.Key, id, suffix string) error {
+	r := c.Request()
+	j, err := s.backgroundJob(r.Context(), key, id)
+	if err != nil {
+		return err
+	}
+	ran := j.Status == store.JobSucceeded
+	switch {
+	case r.Method == http.MethodGet && suffix == "":
+		return s.writeBackground(c, j)
+	case r.Method == http.MethodGet:
+		if ran {
+			if _, _, err := s.responseRoute(r.Context(), key, id, "id"); err == nil {
+				return s.forwardStored(c, key, id, suffix)
+			}
+		}
+		return c.JSON(http.StatusOK, inputItemsOf(j))
+	}
+	// DELETE: an ended response only (a running one is cancelled first).
+	if !j.Terminal() {
+		return &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "id", Code: "response_in_progress",
+			Message: "This background response has not ended; cancel it (POST /v1/responses/{id}/cancel) before deleting it."}
+	}
+	if ran {
+		// The deployment's copy goes too; its answer is not the caller's
+		// concern once Levee's is gone.
+		if _, err := s.fetchStored(r.Context(), key, http.MethodDelete, id, "", nil, r.Header); err != nil {
+			s.log.Debug("deleting a background response's stored copy", "response", id, "err", err)
+		}
+	}
+	dctx, cancel := s.dbContext(r.Context())
+	defer cancel()
+	if err := s.jobs.DeleteJob(dctx, key.TenantID, j.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]any{"id": id, "object": "response.deleted", "deleted": true})
+}
+
+// inputItemsOf lists a background response's input from its body, before
+// the deployment holds it.
+func inputItemsOf(j *store.Job) map[string]any {
+	var req struct {
+		Input json.RawMessage `json:"input"`
+	}
+	_ = json.Unmarshal(j.Body, &req)
+	var items []map[string]any
+	var text string
+	if json.Unmarshal(req.Input, &text) == nil {
+		items = []map[string]any{{"type": "message", "role": "user", "content": []any{map[string]any{"type": "input_text", "text": text}}}}
+	} else {
+		_ = json.Unmarshal(req.Input, &items)
+	}
+	base := strings.TrimPrefix(store.BackgroundResponseID(j.ID), "resp_")
+	for i, it := range items {
+		if _, ok := it["id"]; !ok {
+			it["id"] = fmt.Sprintf("msg_%s_%d", base, i)
+		}
+		if _, ok := it["type"]; !ok {
+			it["type"] = "message"
+		}
+	}
+	out := map[string]any{"object": "list", "data": items, "has_more": false, "first_id": nil, "last_id": nil}
+	if len(items) > 0 {
+		out["first_id"], out["last_id"] = items[0]["id"], items[len(items)-1]["id"]
+	} else {
+		out["data"] = []any{}
+	}
+	return out
+}
+
+// cancelResponse serves POST /v1/responses/{id}/cancel: background
+// responses only, as OpenAI's. A queued one is never sent; a running one's
+// call is aborted. An ended one is returned as it ended.
+func (s *Server) cancelResponse(c echo.Context) error {
+	key, id := keyOf(c), c.Param("id")
+	if _, ok := store.ParseBackgroundResponseID(id); !ok {
+		if _, _, err := s.responseRoute(c.Request().Context(), key, id, "id"); err != nil {
+			return err
+		}
+		return invalid("id", "invalid_request", "Only background responses can be cancelled.")
+	}
+	j, err := s.backgroundJob(c.Request().Context(), key, id)
+	if err != nil {
+		return err
+	}
+	if !j.Terminal() {
+		dctx, cancel := s.dbContext(c.Request().Context())
+		j, err = s.jobs.CancelJob(dctx, key.TenantID, j.ID)
+		cancel()
 		if err != nil {
 			return err
 		}
-		q := url.Values{}
-		for _, k := range forwardedResponseQuery {
-			if vs, ok := r.URL.Query()[k]; ok {
-				q[k] = vs
-			}
+		if s.queue != nil {
+			s.queue.NotifyCancelled(j.ID)
 		}
-		resp, err := s.broker.Forward(r.Context(), d, r.Method, "responses/"+id+suffix, q.Encode(), r.Header)
-		if err != nil {
-			if r.Context().Err() != nil {
-				return &Error{Status: 499, Type: "invalid_request_error", Code: "client_closed_request", Message: "The client closed the request."}
-			}
-			s.log.Warn("reading a stored response", "deployment", d.Name, "err", err)
-			return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_unavailable",
-				Message: "The deployment that stores this response could not be reached; retry shortly."}
-		}
-		defer resp.Body.Close()
-		raw, err := io.ReadAll(io.LimitReader(resp.Body, broker.MaxResponseBody))
-		if err != nil {
-			return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error", Message: "The deployment's response broke off."}
-		}
-		if r.Method == http.MethodDelete && resp.StatusCode == http.StatusOK {
-			dctx, cancel := s.dbContext(context.WithoutCancel(r.Context()))
-			if err := s.batches.ForgetResponse(dctx, key.TenantID, id); err != nil {
-				s.log.Warn("forgetting a deleted response", "response", id, "err", err)
-			}
-			cancel()
-		}
-		h := c.Response().Header()
-		h.Set("x-levee-deployment", d.Name)
-		if ct := resp.Header.Get("Content-Type"); ct != "" {
-			h.Set("Content-Type", ct)
-		}
-		h.Set("Content-Length", strconv.Itoa(len(raw)))
-		c.Response().WriteHeader(resp.StatusCode)
-		_, _ = c.Response().Write(raw)
-		return nil
 	}
+	return s.writeBackground(c, j)
 }

@@ -162,6 +162,7 @@ func New(o Options) *Server {
 		e.GET(p+"/:id", s.storedResponse(""), auth, responses)
 		e.DELETE(p+"/:id", s.storedResponse(""), auth, responses)
 		e.GET(p+"/:id/input_items", s.storedResponse("/input_items"), auth, responses)
+		e.POST(p+"/:id/cancel", s.cancelResponse, auth, responses, db)
 	}
 	for _, p := range []string{"/v1/models", "/openai/v1/models", "/openai/models"} {
 		e.GET(p, s.models, auth)

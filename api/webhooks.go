@@ -18,7 +18,8 @@ import (
 // Event types a webhook endpoint can filter on.
 var eventTypes = map[string]bool{"job.succeeded": true, "job.failed": true, "job.cancelled": true,
 	"batch.completed": true, "batch.failed": true, "batch.expired": true, "batch.cancelled": true,
-	"budget.threshold_reached": true, "budget.exceeded": true}
+	"budget.threshold_reached": true, "budget.exceeded": true,
+	"response.completed": true, "response.incomplete": true, "response.failed": true, "response.cancelled": true}
 
 const (
 	endpointPrefix = "we_"

@@ -163,3 +163,37 @@ func ResponseEventID(data []byte) (id string, stored bool) {
 	}
 	return ResponseID(e.Response)
 }
+
+// ResponseStatus reads a Response object's status ("" if it is not one).
+func ResponseStatus(body []byte) string {
+	var r struct {
+		Object string `json:"object"`
+		Status string `json:"status"`
+	}
+	if json.Unmarshal(body, &r) != nil || r.Object != "response" {
+		return ""
+	}
+	return r.Status
+}
+
+// WithResponseFields sets top-level members of a body the gateway already
+// validated (strictly: one object, no duplicate names), and drops those set
+// to nil: what goes upstream differs from what the client sent only there.
+func WithResponseFields(body []byte, set map[string]any) ([]byte, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, &BadRequestError{Msg: "invalid JSON body"}
+	}
+	for k, v := range set {
+		if v == nil {
+			delete(m, k)
+			continue
+		}
+		raw, err := json.Marshal(v)
+		if err != nil {
+			return nil, err
+		}
+		m[k] = raw
+	}
+	return json.Marshal(m)
+}

@@ -508,9 +508,7 @@ func (s *Store) EachBatchResult(ctx context.Context, batchID uuid.UUID, errorsFi
 		j := &Job{}
 		var cid string
 		var line int
-		err := rows.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
-			&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-			&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil, &cid, &line)
+		err := rows.Scan(append(j.dest(), &cid, &line)...)
 		return row{j, cid}, line, len(j.Body) + len(j.ResultBody), err
 	}, func(r row) error { return fn(r.j, r.cid) })
 }

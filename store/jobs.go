@@ -55,6 +55,10 @@ type Job struct {
 	StartedAt        *time.Time
 	FinishedAt       *time.Time
 	LeaseUntil       *time.Time
+	// Background is a background response (POST /v1/responses with
+	// background); ResponseStatus is its Response's status once it ended.
+	Background     bool
+	ResponseStatus string
 }
 
 // Terminal reports whether the job has ended.
@@ -64,13 +68,20 @@ func (j *Job) Terminal() bool {
 
 const jobColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), endpoint, model, body, priority, status,
 	metadata, coalesce(webhook_url, ''), attempts, coalesce(deployment, ''), coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
-	coalesce(cost_nanos, 0), coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until`
+	coalesce(cost_nanos, 0), coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until,
+	background, coalesce(response_status, '')`
+
+// dest is where a row of jobColumns is scanned to.
+func (j *Job) dest() []any {
+	return []any{&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
+		&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
+		&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil,
+		&j.Background, &j.ResponseStatus}
+}
 
 func scanJob(row pgx.Row) (*Job, error) {
 	j := &Job{}
-	err := row.Scan(&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
-		&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
-		&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil)
+	err := row.Scan(j.dest()...)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -92,6 +103,8 @@ type InsertJobParams struct {
 	// TokenCaller: KeyID is a token caller's id, with no stored key to
 	// check.
 	TokenCaller bool
+	// Background makes it a background response.
+	Background bool
 	// PublishClaim holds the job back from outbox relays for a moment,
 	// while the process that accepted it publishes it itself.
 	PublishClaim time.Duration
@@ -133,12 +146,12 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 	// is waited for and then seen, so no job slips in behind it.
 	j, err := scanJob(s.pool.QueryRow(ctx, `
 		WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
-		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret, publish_claim)
-		SELECT $1, t.id, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval FROM t
+		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret, publish_claim, background)
+		SELECT $1, t.id, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval, $15 FROM t
 		WHERE $3::uuid IS NULL OR $14 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $3 AND revoked_at IS NULL)
 		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING `+jobColumns,
-		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String(), p.TokenCaller))
+		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String(), p.TokenCaller, p.Background))
 	if err == nil {
 		return j, true, nil
 	}
@@ -179,6 +192,19 @@ func (s *Store) ForgetPublished(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("store: forget published: %w", err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// DeleteJob removes a tenant's ended job (a deleted background response);
+// its usage stays in the ledger. ErrNotFound if there is none that ended.
+func (s *Store) DeleteJob(ctx context.Context, tenant, id uuid.UUID) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM jobs WHERE id = $1 AND tenant_id = $2 AND status IN ('succeeded', 'failed', 'cancelled')`, id, tenant)
+	if err != nil {
+		return fmt.Errorf("store: delete job: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return ErrNotFound
+	}
+	return nil
 }
 
 // GetJob returns a tenant's job; another tenant's id is ErrNotFound.
@@ -226,7 +252,7 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 func (s *Store) CancelJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
 	_, err := s.pool.Exec(ctx, `WITH j AS (UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_until = NULL
 		WHERE id = $1 AND tenant_id = $2 AND status IN ('queued', 'running')
-		RETURNING id, tenant_id, webhook_url, webhook_secret, batch_id, status), e AS (`+jobEventSQL+`) SELECT 1`, id, tenant)
+		RETURNING id, tenant_id, webhook_url, webhook_secret, batch_id, status, background, response_status), e AS (`+jobEventSQL+`) SELECT 1`, id, tenant)
 	if err != nil {
 		return nil, fmt.Errorf("store: cancel job: %w", err)
 	}
@@ -294,6 +320,9 @@ type FinishJobParams struct {
 	CostNanos        int64
 	Latency          time.Duration
 	Attempts         int
+	// ResponseStatus is a background response's own status (completed,
+	// incomplete, failed), for its state and its webhook event.
+	ResponseStatus string
 }
 
 // FinishJob records an outcome exactly once: one statement ends the job only
@@ -315,9 +344,9 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 		WITH j AS (
 			UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
 				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
-				cost_nanos = $14, finished_at = now(), lease_until = NULL
+				cost_nanos = $14, finished_at = now(), lease_until = NULL, response_status = nullif($15, '')
 			WHERE id = $1 AND status = 'running'
-			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at, webhook_url, webhook_secret, batch_id, status
+			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at, webhook_url, webhook_secret, batch_id, status, background, response_status
 		), e AS (`+jobEventSQL+`), u AS (
 			INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
 				status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos)
@@ -334,7 +363,7 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 		)
 		SELECT count(*) FROM j`,
 		p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens,
-		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr, p.CostNanos).Scan(&n)
+		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr, p.CostNanos, p.ResponseStatus).Scan(&n)
 	if err != nil {
 		return false, fmt.Errorf("store: finish job: %w", err)
 	}
@@ -349,10 +378,18 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 // exactly when the job has ended.
 const jobEventSQL = `
 	INSERT INTO webhook_events (id, tenant_id, type, data)
-	SELECT gen_random_uuid(), j.tenant_id, 'job.' || j.status, jsonb_build_object('id', 'job_' || j.id, 'status', j.status)
-	FROM j WHERE j.batch_id IS NULL AND (j.webhook_url IS NOT NULL OR EXISTS (
+	SELECT gen_random_uuid(), j.tenant_id, j.event, j.data FROM (
+		-- A background response's events are OpenAI's: response.completed,
+		-- incomplete, failed or cancelled, naming the response.
+		SELECT j.*, CASE WHEN j.background THEN 'response.' || CASE j.status
+				WHEN 'succeeded' THEN coalesce(j.response_status, 'completed') WHEN 'failed' THEN 'failed' ELSE 'cancelled' END
+			ELSE 'job.' || j.status END AS event,
+			CASE WHEN j.background THEN jsonb_build_object('id', 'resp_lv' || replace(j.id::text, '-', ''))
+			ELSE jsonb_build_object('id', 'job_' || j.id, 'status', j.status) END AS data
+		FROM j) j
+	WHERE j.batch_id IS NULL AND (j.webhook_url IS NOT NULL OR EXISTS (
 		SELECT 1 FROM webhook_endpoints we WHERE we.tenant_id = j.tenant_id AND we.enabled
-			AND (cardinality(we.events) = 0 OR 'job.' || j.status = ANY (we.events))))
+			AND (cardinality(we.events) = 0 OR j.event = ANY (we.events))))
 	RETURNING id, tenant_id, type
 ), d AS (
 	INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url, secret)

@@ -4,17 +4,23 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 	"github.com/openai/openai-go/v3/responses"
+	"github.com/openai/openai-go/v3/webhooks"
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/sim"
+	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/test/harness"
 )
 
@@ -256,5 +262,120 @@ func TestDeferredResponseIsRecordedForFollowUps(t *testing.T) {
 		"previous_response_id": first.ID}, "X-Levee-Priority", "normal", "Prefer", "wait=30")
 	if resp.StatusCode != 200 {
 		t.Fatalf("deferred follow-up: %d %s", resp.StatusCode, raw)
+	}
+}
+
+// Background responses through openai-go: created queued with Levee's id,
+// polled until completed, continued with a follow-up (sent to the
+// deployment under its own id), input items, a webhook the SDK's Unwrap
+// verifies, cancelled while queued (never sent), deleted.
+func TestBackgroundResponses(t *testing.T) {
+	f := fastWebhooks()
+	f.Worker = config.Worker{Concurrency: 4}
+	env := harness.Start(t, f)
+	ctx := context.Background()
+	c := openai.NewClient(option.WithBaseURL(env.BaseURL+"/v1/"), option.WithAPIKey(env.APIKey), option.WithMaxRetries(0))
+
+	var mu sync.Mutex
+	var events []webhooks.UnwrapWebhookEventUnion
+	var secret string
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		ev, err := c.Webhooks.Unwrap(body, r.Header, option.WithWebhookSecret(secret))
+		if err != nil {
+			t.Errorf("unwrap: %v", err)
+			w.WriteHeader(400)
+			return
+		}
+		events = append(events, *ev)
+		w.WriteHeader(204)
+	}))
+	defer hook.Close()
+	_, sec := createEndpoint(t, env, hook.URL, "response.completed", "response.cancelled")
+	mu.Lock()
+	secret = sec
+	mu.Unlock()
+
+	bg, err := c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", Background: openai.Bool(true),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Take your time.")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bg.Status != "queued" && bg.Status != "in_progress" || !bg.Background || !strings.HasPrefix(bg.ID, "resp_lv") {
+		t.Fatalf("created %+v", bg)
+	}
+	var done *responses.Response
+	harness.Eventually(t, 30*time.Second, "the background response to complete", func() bool {
+		r, err := c.Responses.Get(ctx, bg.ID, responses.ResponseGetParams{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done = r
+		return r.Status == "completed"
+	})
+	if done.ID != bg.ID || done.OutputText() == "" || done.Usage.TotalTokens == 0 || !done.Background {
+		t.Fatalf("completed %+v", done)
+	}
+	items, err := c.Responses.InputItems.List(ctx, bg.ID, responses.InputItemListParams{})
+	if err != nil || len(items.Data) != 1 {
+		t.Fatalf("input items: %v %+v", err, items)
+	}
+	next, err := c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", PreviousResponseID: openai.String(bg.ID),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Now, quickly.")}})
+	if err != nil || next.Usage.InputTokens <= done.Usage.InputTokens {
+		t.Fatalf("a follow-up of a background response: %v %+v", err, next)
+	}
+
+	// Cancelled while queued: the deployments never see it. The tenant's
+	// one request a minute is spent, so the job waits in the queue.
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, env.APIKey), RPM: 1})
+	if resp, raw := call(t, env.BaseURL, "/v1/chat/completions", env.APIKey, chat(5)); resp.StatusCode != 200 {
+		t.Fatalf("%d %s", resp.StatusCode, raw)
+	}
+	calls := simTotal(env, func(s sim.Stats) int64 { return s.Calls })
+	queued, err := c.Responses.New(ctx, responses.ResponseNewParams{Model: "gpt-4o", Background: openai.Bool(true),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Never mind.")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // a worker has looked at it
+	cancelled, err := c.Responses.Cancel(ctx, queued.ID)
+	if err != nil || cancelled.Status != "cancelled" {
+		t.Fatalf("cancel: %v %+v", err, cancelled)
+	}
+	if now := simTotal(env, func(s sim.Stats) int64 { return s.Calls }); now != calls {
+		t.Fatalf("a response cancelled while queued reached a deployment (%d calls, then %d)", calls, now)
+	}
+	again, err := c.Responses.Cancel(ctx, queued.ID)
+	if err != nil || again.Status != "cancelled" {
+		t.Fatalf("cancelling again: %v %+v", err, again)
+	}
+	setLimits(t, env, &store.SetLimitsParams{TenantID: tenantOf(t, env, env.APIKey)})
+
+	harness.Eventually(t, 20*time.Second, "response.completed and response.cancelled webhooks", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		seen := map[string]string{}
+		for _, e := range events {
+			seen[e.Type] = e.Data.ID
+		}
+		return seen["response.completed"] == bg.ID && seen["response.cancelled"] == queued.ID
+	})
+
+	if err := c.Responses.Delete(ctx, bg.ID); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Responses.Get(ctx, bg.ID, responses.ResponseGetParams{})
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != 404 {
+		t.Fatalf("a deleted background response: %v", err)
+	}
+	// Another tenant cannot see, cancel or continue one.
+	other := env.NewKey("other")
+	for _, p := range []struct{ method, path string }{{"GET", "/v1/responses/" + queued.ID}, {"POST", "/v1/responses/" + queued.ID + "/cancel"}} {
+		resp, raw := callAs(t, p.method, env.BaseURL+p.path, other, nil)
+		wantCode(t, p.method+" "+p.path, resp, raw, 404, "response_not_found")
 	}
 }

@@ -546,10 +546,22 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "upstream_rejected", fmt.Sprintf("the deployment answered %d", res.Resp.StatusCode)
 	}
 	if op == broker.OpResponses && res.Resp.StatusCode == http.StatusOK {
-		// Its follow-ups must find the deployment that stores it.
+		if job.Background {
+			p.ResponseStatus = broker.ResponseStatus(body)
+			if p.ResponseStatus == "failed" {
+				p.Status, p.ErrorCode, p.ErrorMessage = store.JobFailed, "response_failed", "the deployment's response failed"
+			}
+		}
+		// Its follow-ups must find the deployment that stores it, under
+		// the id the caller knows (a background response's is Levee's).
 		if rid, stored := broker.ResponseID(body); stored {
-			if err := w.st.RecordResponse(context.WithoutCancel(ctx), &store.ResponseRoute{ID: rid, TenantID: job.TenantID,
-				Deployment: res.Deployment.Name, ContextTokens: u.TotalTokens}, w.cfg.ResponseRetention); err != nil {
+			rt := &store.ResponseRoute{ID: rid, TenantID: job.TenantID, Deployment: res.Deployment.Name, ContextTokens: u.TotalTokens}
+			if job.Background {
+				rt.ID, rt.UpstreamID = store.BackgroundResponseID(job.ID), rid
+			}
+			// Recorded before the job ends, so no caller can see it ended
+			// and find no way to its follow-ups.
+			if err := w.st.RecordResponse(context.WithoutCancel(ctx), rt, w.cfg.ResponseRetention); err != nil {
 				w.log.Warn("recording where a response is stored", "job", id, "err", err)
 			}
 		}
