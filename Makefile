@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-batch sdk-node
+.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ bench-jobs: ## end-to-end jobs/s: submit over HTTP to all succeeded (zero-latenc
 
 bench-levelling: ## queue-based load levelling: sync traffic at ~40% plus a job backlog on PTU 60k + standard 120k TPM
 	$(GO) run ./test/bench/levelling
+
+bench-levelling-responses: ## the same, with background responses (POST /v1/responses, background) as the backlog
+	$(GO) run ./test/bench/levelling -responses
 
 bench-batch: ## a 50,000-line batch end to end: wall time, lines/s, output checked line for line
 	$(GO) run ./test/bench/batch

@@ -190,7 +190,7 @@ func TestResponseFollowUpsStayWithTheirDeployment(t *testing.T) {
 }
 
 // Another tenant's response ids do not exist for a caller; bad bodies get
-// their param; background is refused until it is served.
+// their param (a streamed background response is not served yet).
 func TestResponsesRefuseWhatTheyShould(t *testing.T) {
 	env := harness.Start(t, nil)
 	resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Mine."})
@@ -222,7 +222,7 @@ func TestResponsesRefuseWhatTheyShould(t *testing.T) {
 	for _, c := range []struct{ body, param string }{
 		{`{"model":"gpt-4o","input":"x","max_output_tokens":100000}`, "max_output_tokens"},
 		{`{"model":"gpt-4o","input":"x","max_output_tokens":4}`, "max_output_tokens"},
-		{`{"model":"gpt-4o","input":"x","background":true}`, "background"},
+		{`{"model":"gpt-4o","input":"x","background":true,"stream":true}`, "stream"},
 		{`{"model":"gpt-4o","input":"x","Input":"y"}`, "Input"},
 		{`{"model":"gpt-4o","input":"x","model":"gpt-4o"}`, "model"},
 		{`{"model":"gpt-4o"}`, "input"},
@@ -378,4 +378,110 @@ func TestBackgroundResponses(t *testing.T) {
 		resp, raw := callAs(t, p.method, env.BaseURL+p.path, other, nil)
 		wantCode(t, p.method+" "+p.path, resp, raw, 404, "response_not_found")
 	}
+}
+
+func createBackground(t *testing.T, base, key string, body map[string]any) responseObj {
+	t.Helper()
+	body["background"] = true
+	resp, raw := call(t, base, "/v1/responses", key, body)
+	var o responseObj
+	if resp.StatusCode != 200 || json.Unmarshal(raw, &o) != nil || o.Status != "queued" {
+		t.Fatalf("background create: %d %s", resp.StatusCode, raw)
+	}
+	return o
+}
+
+func getResponse(t *testing.T, base, key, id string) responseObj {
+	t.Helper()
+	resp, raw := call(t, base, "/v1/responses/"+id, key, nil)
+	var o responseObj
+	if resp.StatusCode != 200 || json.Unmarshal(raw, &o) != nil {
+		t.Fatalf("get %s: %d %s", id, resp.StatusCode, raw)
+	}
+	return o
+}
+
+// A background response submitted when high-priority traffic has taken the
+// deployment's whole minute waits in the queue, and completes once the
+// minute has room, without the deployment refusing one call.
+func TestBackgroundResponseWaitsBehindAFullMinute(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out a minute")
+	}
+	f := &dev.File{
+		Deployments: []dev.FileDeployment{{Name: "d", Model: "gpt-4o", Kind: config.Standard, TPM: 6000, RPM: 1 << 20, SyncReserve: 0.2,
+			Sim: sim.Deployment{CompletionTokens: 10}}},
+		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"d"}, MaxTokens: 4096}},
+	}
+	env := harness.Start(t, f)
+	served := 0
+	for {
+		resp, raw := call(t, env.BaseURL, "/v1/chat/completions", env.APIKey, chat(500))
+		if resp.StatusCode == 429 {
+			break
+		}
+		if resp.StatusCode != 200 {
+			t.Fatalf("%d %s", resp.StatusCode, raw)
+		}
+		served++
+	}
+	start := time.Now()
+	bg := createBackground(t, env.BaseURL, env.APIKey, map[string]any{"model": "gpt-4o", "input": "When there is room.", "max_output_tokens": 500})
+	time.Sleep(2 * time.Second)
+	if o := getResponse(t, env.BaseURL, env.APIKey, bg.ID); o.Status != "queued" {
+		t.Fatalf("with the minute full the background response is %s", o.Status)
+	}
+	harness.Eventually(t, 90*time.Second, "the background response to complete", func() bool {
+		return getResponse(t, env.BaseURL, env.APIKey, bg.ID).Status == "completed"
+	})
+	t.Logf("%d high-priority calls took the minute; the background response waited %v and completed", served, time.Since(start).Round(time.Second))
+	if st := env.Sim.Stats()["d"]; st.Refused != 0 {
+		t.Fatalf("the deployment refused %d calls", st.Refused)
+	}
+}
+
+// Workers killed (SIGKILL) while background responses are in flight: each
+// still completes, once: one result, one usage row, one route.
+func TestKilledWorkerMidResponseCompletesOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs levee processes")
+	}
+	f := &dev.File{
+		Deployments: []dev.FileDeployment{{Name: "d", Model: "gpt-4o", Kind: config.Standard, TPM: 1 << 30, RPM: 1 << 30,
+			Sim: sim.Deployment{TTFT: 50 * time.Millisecond, PerToken: 60 * time.Millisecond, CompletionTokens: 20}}},
+		Models: []config.Model{{Name: "gpt-4o", Deployments: []string{"d"}, MaxTokens: 4096}},
+	}
+	env := harness.StartWith(t, f, dev.StackOptions{NoWorkers: true})
+	cfgPath, penv := processConfig(t, env, "127.0.0.1:0", "queue: {ack_wait: 2s}\nworker: {concurrency: 16}\n")
+	var ids []string
+	for i := 0; i < 8; i++ {
+		ids = append(ids, createBackground(t, env.BaseURL, env.APIKey, map[string]any{"model": "gpt-4o", "input": "Slowly " + strings.Repeat("x", i)}).ID)
+	}
+	worker := harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	harness.Eventually(t, 20*time.Second, "responses in flight", func() bool {
+		var n int
+		_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status = 'running'`).Scan(&n)
+		return n >= 4
+	})
+	time.Sleep(300 * time.Millisecond) // mid-generation
+	worker.Kill()
+	var succeeded int
+	_ = env.Store.Pool().QueryRow(context.Background(), `SELECT count(*) FROM jobs WHERE status = 'succeeded'`).Scan(&succeeded)
+	if succeeded == len(ids) {
+		t.Fatal("every response ended before the kill: the test proves nothing")
+	}
+	harness.Spawn(t, penv, "worker", "--config", cfgPath, "--metrics", "")
+	for _, id := range ids {
+		harness.Eventually(t, 60*time.Second, id+" to complete", func() bool {
+			return getResponse(t, env.BaseURL, env.APIKey, id).Status == "completed"
+		})
+	}
+	ctx := context.Background()
+	var rows, distinct, routes int
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT count(*), count(DISTINCT request_id) FROM usage_events WHERE request_id LIKE 'job_%'`).Scan(&rows, &distinct)
+	_ = env.Store.Pool().QueryRow(ctx, `SELECT count(*) FROM response_routes WHERE id LIKE 'resp_lv%'`).Scan(&routes)
+	if rows != len(ids) || distinct != len(ids) || routes != len(ids) {
+		t.Fatalf("%d usage rows (%d distinct) and %d routes for %d responses", rows, distinct, routes, len(ids))
+	}
+	t.Logf("killed with %d of %d done; the simulator admitted %d calls for them", succeeded, len(ids), env.Sim.Stats()["d"].Admitted)
 }

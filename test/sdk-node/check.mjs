@@ -105,6 +105,53 @@ for (const [name, client] of Object.entries(clients)) {
   const got = await client.responses.retrieve(first.id);
   assert.equal(got.output_text, first.output_text);
   console.log("responses: ok");
+
+  // A background response: queued at once, polled until completed,
+  // announced by a webhook that the SDK's unwrap verifies; another
+  // cancelled at once.
+  const events = [];
+  let secret = "";
+  const http = await import("node:http");
+  const srv = http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => (body += c));
+    req.on("end", async () => {
+      try {
+        events.push(await client.webhooks.unwrap(body, req.headers, secret));
+        res.writeHead(204).end();
+      } catch (e) {
+        console.error("unwrap:", e.message);
+        res.writeHead(400).end();
+      }
+    });
+  });
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  const ep = await (await fetch(`${base}/v1/webhook_endpoints`, {
+    method: "POST", headers: { Authorization: `Bearer ${apiKey}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ url: `http://127.0.0.1:${srv.address().port}/hook`, events: ["response.completed"] }),
+  })).json();
+  secret = ep.secret;
+  const bg = await client.responses.create({ model: "gpt-4o", input: "In the background, please.", background: true });
+  assert.ok(["queued", "in_progress"].includes(bg.status), bg.status);
+  assert.equal(bg.background, true);
+  let polled = bg;
+  const until = Date.now() + 30_000;
+  while (polled.status !== "completed") {
+    assert.ok(Date.now() < until, `background response still ${polled.status}`);
+    await new Promise((r) => setTimeout(r, 100));
+    polled = await client.responses.retrieve(bg.id);
+  }
+  assert.equal(polled.id, bg.id);
+  assert.ok(polled.output_text.length > 0);
+  while (!events.some((e) => e.type === "response.completed" && e.data.id === bg.id)) {
+    assert.ok(Date.now() < until, "no response.completed webhook");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  srv.close();
+  const other = await client.responses.create({ model: "gpt-4o", input: "Never mind.", background: true });
+  const cancelled = await client.responses.cancel(other.id);
+  assert.ok(["cancelled", "completed"].includes(cancelled.status), cancelled.status);
+  console.log("background: ok");
 }
 
 try {

@@ -25,8 +25,12 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
+	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/sim"
 )
+
+// responsesBacklog: the backlog is background responses.
+var responsesBacklog bool
 
 func main() {
 	jobs := flag.Int("jobs", 20000, "low-priority jobs in the backlog")
@@ -36,6 +40,7 @@ func main() {
 	share := flag.Float64("sync-share", 0.4, "synchronous traffic as a share of total TPM")
 	reserve := flag.Float64("reserve", 0.05, "share of each deployment workers leave to synchronous traffic")
 	flag.BoolVar(&debug, "debug", false, "print when sync calls were refused and the headroom each second")
+	flag.BoolVar(&responsesBacklog, "responses", false, "make the backlog background responses (POST /v1/responses, background) instead of jobs")
 	flag.Parse()
 	if err := run(*jobs, *baseline, *window, *drain, *share, *reserve); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-levelling:", err)
@@ -160,6 +165,7 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 	wg.Add(1)
 	go runSync(loaded, stop, &wg)
 	jobBody := []byte(fmt.Sprintf(`{"endpoint":"/v1/chat/completions","priority":"low","body":{"model":"gpt-4o","max_tokens":%d,"messages":[{"role":"user","content":"Classify this support ticket and extract the order number: 'My order 4411 arrived broken.'"}]}}`, jobMax))
+	responseBody := []byte(fmt.Sprintf(`{"model":"gpt-4o","background":true,"max_output_tokens":%d,"input":"Classify this support ticket and extract the order number: 'My order 4411 arrived broken.'"}`, max(jobMax, 16)))
 	var ids sync.Map
 	var next, refused atomic.Int64
 	phase2 := time.Now()
@@ -169,8 +175,12 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 		go func() {
 			defer sub.Done()
 			for next.Add(1) <= int64(nJobs) {
-				status, raw := post("/v1/jobs", jobBody)
-				if status != 202 {
+				path, body, accepted := "/v1/jobs", jobBody, 202
+				if responsesBacklog {
+					path, body, accepted = "/v1/responses", responseBody, 200
+				}
+				status, raw := post(path, body)
+				if status != accepted {
 					refused.Add(1)
 					continue
 				}
@@ -178,6 +188,15 @@ func run(nJobs int, baseline, window time.Duration, drain bool, share, reserve f
 					ID string `json:"id"`
 				}
 				_ = json.Unmarshal(raw, &j)
+				if responsesBacklog {
+					// A background response is the job of its id.
+					id, ok := store.ParseBackgroundResponseID(j.ID)
+					if !ok {
+						refused.Add(1)
+						continue
+					}
+					j.ID = "job_" + id.String()
+				}
 				ids.Store(j.ID, true)
 			}
 		}()
