@@ -29,6 +29,8 @@ type JobStore interface {
 	ListJobs(ctx context.Context, p *store.ListJobsParams) ([]*store.Job, bool, error)
 	CancelJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 	DeleteJob(ctx context.Context, tenant, id uuid.UUID) error
+	AddResponseEvents(ctx context.Context, job uuid.UUID, events []store.ResponseEvent) error
+	ResponseEventsAfter(ctx context.Context, job uuid.UUID, after, limit int) ([]store.ResponseEvent, error)
 }
 
 // JobQueue carries the notices about jobs between processes.

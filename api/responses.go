@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/labstack/echo/v4"
 
@@ -101,6 +102,26 @@ func (s *Server) recordResponse(ctx context.Context, key *store.Key, id, deploym
 	}
 }
 
+// wantsStream reports whether a GET of a response asks for its stream:
+// ?stream=true (openai-node, curl), or {"stream": true} in a JSON body,
+// which openai-go sends even on a GET.
+func wantsStream(r *http.Request) bool {
+	if r.URL.Query().Get("stream") == "true" {
+		return true
+	}
+	if r.Body == nil || r.ContentLength == 0 {
+		return false
+	}
+	raw, err := io.ReadAll(io.LimitReader(r.Body, 4096))
+	if err != nil {
+		return false
+	}
+	var b struct {
+		Stream bool `json:"stream"`
+	}
+	return strictjson.Unmarshal(raw, &b) == nil && b.Stream
+}
+
 // forwardedResponseQuery keeps the query parameters OpenAI defines for
 // these routes, and drops the rest.
 var forwardedResponseQuery = []string{"include[]", "include", "limit", "order", "after", "before"}
@@ -111,10 +132,26 @@ var forwardedResponseQuery = []string{"include[]", "include", "limit", "order", 
 func (s *Server) storedResponse(suffix string) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		key, id, r := keyOf(c), c.Param("id"), c.Request()
-		if r.Method == http.MethodGet && r.URL.Query().Get("stream") == "true" {
-			return invalid("stream", "unsupported_parameter", "Streaming a stored response is not served yet; read it without stream.")
+		_, background := store.ParseBackgroundResponseID(id)
+		if r.Method == http.MethodGet && suffix == "" && wantsStream(r) {
+			if !background {
+				return invalid("stream", "invalid_request", "Only a streamed background response can be streamed again.")
+			}
+			after := -1
+			if v := r.URL.Query().Get("starting_after"); v != "" {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < -1 {
+					return invalid("starting_after", "invalid_request", "starting_after must be a sequence number.")
+				}
+				after = n
+			}
+			j, err := s.backgroundJob(r.Context(), key, id)
+			if err != nil {
+				return err
+			}
+			return s.followResponse(c, key, j, after)
 		}
-		if _, ok := store.ParseBackgroundResponseID(id); ok {
+		if background {
 			return s.storedBackground(c, key, id, suffix)
 		}
 		return s.forwardStored(c, key, id, suffix)
@@ -202,9 +239,6 @@ func (s *Server) backgroundResponse(c echo.Context, key *store.Key, g *broker.Gr
 	if s.queue == nil || s.jobs == nil {
 		return s.queueUnavailable()
 	}
-	if req.Stream {
-		return invalid("stream", "unsupported_parameter", "Streaming a background response is not served yet: create it without stream and poll GET /v1/responses/{id}.")
-	}
 	if prio == "high" {
 		prio = "normal" // background work is queued work: it never goes before the synchronous calls
 	}
@@ -222,7 +256,96 @@ func (s *Server) backgroundResponse(c echo.Context, key *store.Key, g *broker.Gr
 	if err != nil {
 		return err
 	}
-	return s.writeBackground(c, j)
+	if !req.Stream {
+		return s.writeBackground(c, j)
+	}
+	// Streamed: Levee's own first events (the response created, queued),
+	// stored like the rest so a reconnecting client reads them too; then
+	// the deployment's, as the worker relays them.
+	obj, err := backgroundObject(j)
+	if err != nil {
+		return err
+	}
+	var first []store.ResponseEvent
+	for seq, typ := range []string{"response.created", "response.queued"} {
+		data, _ := json.Marshal(map[string]any{"type": typ, "sequence_number": seq, "response": json.RawMessage(obj)})
+		first = append(first, store.ResponseEvent{Seq: seq, Type: typ, Data: data})
+	}
+	dctx, cancel := s.dbContext(c.Request().Context())
+	err = s.jobs.AddResponseEvents(dctx, j.ID, first)
+	cancel()
+	if err != nil {
+		return err
+	}
+	return s.followResponse(c, key, j, -1)
+}
+
+// followResponse streams a background response's events numbered after
+// after, as they are stored, until its terminal event. A response that
+// ended without one (it failed in Levee, or was cancelled) ends the stream
+// with response.failed, or simply, once what was stored has been sent.
+func (s *Server) followResponse(c echo.Context, key *store.Key, j *store.Job, after int) error {
+	ctx := c.Request().Context()
+	w := c.Response()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("x-levee-job", jobPrefix+j.ID.String())
+	w.WriteHeader(http.StatusOK)
+	w.Flush()
+	write := func(typ string, data []byte) error {
+		if _, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", typ, data); err != nil {
+			return err
+		}
+		w.Flush()
+		return nil
+	}
+	last := after
+	checked := time.Now()
+	for {
+		dctx, cancel := s.dbContext(ctx)
+		events, err := s.jobs.ResponseEventsAfter(dctx, j.ID, last, 500)
+		cancel()
+		if err != nil {
+			s.log.Warn("reading a background response's events", "job", j.ID, "err", err)
+			return nil // begun: the client reconnects with starting_after
+		}
+		for _, e := range events {
+			if err := write(e.Type, e.Data); err != nil {
+				return nil
+			}
+			last = e.Seq
+			if broker.TerminalEvent(e.Type) {
+				return nil
+			}
+		}
+		if len(events) > 0 {
+			continue
+		}
+		if j.Terminal() {
+			// It was seen ended before the events were read: every event
+			// stored before it ended has been sent.
+			if j.Status == store.JobFailed {
+				obj, _ := backgroundObject(j)
+				data, _ := json.Marshal(map[string]any{"type": "response.failed", "sequence_number": last + 1, "response": json.RawMessage(obj)})
+				_ = write("response.failed", data)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Since(checked) > 500*time.Millisecond {
+			checked = time.Now()
+			dctx, cancel := s.dbContext(ctx)
+			cur, err := s.jobs.GetJob(dctx, key.TenantID, j.ID)
+			cancel()
+			if err == nil {
+				j = cur
+			}
+		}
+	}
 }
 
 // backgroundObject renders a background response from its job: queued,

@@ -1,9 +1,13 @@
 package broker
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"strconv"
 
 	"github.com/levee-gw/levee/strictjson"
 )
@@ -196,4 +200,71 @@ func WithResponseFields(body []byte, set map[string]any) ([]byte, error) {
 		m[k] = raw
 	}
 	return json.Marshal(m)
+}
+
+// ReadEvents reads a server-sent-event stream and calls fn with the data of
+// each event, until the stream ends (nil) or breaks (its error).
+func ReadEvents(r io.Reader, fn func(data []byte) error) error {
+	br := bufio.NewReaderSize(r, 32<<10)
+	var data []byte
+	have := false
+	for {
+		line, err := br.ReadBytes('\n')
+		trimmed := bytes.TrimRight(line, "\r\n")
+		switch {
+		case len(line) > 0 && len(trimmed) == 0:
+			if have {
+				if ferr := fn(data); ferr != nil {
+					return ferr
+				}
+				data, have = data[:0], false
+			}
+		case bytes.HasPrefix(trimmed, []byte("data:")):
+			v := bytes.TrimPrefix(trimmed[len("data:"):], []byte(" "))
+			if have {
+				data = append(data, '\n')
+			}
+			data, have = append(data, v...), true
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				if have {
+					return fn(data)
+				}
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// RewriteEvent renumbers a Responses stream event (its sequence_number plus
+// offset) and, when it carries the response, gives it id (and background).
+// It returns the event's type and number, the event as rewritten, and the
+// response it carried as the deployment sent it (nil if none).
+func RewriteEvent(data []byte, offset int, id string) (typ string, seq int, out, response []byte, err error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(data, &m); err != nil {
+		return "", 0, nil, nil, err
+	}
+	_ = json.Unmarshal(m["type"], &typ)
+	_ = json.Unmarshal(m["sequence_number"], &seq)
+	seq += offset
+	m["sequence_number"] = json.RawMessage(strconv.Itoa(seq))
+	if raw, ok := m["response"]; ok && len(raw) > 0 && raw[0] == '{' {
+		response = raw
+		fixed, err := WithResponseFields(raw, map[string]any{"id": id, "background": true})
+		if err != nil {
+			return "", 0, nil, nil, err
+		}
+		m["response"] = fixed
+	}
+	out, err = json.Marshal(m)
+	return typ, seq, out, response, err
+}
+
+// TerminalEvent reports whether a Responses stream event type ends the
+// stream.
+func TerminalEvent(typ string) bool {
+	return typ == "response.completed" || typ == "response.incomplete" || typ == "response.failed"
 }

@@ -211,6 +211,9 @@ type Responses struct {
 	// response (for follow-ups, reads and deletes); OpenAI keeps stored
 	// responses 30 days (default 720h).
 	Retention time.Duration `yaml:"retention"`
+	// StreamRetention is how long a streamed background response's events
+	// are kept after it ended, for clients that reconnect (default 24h).
+	StreamRetention time.Duration `yaml:"stream_retention"`
 }
 
 // Webhooks configures outgoing webhooks.
@@ -391,6 +394,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Responses.Retention < time.Minute {
 		return &FieldError{"responses.retention", "must be at least 1m"}
+	}
+	if c.Responses.StreamRetention == 0 {
+		c.Responses.StreamRetention = 24 * time.Hour
+	}
+	if c.Responses.StreamRetention < time.Minute {
+		return &FieldError{"responses.stream_retention", "must be at least 1m"}
 	}
 	if c.Listen == "" {
 		c.Listen = DefaultListen

@@ -191,6 +191,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
 	g.stopBackground = cancelBG
 	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
+	g.spawn(func() { st.RunResponsePruning(bg, time.Hour, cfg.Responses.StreamRetention, log) })
 	g.spawn(func() { qt.Run(bg) })
 	if apiServer != nil {
 		g.spawn(func() { apiServer.RunKeys(bg, st) })

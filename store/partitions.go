@@ -64,9 +64,6 @@ func (s *Store) RunPartitionMaintenance(ctx context.Context, every time.Duration
 			if err := s.MaintainPartitions(ctx, now()); err != nil && ctx.Err() == nil {
 				log.Warn("ledger partition maintenance failed; will retry", "every", every, "err", err)
 			}
-			if _, err := s.PruneResponses(ctx); err != nil && ctx.Err() == nil {
-				log.Warn("pruning expired response routes failed; will retry", "every", every, "err", err)
-			}
 		}
 	}
 }

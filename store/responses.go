@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -100,6 +101,76 @@ func (s *Store) PruneResponses(ctx context.Context) (int64, error) {
 		total += tag.RowsAffected()
 		if tag.RowsAffected() < 10000 {
 			return total, nil
+		}
+	}
+}
+
+// StreamOffset is added to the numbers of a deployment's events for a
+// streamed background response: Levee's own response.created and
+// response.queued are 0 and 1, and the deployment's response.created (its
+// 0) is not relayed, so its in_progress (1) becomes 2.
+const StreamOffset = 1
+
+// ResponseEvent is one event of a streamed background response.
+type ResponseEvent struct {
+	Seq  int
+	Type string
+	Data []byte
+}
+
+// AddResponseEvents stores events of a background response. An event whose
+// number is stored already is kept as it was: a rerun after a worker died
+// does not rewrite what clients may have read.
+func (s *Store) AddResponseEvents(ctx context.Context, job uuid.UUID, events []ResponseEvent) error {
+	if len(events) == 0 {
+		return nil
+	}
+	seqs, types, data := make([]int32, len(events)), make([]string, len(events)), make([][]byte, len(events))
+	for i, e := range events {
+		seqs[i], types[i], data[i] = int32(e.Seq), e.Type, e.Data
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO response_events (job_id, seq, type, data)
+		SELECT $1, s, t, d FROM unnest($2::int[], $3::text[], $4::bytea[]) AS e(s, t, d)
+		ON CONFLICT DO NOTHING`, job, seqs, types, data)
+	if err != nil {
+		return fmt.Errorf("store: response events: %w", err)
+	}
+	return nil
+}
+
+// ResponseEventsAfter returns up to limit events of a background response
+// numbered after after, in order.
+func (s *Store) ResponseEventsAfter(ctx context.Context, job uuid.UUID, after, limit int) ([]ResponseEvent, error) {
+	rows, err := s.pool.Query(ctx, `SELECT seq, type, data FROM response_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`,
+		job, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: response events: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (ResponseEvent, error) {
+		var e ResponseEvent
+		err := r.Scan(&e.Seq, &e.Type, &e.Data)
+		return e, err
+	})
+}
+
+// RunResponsePruning drops expired response routes and the events of
+// streams that ended more than streamRetention ago, every every, until ctx
+// ends.
+func (s *Store) RunResponsePruning(ctx context.Context, every, streamRetention time.Duration, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, err := s.PruneResponses(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("pruning expired response routes failed; will retry", "every", every, "err", err)
+		}
+		if _, err := s.pool.Exec(ctx, `DELETE FROM response_events e USING jobs j
+			WHERE e.job_id = j.id AND j.finished_at < now() - make_interval(secs => $1)`, streamRetention.Seconds()); err != nil && ctx.Err() == nil {
+			log.Warn("pruning streamed response events failed; will retry", "every", every, "err", err)
 		}
 	}
 }

@@ -485,3 +485,78 @@ func TestKilledWorkerMidResponseCompletesOnce(t *testing.T) {
 	}
 	t.Logf("killed with %d of %d done; the simulator admitted %d calls for them", succeeded, len(ids), env.Sim.Stats()["d"].Admitted)
 }
+
+// A streamed background response: the client follows it live, drops the
+// connection midway and picks it up again from the last event it saw
+// (openai-go's GetStreaming with starting_after); every event arrives once,
+// in order, and the text is whole.
+func TestBackgroundStreamResumes(t *testing.T) {
+	f := harness.Fast(dev.DefaultFile())
+	for i := range f.Deployments {
+		f.Deployments[i].Sim.PerToken = 20 * time.Millisecond
+		f.Deployments[i].Sim.CompletionTokens = 30
+	}
+	env := harness.Start(t, f)
+	c := openai.NewClient(option.WithBaseURL(env.BaseURL+"/v1/"), option.WithAPIKey(env.APIKey), option.WithMaxRetries(0))
+	ctx, cancel := context.WithCancel(context.Background())
+	st := c.Responses.NewStreaming(ctx, responses.ResponseNewParams{Model: "gpt-4o", Background: openai.Bool(true),
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Tell me slowly.")}})
+	var seqs []int64
+	var text strings.Builder
+	var id string
+	for st.Next() {
+		ev := st.Current()
+		seqs = append(seqs, ev.SequenceNumber)
+		if ev.Type == "response.created" {
+			id = ev.Response.ID
+			if ev.Response.Status != "queued" || !ev.Response.Background {
+				t.Fatalf("created: status %s, background %v", ev.Response.Status, ev.Response.Background)
+			}
+		}
+		if ev.Type == "response.output_text.delta" {
+			text.WriteString(ev.Delta)
+			if strings.Count(text.String(), " ") >= 5 {
+				break // the connection drops midway
+			}
+		}
+	}
+	cancel()
+	_ = st.Close()
+	if !strings.HasPrefix(id, "resp_lv") || len(seqs) < 4 {
+		t.Fatalf("first part: id %q, %d events", id, len(seqs))
+	}
+	last := seqs[len(seqs)-1]
+	st = c.Responses.GetStreaming(context.Background(), id, responses.ResponseGetParams{StartingAfter: openai.Int(last)})
+	var final *responses.Response
+	for st.Next() {
+		ev := st.Current()
+		seqs = append(seqs, ev.SequenceNumber)
+		if ev.Type == "response.output_text.delta" {
+			text.WriteString(ev.Delta)
+		}
+		if ev.Type == "response.completed" {
+			r := ev.Response
+			final = &r
+		}
+	}
+	if err := st.Err(); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range seqs {
+		if n != int64(i) {
+			t.Fatalf("sequence numbers across the reconnect: %v", seqs)
+		}
+	}
+	if final == nil || final.ID != id || final.OutputText() != text.String() || final.Usage.TotalTokens == 0 {
+		t.Fatalf("resumed to %+v; text %q", final, text.String())
+	}
+	// Read again from the start, after it ended: the whole stream is kept.
+	resp, raw := callAs(t, "GET", env.BaseURL+"/v1/responses/"+id+"?stream=true", env.APIKey, nil)
+	if resp.StatusCode != 200 || strings.Count(string(raw), "event: ") != len(seqs) {
+		t.Fatalf("replay: %d, %d events of %d", resp.StatusCode, strings.Count(string(raw), "event: "), len(seqs))
+	}
+	got := getResponse(t, env.BaseURL, env.APIKey, id)
+	if got.Status != "completed" {
+		t.Fatalf("after the stream: %+v", got)
+	}
+}

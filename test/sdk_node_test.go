@@ -47,7 +47,7 @@ func TestOpenAINodeSDK(t *testing.T) {
 			if err != nil {
 				t.Fatalf("openai-node against Levee: %v\n%s", err, out)
 			}
-			for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "cancel: ok", "responses: ok", "background: ok", "errors: ok"} {
+			for _, want := range []string{"openai: ok", "azure: ok", "batch: ok", "cancel: ok", "responses: ok", "background: ok", "background stream: ok", "errors: ok"} {
 				if !strings.Contains(string(out), want) {
 					t.Fatalf("missing %q in:\n%s", want, out)
 				}

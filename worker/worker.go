@@ -513,7 +513,16 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	}
 	w.learn(model, res.Estimate)
 	spent = quota.Usage{Tokens: int64(res.Estimate), Nanos: w.prices.Estimate(g, res.Estimate)}
-	body, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
+	var body []byte
+	var readErr error
+	if job.Background && req.Stream {
+		// A streamed background response: its events are kept as they
+		// come, for the clients following it; its result is the
+		// response its last event carries.
+		body, readErr = w.streamEvents(call, job, res.Resp.Body)
+	} else {
+		body, readErr = io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
+	}
 	res.Resp.Body.Close()
 	if readErr != nil && errors.Is(context.Cause(call), errNotRunning) {
 		res.Finish(nil, context.Canceled)
@@ -567,6 +576,33 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		}
 	}
 	w.finish(ctx, msg, job, p)
+}
+
+// streamEvents stores a streamed background response's events as they
+// arrive, renumbered after Levee's own first two (see store.StreamOffset)
+// and naming the response by Levee's id, and returns the response the
+// terminal event carries.
+func (w *Worker) streamEvents(ctx context.Context, job *store.Job, r io.Reader) ([]byte, error) {
+	id := store.BackgroundResponseID(job.ID)
+	var final []byte
+	err := broker.ReadEvents(io.LimitReader(r, broker.MaxResponseBody), func(data []byte) error {
+		typ, seq, out, resp, err := broker.RewriteEvent(data, store.StreamOffset, id)
+		if err != nil || typ == "response.created" {
+			// Not an event of a Responses stream; or the deployment's
+			// response.created, when Levee's came first.
+			return nil
+		}
+		if broker.TerminalEvent(typ) {
+			final = append([]byte(nil), resp...)
+		}
+		// One at a time, as it comes: a client follows at the pace of
+		// the deployment.
+		return w.st.AddResponseEvents(context.WithoutCancel(ctx), job.ID, []store.ResponseEvent{{Seq: seq, Type: typ, Data: out}})
+	})
+	if err == nil && final == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return final, err
 }
 
 // errNotRunning is the cause a job's call context ends with when the job

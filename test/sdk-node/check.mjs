@@ -152,6 +152,33 @@ for (const [name, client] of Object.entries(clients)) {
   const cancelled = await client.responses.cancel(other.id);
   assert.ok(["cancelled", "completed"].includes(cancelled.status), cancelled.status);
   console.log("background: ok");
+
+  // A streamed background response, left midway and resumed from the last
+  // event seen.
+  const s1 = await client.responses.create({ model: "gpt-4o", input: "Stream it in the background.", background: true, stream: true });
+  const seqs = [];
+  let bid = "";
+  let btext = "";
+  for await (const ev of s1) {
+    seqs.push(ev.sequence_number);
+    if (ev.type === "response.created") bid = ev.response.id;
+    if (ev.type === "response.output_text.delta") {
+      btext += ev.delta;
+      break; // the connection drops
+    }
+  }
+  assert.ok(bid.startsWith("resp_lv"), bid);
+  const s2 = await client.responses.retrieve(bid, { stream: true, starting_after: seqs.at(-1) });
+  let bfinal = null;
+  for await (const ev of s2) {
+    seqs.push(ev.sequence_number);
+    if (ev.type === "response.output_text.delta") btext += ev.delta;
+    if (ev.type === "response.completed") bfinal = ev.response;
+  }
+  assert.deepEqual(seqs, seqs.map((_, i) => i));
+  assert.ok(bfinal && bfinal.id === bid);
+  assert.equal(btext, bfinal.output.flatMap((o) => o.content ?? []).map((c) => c.text).join(""));
+  console.log("background stream: ok");
 }
 
 try {

@@ -25,8 +25,8 @@ import (
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/dev"
-	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/sim"
+	"github.com/levee-gw/levee/store"
 )
 
 // responsesBacklog: the backlog is background responses.
