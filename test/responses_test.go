@@ -190,7 +190,7 @@ func TestResponseFollowUpsStayWithTheirDeployment(t *testing.T) {
 }
 
 // Another tenant's response ids do not exist for a caller; bad bodies get
-// their param (a streamed background response is not served yet).
+// their param.
 func TestResponsesRefuseWhatTheyShould(t *testing.T) {
 	env := harness.Start(t, nil)
 	resp, raw := call(t, env.BaseURL, "/v1/responses", env.APIKey, map[string]any{"model": "gpt-4o", "input": "Mine."})
@@ -222,7 +222,6 @@ func TestResponsesRefuseWhatTheyShould(t *testing.T) {
 	for _, c := range []struct{ body, param string }{
 		{`{"model":"gpt-4o","input":"x","max_output_tokens":100000}`, "max_output_tokens"},
 		{`{"model":"gpt-4o","input":"x","max_output_tokens":4}`, "max_output_tokens"},
-		{`{"model":"gpt-4o","input":"x","background":true,"stream":true}`, "stream"},
 		{`{"model":"gpt-4o","input":"x","Input":"y"}`, "Input"},
 		{`{"model":"gpt-4o","input":"x","model":"gpt-4o"}`, "model"},
 		{`{"model":"gpt-4o"}`, "input"},
