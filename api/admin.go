@@ -890,7 +890,7 @@ func (s *Server) adminUsage(c echo.Context) error {
 		each := func(r *store.UsageExportRow) error {
 			start("text/csv; charset=utf-8")
 			deadline()
-			if err := cw.Write(values(r)); err != nil {
+			if err := cw.Write(store.CSVCells(values(r))); err != nil {
 				return err
 			}
 			cw.Flush()

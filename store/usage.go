@@ -437,6 +437,20 @@ func (r *UsageExportRow) Values(groupBy []string) []string {
 		strconv.FormatInt(r.CompletionTokens, 10), strconv.FormatInt(r.PromptTokens+r.CompletionTokens, 10), FormatNanos(r.CostNanos))
 }
 
+// CSVCells makes cells safe to open in a spreadsheet: a cell that starts
+// with =, +, -, @, a tab or a carriage return (a key's name, say) would be
+// read as a formula, so it gets a leading apostrophe (OWASP's advice).
+// Numbers are never changed: they are written unsigned or with a digit
+// first, except negative costs, which are not produced.
+func CSVCells(cells []string) []string {
+	for i, c := range cells {
+		if c != "" && strings.ContainsRune("=+-@\t\r", rune(c[0])) {
+			cells[i] = "'" + c
+		}
+	}
+	return cells
+}
+
 // FormatNanos writes an amount of nano-units of a currency as a decimal,
 // exactly: no float rounding, no trailing zeros.
 func FormatNanos(nanos int64) string {

@@ -560,7 +560,7 @@ func cmdUsage(ctx context.Context, args []string, out io.Writer, getenv func(str
 			}
 			return enc.Encode(row)
 		}
-		if err := cw.Write(vals); err != nil {
+		if err := cw.Write(store.CSVCells(vals)); err != nil {
 			return err
 		}
 		cw.Flush()
