@@ -196,7 +196,8 @@ func (s *Server) submitJob(c echo.Context) error {
 		return invalid("body.background", "invalid_request", "A job is already in the background; leave background unset.")
 	}
 	// A job continuing a stored response runs where it is stored.
-	if g, jr.Body, err = s.pinResponse(c.Request().Context(), key, req, g, jr.Body, "body.previous_response_id"); err != nil {
+	// Its worker names the continued response as the deployment knows it.
+	if g, _, err = s.pinResponse(c.Request().Context(), key, req, g, "body.previous_response_id"); err != nil {
 		return err
 	}
 	prio := jr.Priority

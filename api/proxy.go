@@ -113,9 +113,22 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if ev.Priority, err = priorityOf(c, key); err != nil {
 		return err
 	}
+	// upstreamPrev is the continued response's id as its deployment knows
+	// it, when that differs from the caller's (a background response's).
+	upstreamPrev := ""
 	if op == broker.OpResponses {
-		if g, body, err = s.pinResponse(c.Request().Context(), key, req, g, body, "previous_response_id"); err != nil {
+		var up string
+		if g, up, err = s.pinResponse(c.Request().Context(), key, req, g, "previous_response_id"); err != nil {
 			return err
+		}
+		sentNow := !req.Background && (ev.Priority == "high" || req.Stream || s.queue == nil)
+		if up != req.PreviousResponseID && sentNow {
+			// Sent now: named as the deployment knows it, and named back
+			// in the answer. (Queued work is renamed by its worker.)
+			upstreamPrev = up
+			if body, err = broker.WithResponseFields(body, map[string]any{"previous_response_id": up}); err != nil {
+				return badRequest(err)
+			}
 		}
 		if req.Background {
 			deferred = true // the job records its own usage
@@ -175,7 +188,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	}
 	if req.Stream && bytes.HasPrefix([]byte(res.Resp.Header.Get("Content-Type")), []byte("text/event-stream")) {
 		var last []byte
-		u, streamErr := relaySSE(c.Response(), res.Resp, res.Resp.StatusCode, !req.IncludeUsage && op != broker.OpResponses, &last)
+		usageOf := chunkUsage
+		if op == broker.OpResponses {
+			usageOf = responseEventUsage
+		}
+		u, streamErr := relaySSE(c.Response(), res.Resp, res.Resp.StatusCode, !req.IncludeUsage && op != broker.OpResponses, usageOf, &last)
 		if op == broker.OpResponses && u != nil {
 			if id, stored := broker.ResponseEventID(last); stored {
 				s.recordResponse(ctx, key, id, res.Deployment.Name, u)
@@ -202,7 +219,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 			Message: "The deployment's response broke off."}
 	}
 	var u *broker.Usage
-	if uu, ok := broker.ParseUsage(raw); ok {
+	parseUsage := broker.ParseUsage
+	if op == broker.OpResponses {
+		parseUsage = broker.ResponseUsage
+	}
+	if uu, ok := parseUsage(raw); ok {
 		u = &uu
 		settle(u)
 	} else if res.Resp.StatusCode >= 400 {
@@ -215,6 +236,11 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	if op == broker.OpResponses && res.Resp.StatusCode == http.StatusOK {
 		if id, stored := broker.ResponseID(raw); stored {
 			s.recordResponse(ctx, key, id, res.Deployment.Name, u)
+		}
+		if upstreamPrev != "" {
+			if named, err := broker.WithResponseFields(raw, map[string]any{"previous_response_id": req.PreviousResponseID}); err == nil {
+				raw = named
+			}
 		}
 	}
 	h.Set("Content-Length", strconv.Itoa(len(raw)))
@@ -410,7 +436,7 @@ var (
 //
 // last, if set, receives the data of the event that carried the usage (for
 // the Responses API, the terminal event with the whole response).
-func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool, last *[]byte) (*broker.Usage, error) {
+func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool, usageOf func([]byte) (*broker.Usage, bool), last *[]byte) (*broker.Usage, error) {
 	w.Header().Del("Content-Length")
 	w.Header().Set("Cache-Control", "no-cache")
 	w.WriteHeader(status)
@@ -447,7 +473,7 @@ func relaySSE(w *echo.Response, resp *http.Response, status int, dropUsage bool,
 		}
 		drop := false
 		if data := eventData(event); data != nil {
-			if u, ok := chunkUsage(data); ok {
+			if u, ok := usageOf(data); ok {
 				usage = u
 				if last != nil {
 					*last = append((*last)[:0], data...)
@@ -482,6 +508,15 @@ func eventData(event []byte) []byte {
 		}
 	}
 	return nil
+}
+
+// responseEventUsage is the usage of a Responses stream event's response.
+func responseEventUsage(data []byte) (*broker.Usage, bool) {
+	u, ok := broker.ResponseUsage(data)
+	if !ok {
+		return nil, false
+	}
+	return &u, true
 }
 
 // chunkUsage finds a non-null usage object in a chunk.

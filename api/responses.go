@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -61,28 +62,29 @@ func (s *Server) responseRoute(ctx context.Context, key *store.Key, id, param st
 }
 
 // pinResponse sends a call that continues a stored response to the
-// deployment that stores it, charged for the conversation it carries, and
-// names the response there as the deployment knows it (a background
-// response's id is Levee's): body is returned as it is to be sent.
-func (s *Server) pinResponse(ctx context.Context, key *store.Key, req *broker.Request, g *broker.Group, body []byte, param string) (*broker.Group, []byte, error) {
+// deployment that stores it, charged for the conversation it carries. It
+// returns the pinned group and the id the deployment knows the response by
+// (a background response's id is Levee's). The model the caller named must
+// be served by that deployment: a conversation stays with its model, and a
+// key allowed one model cannot continue another's.
+func (s *Server) pinResponse(ctx context.Context, key *store.Key, req *broker.Request, g *broker.Group, param string) (*broker.Group, string, error) {
 	if req.PreviousResponseID == "" {
-		return g, body, nil
+		return g, "", nil
 	}
 	rt, d, err := s.responseRoute(ctx, key, req.PreviousResponseID, param)
 	if err != nil {
-		return nil, nil, err
+		return nil, "", err
 	}
 	pg, ok := s.broker.Resolve(d.Name)
 	if !ok {
-		return nil, nil, responseNotFound(param, req.PreviousResponseID)
+		return nil, "", responseNotFound(param, req.PreviousResponseID)
+	}
+	if !slices.Contains(g.Deployments(), d) {
+		return nil, "", invalid(strings.TrimSuffix(param, "previous_response_id")+"model", "model_mismatch",
+			"Response '%s' was made by another model than %q: continue it with the model that made it.", strictjson.Clip(req.PreviousResponseID), strictjson.Clip(g.Name))
 	}
 	req.ContextTokens = rt.ContextTokens
-	if up := rt.Upstream(); up != req.PreviousResponseID {
-		if body, err = broker.WithResponseFields(body, map[string]any{"previous_response_id": up}); err != nil {
-			return nil, nil, badRequest(err)
-		}
-	}
-	return pg, body, nil
+	return pg, rt.Upstream(), nil
 }
 
 // recordResponse remembers where a response the caller made is stored,
@@ -148,6 +150,12 @@ func (s *Server) storedResponse(suffix string) echo.HandlerFunc {
 			j, err := s.backgroundJob(r.Context(), key, id)
 			if err != nil {
 				return err
+			}
+			var made struct {
+				Stream bool `json:"stream"`
+			}
+			if json.Unmarshal(j.Body, &made) != nil || !made.Stream {
+				return invalid("stream", "invalid_request", "This background response was not created with stream: it has no events to stream; read it without stream.")
 			}
 			return s.followResponse(c, key, j, after)
 		}
@@ -323,11 +331,17 @@ func (s *Server) followResponse(c echo.Context, key *store.Key, j *store.Job, af
 		}
 		if j.Terminal() {
 			// It was seen ended before the events were read: every event
-			// stored before it ended has been sent.
-			if j.Status == store.JobFailed {
+			// stored before it ended has been sent. One that ended
+			// without its terminal event stored (it failed in Levee)
+			// ends the stream with one made of its state.
+			typ := map[string]string{store.JobFailed: "response.failed", store.JobSucceeded: "response." + j.ResponseStatus}[j.Status]
+			if typ == "response." {
+				typ = "response.completed"
+			}
+			if typ != "" {
 				obj, _ := backgroundObject(j)
-				data, _ := json.Marshal(map[string]any{"type": "response.failed", "sequence_number": last + 1, "response": json.RawMessage(obj)})
-				_ = write("response.failed", data)
+				data, _ := json.Marshal(map[string]any{"type": typ, "sequence_number": last + 1, "response": json.RawMessage(obj)})
+				_ = write(typ, data)
 			}
 			return nil
 		}
@@ -341,6 +355,9 @@ func (s *Server) followResponse(c echo.Context, key *store.Key, j *store.Job, af
 			dctx, cancel := s.dbContext(ctx)
 			cur, err := s.jobs.GetJob(dctx, key.TenantID, j.ID)
 			cancel()
+			if errors.Is(err, store.ErrNotFound) {
+				return nil // deleted: nothing more will come
+			}
 			if err == nil {
 				j = cur
 			}
@@ -436,15 +453,26 @@ func (s *Server) storedBackground(c echo.Context, key *store.Key, id, suffix str
 			Message: "This background response has not ended; cancel it (POST /v1/responses/{id}/cancel) before deleting it."}
 	}
 	if ran {
-		// The deployment's copy goes too; its answer is not the caller's
-		// concern once Levee's is gone.
-		if _, err := s.fetchStored(r.Context(), key, http.MethodDelete, id, "", nil, r.Header); err != nil {
-			s.log.Debug("deleting a background response's stored copy", "response", id, "err", err)
+		// The deployment's copy goes first: while it cannot be deleted,
+		// neither is Levee's, so "deleted" is true of both.
+		rep, err := s.fetchStored(r.Context(), key, http.MethodDelete, id, "", nil, r.Header)
+		var e *Error
+		switch {
+		case errors.As(err, &e) && e.Status == http.StatusNotFound:
+			// No route: never stored, or already gone.
+		case err != nil:
+			return err
+		case rep.status != http.StatusOK && rep.status != http.StatusNotFound:
+			return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error",
+				Message: fmt.Sprintf("The deployment that stores this response answered %d to its deletion; retry shortly.", rep.status)}
 		}
 	}
 	dctx, cancel := s.dbContext(r.Context())
 	defer cancel()
 	if err := s.jobs.DeleteJob(dctx, key.TenantID, j.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	if err := s.batches.ForgetResponse(dctx, key.TenantID, id); err != nil {
 		return err
 	}
 	return c.JSON(http.StatusOK, map[string]any{"id": id, "object": "response.deleted", "deleted": true})

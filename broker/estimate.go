@@ -282,14 +282,23 @@ func (m *message) parse(w wireMessage, param string) error {
 		if err := strictjson.Unmarshal(raw, &parts); err != nil {
 			return badJSON(err, param)
 		}
-		for _, p := range parts {
+		// Each part's own bytes, to count what is not text by its size.
+		var raws []json.RawMessage
+		_ = json.Unmarshal(raw, &raws)
+		for i, p := range parts {
 			switch p.Type {
 			case "text", "input_text", "output_text":
 				m.texts = append(m.texts, p.Text)
 			case "image_url", "input_image":
 				m.images++
 			default:
-				m.others += len(p.Text)/4 + 1
+				// A file, audio, a refusal…: by size, as every byte of it
+				// may reach the model.
+				if i < len(raws) {
+					m.others += len(raws[i])/4 + 1
+				} else {
+					m.others += len(p.Text)/4 + 1
+				}
 			}
 		}
 	default:

@@ -27,6 +27,10 @@ type wireResponses struct {
 	Input              json.RawMessage `json:"input"`
 	MaxOutputTokens    json.RawMessage `json:"max_output_tokens"`
 	Tools              json.RawMessage `json:"tools"`
+	// Read only to be counted: a structured output's schema and a stored
+	// prompt's variables reach the model too.
+	Text   json.RawMessage `json:"text"`
+	Prompt json.RawMessage `json:"prompt"`
 }
 
 // inputItem is an item of input: a message has a role and content; other
@@ -89,7 +93,10 @@ func parseResponses(body []byte) (*Request, error) {
 	if w.Instructions != nil && *w.Instructions != "" {
 		r.messages = append(r.messages, message{role: "system", texts: []string{*w.Instructions}})
 	}
-	r.extra = len(w.Tools)
+	r.extra = len(w.Tools) + len(w.Text) + len(w.Prompt)
+	if w.Background && w.Store != nil && !*w.Store {
+		return nil, &BadRequestError{Param: "store", Msg: "A background response must be stored: leave store unset or true."}
+	}
 	in := bytes.TrimSpace(w.Input)
 	switch {
 	case len(in) == 0 || string(in) == "null":
@@ -115,8 +122,9 @@ func parseResponses(body []byte) (*Request, error) {
 			}
 			if it.Role == "" || (it.Type != "" && it.Type != "message") {
 				// Not a message: a tool call, its output, a reference…
-				// counted by size, as tool schemas are.
-				r.messages = append(r.messages, message{role: "tool", others: len(raw) / 4})
+				// its JSON text counted as text, which is at least what
+				// the model reads of it.
+				r.messages = append(r.messages, message{role: "tool", texts: []string{string(raw)}})
 				continue
 			}
 			var m message
@@ -239,10 +247,11 @@ func ReadEvents(r io.Reader, fn func(data []byte) error) error {
 }
 
 // RewriteEvent renumbers a Responses stream event (its sequence_number plus
-// offset) and, when it carries the response, gives it id (and background).
+// offset) and, when it carries the response, sets fields of it (its id as
+// the caller knows it, say).
 // It returns the event's type and number, the event as rewritten, and the
 // response it carried as the deployment sent it (nil if none).
-func RewriteEvent(data []byte, offset int, id string) (typ string, seq int, out, response []byte, err error) {
+func RewriteEvent(data []byte, offset int, fields map[string]any) (typ string, seq int, out, response []byte, err error) {
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(data, &m); err != nil {
 		return "", 0, nil, nil, err
@@ -253,7 +262,7 @@ func RewriteEvent(data []byte, offset int, id string) (typ string, seq int, out,
 	m["sequence_number"] = json.RawMessage(strconv.Itoa(seq))
 	if raw, ok := m["response"]; ok && len(raw) > 0 && raw[0] == '{' {
 		response = raw
-		fixed, err := WithResponseFields(raw, map[string]any{"id": id, "background": true})
+		fixed, err := WithResponseFields(raw, fields)
 		if err != nil {
 			return "", 0, nil, nil, err
 		}
@@ -267,4 +276,28 @@ func RewriteEvent(data []byte, offset int, id string) (typ string, seq int, out,
 // stream.
 func TerminalEvent(typ string) bool {
 	return typ == "response.completed" || typ == "response.incomplete" || typ == "response.failed"
+}
+
+// ResponseUsage reads the usage of a Response object, or of the response a
+// stream event carries, from its own usage member: not by searching the
+// text, since metadata (echoed from the request) may hold a "usage" key.
+func ResponseUsage(body []byte) (Usage, bool) {
+	var r struct {
+		Usage    json.RawMessage `json:"usage"`
+		Response *struct {
+			Usage json.RawMessage `json:"usage"`
+		} `json:"response"`
+	}
+	if json.Unmarshal(body, &r) != nil {
+		return Usage{}, false
+	}
+	raw := r.Usage
+	if r.Response != nil {
+		raw = r.Response.Usage
+	}
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || raw[0] != '{' {
+		return Usage{}, false
+	}
+	return ParseUsage(append([]byte(`{"usage":`), append(raw, '}')...))
 }

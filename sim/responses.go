@@ -135,16 +135,18 @@ func (d *deployment) responsesPrompt(req *responsesRequest) int {
 	if readJSON(req.Input, &s) == nil {
 		return n + 4 + d.count(s)
 	}
-	var items []struct {
-		Role    string          `json:"role"`
-		Content json.RawMessage `json:"content"`
-	}
-	if readJSON(req.Input, &items) != nil {
+	var raws []json.RawMessage
+	if readJSON(req.Input, &raws) != nil {
 		return n + len(req.Input)/4
 	}
-	for _, it := range items {
-		if it.Role == "" {
-			n += 4
+	for _, raw := range raws {
+		var it struct {
+			Role    string          `json:"role"`
+			Content json.RawMessage `json:"content"`
+		}
+		if readJSON(raw, &it) != nil || it.Role == "" {
+			// A tool call, its output, a reference: its text, tokenized.
+			n += 4 + d.count(string(raw))
 			continue
 		}
 		n += 3 + d.count(it.Role) + d.contentTokens(it.Content)

@@ -7,6 +7,7 @@
 package sim
 
 import (
+	crand "crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
@@ -591,10 +592,13 @@ func (d *deployment) contentTokens(raw json.RawMessage) int {
 	if readJSON(raw, &parts) == nil {
 		n := 0
 		for _, p := range parts {
-			if p.Type == "text" {
+			switch p.Type {
+			case "text", "input_text", "output_text":
 				n += d.count(p.Text)
-			} else {
+			case "image_url", "input_image":
 				n += 85
+			default:
+				n += len(p.Text)/4 + 1
 			}
 		}
 		return n
@@ -665,9 +669,12 @@ func sleep(r *http.Request, dur time.Duration) bool {
 	}
 }
 
-func idFor(body []byte) string {
-	sum := sha256.Sum256(append(body, byte(time.Now().UnixNano())))
-	return fmt.Sprintf("%x", sum[:12])
+// idFor is a fresh random id: identical calls must not share one (a
+// stored response would overwrite another).
+func idFor([]byte) string {
+	var b [12]byte
+	_, _ = crand.Read(b[:])
+	return fmt.Sprintf("%x", b)
 }
 
 var words = []string{" The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."}

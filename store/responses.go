@@ -52,12 +52,14 @@ func (r *ResponseRoute) Upstream() string {
 }
 
 // RecordResponse remembers where a response is stored until ttl passes. A
-// response id recorded again (the same id from a retried write) keeps its
+// response id recorded again (a background response run again after its
+// worker died) takes the new deployment and upstream id, but keeps its
 // first tenant: an id is never handed from one tenant to another.
 func (s *Store) RecordResponse(ctx context.Context, r *ResponseRoute, ttl time.Duration) error {
 	_, err := s.pool.Exec(ctx, `INSERT INTO response_routes (id, tenant_id, deployment, context_tokens, expires_at, upstream_id)
 		VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), nullif($6, ''))
-		ON CONFLICT (id) DO UPDATE SET context_tokens = EXCLUDED.context_tokens, expires_at = EXCLUDED.expires_at
+		ON CONFLICT (id) DO UPDATE SET context_tokens = EXCLUDED.context_tokens, expires_at = EXCLUDED.expires_at,
+			deployment = EXCLUDED.deployment, upstream_id = EXCLUDED.upstream_id
 			WHERE response_routes.tenant_id = EXCLUDED.tenant_id`,
 		r.ID, r.TenantID, r.Deployment, r.ContextTokens, ttl.Seconds(), r.UpstreamID)
 	if err != nil {
@@ -136,6 +138,16 @@ func (s *Store) AddResponseEvents(ctx context.Context, job uuid.UUID, events []R
 		return fmt.Errorf("store: response events: %w", err)
 	}
 	return nil
+}
+
+// LastResponseEvent is the number of a background response's last stored
+// event (-1: none).
+func (s *Store) LastResponseEvent(ctx context.Context, job uuid.UUID) (int, error) {
+	var n int
+	if err := s.pool.QueryRow(ctx, `SELECT coalesce(max(seq), -1) FROM response_events WHERE job_id = $1`, job).Scan(&n); err != nil {
+		return 0, fmt.Errorf("store: response events: %w", err)
+	}
+	return n, nil
 }
 
 // ResponseEventsAfter returns up to limit events of a background response

@@ -434,6 +434,37 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	bc := &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true}
+	// A response continuing a stored one: charged for the conversation it
+	// carries, and naming it as its deployment knows it (a background
+	// response's id is Levee's). Looked up now, not at submit: it may have
+	// been deleted since.
+	var named map[string]any // fields of its answer to name back as the caller knows them
+	if op == broker.OpResponses {
+		named = map[string]any{}
+		if job.Background {
+			named["id"], named["background"] = store.BackgroundResponseID(job.ID), true
+		}
+		if prev := req.PreviousResponseID; prev != "" {
+			rt, err := w.st.ResponseRouteOf(ctx, job.TenantID, prev)
+			if errors.Is(err, store.ErrNotFound) {
+				fail("previous_response_not_found", fmt.Sprintf("previous response %s no longer exists", prev), 0, nil)
+				return
+			}
+			if err != nil {
+				_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, false)
+				_ = msg.NakWithDelay(time.Second)
+				return
+			}
+			req.ContextTokens = rt.ContextTokens
+			if up := rt.Upstream(); up != prev {
+				if bc.Body, err = broker.WithResponseFields(job.Body, map[string]any{"previous_response_id": up}); err != nil {
+					fail("invalid_request", err.Error(), 0, nil)
+					return
+				}
+				named["previous_response_id"] = prev
+			}
+		}
+	}
 	// The job's tenant and key limits and budget: over them it waits in the
 	// queue (not an attempt), unless its tenant chose failing for a spent
 	// budget, or it can never fit.
@@ -515,11 +546,12 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	spent = quota.Usage{Tokens: int64(res.Estimate), Nanos: w.prices.Estimate(g, res.Estimate)}
 	var body []byte
 	var readErr error
-	if job.Background && req.Stream {
+	if job.Background && req.Stream && res.Resp.StatusCode < 400 {
 		// A streamed background response: its events are kept as they
 		// come, for the clients following it; its result is the
-		// response its last event carries.
-		body, readErr = w.streamEvents(call, job, res.Resp.Body)
+		// response its last event carries. (A refusal is a JSON error,
+		// read as any job's.)
+		body, readErr = w.streamEvents(call, job, res.Resp.Body, named)
 	} else {
 		body, readErr = io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
 	}
@@ -532,11 +564,28 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	}
 	if readErr != nil {
 		res.Finish(nil, readErr)
+		if job.Attempts >= w.cfg.MaxAttempts {
+			w.m.deadLettered.Inc()
+			fail("upstream_error", fmt.Sprintf("the deployment's answer broke off %d times; last: %v", job.Attempts, readErr), 0, nil)
+			return
+		}
 		_ = w.st.RequeueJob(context.WithoutCancel(ctx), id, true)
 		_ = msg.NakWithDelay(w.backoff(job.Attempts))
 		return
 	}
-	u, hasUsage := broker.ParseUsage(body)
+	parseUsage := broker.ParseUsage
+	// The response's id as its deployment knows it (before renaming).
+	upstreamID, stored := broker.ResponseID(body)
+	if op == broker.OpResponses {
+		parseUsage = broker.ResponseUsage
+		if len(named) > 0 && res.Resp.StatusCode == http.StatusOK {
+			// The caller's names, in its result.
+			if b, err := broker.WithResponseFields(body, named); err == nil {
+				body = b
+			}
+		}
+	}
+	u, hasUsage := parseUsage(body)
 	var cost int64
 	if hasUsage {
 		res.Finish(&u, nil)
@@ -563,10 +612,10 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		}
 		// Its follow-ups must find the deployment that stores it, under
 		// the id the caller knows (a background response's is Levee's).
-		if rid, stored := broker.ResponseID(body); stored {
-			rt := &store.ResponseRoute{ID: rid, TenantID: job.TenantID, Deployment: res.Deployment.Name, ContextTokens: u.TotalTokens}
+		if stored {
+			rt := &store.ResponseRoute{ID: upstreamID, TenantID: job.TenantID, Deployment: res.Deployment.Name, ContextTokens: u.TotalTokens}
 			if job.Background {
-				rt.ID, rt.UpstreamID = store.BackgroundResponseID(job.ID), rid
+				rt.ID, rt.UpstreamID = store.BackgroundResponseID(job.ID), upstreamID
 			}
 			// Recorded before the job ends, so no caller can see it ended
 			// and find no way to its follow-ups.
@@ -582,11 +631,19 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 // arrive, renumbered after Levee's own first two (see store.StreamOffset)
 // and naming the response by Levee's id, and returns the response the
 // terminal event carries.
-func (w *Worker) streamEvents(ctx context.Context, job *store.Job, r io.Reader) ([]byte, error) {
-	id := store.BackgroundResponseID(job.ID)
+func (w *Worker) streamEvents(ctx context.Context, job *store.Job, r io.Reader, named map[string]any) ([]byte, error) {
+	// A rerun (after a worker died) finds events stored already: those
+	// numbers keep what clients may have read, and its terminal event
+	// goes after the last of them, so the stream still ends.
+	last := -1
+	if job.Attempts > 1 {
+		if ev, err := w.st.LastResponseEvent(ctx, job.ID); err == nil {
+			last = ev
+		}
+	}
 	var final []byte
 	err := broker.ReadEvents(io.LimitReader(r, broker.MaxResponseBody), func(data []byte) error {
-		typ, seq, out, resp, err := broker.RewriteEvent(data, store.StreamOffset, id)
+		typ, seq, out, resp, err := broker.RewriteEvent(data, store.StreamOffset, named)
 		if err != nil || typ == "response.created" {
 			// Not an event of a Responses stream; or the deployment's
 			// response.created, when Levee's came first.
@@ -594,7 +651,14 @@ func (w *Worker) streamEvents(ctx context.Context, job *store.Job, r io.Reader) 
 		}
 		if broker.TerminalEvent(typ) {
 			final = append([]byte(nil), resp...)
+			if seq <= last {
+				seq = last + 1
+				if out, err = broker.WithResponseFields(out, map[string]any{"sequence_number": seq}); err != nil {
+					return err
+				}
+			}
 		}
+		last = max(last, seq)
 		// One at a time, as it comes: a client follows at the pace of
 		// the deployment.
 		return w.st.AddResponseEvents(context.WithoutCancel(ctx), job.ID, []store.ResponseEvent{{Seq: seq, Type: typ, Data: out}})
