@@ -17,6 +17,7 @@ import (
 //     file_data is 1 token;
 //   - text.format's JSON schema (structured outputs): never read;
 //   - prompt.variables (prompt templates): never read.
+//
 // With a tenant limit of 2,000 tokens a minute, 40 KB as input_text is
 // refused ("no wait would help"); the same 40 KB in any of these passes.
 func TestRespReviewUncountedInputPassesTheTenantLimit(t *testing.T) {
