@@ -832,23 +832,11 @@ func (s *Server) adminRotateKey(c echo.Context) error {
 // adminUsage exports usage across tenants, grouped, as JSON or (Accept:
 // text/csv) CSV; both are written as they are read, a page at a time.
 func (s *Server) adminUsage(c echo.Context) error {
-	today := time.Now().UTC().Truncate(24 * time.Hour)
-	p := &store.UsageExportParams{From: today.AddDate(0, 0, -30), To: today}
-	for _, q := range []struct {
-		name string
-		dst  *time.Time
-	}{{"start_date", &p.From}, {"end_date", &p.To}} {
-		if v := c.QueryParam(q.name); v != "" {
-			t, err := time.Parse(time.DateOnly, v)
-			if err != nil {
-				return invalid(q.name, "invalid_date", "%s must be a date as YYYY-MM-DD, not %q.", q.name, strictjson.Clip(v))
-			}
-			*q.dst = t
-		}
+	from, to, err := dateWindow(c)
+	if err != nil {
+		return err
 	}
-	if p.To.Before(p.From) {
-		return invalid("end_date", "invalid_date", "end_date is before start_date.")
-	}
+	p := &store.UsageExportParams{From: from, To: to}
 	if v := c.QueryParam("group_by"); v != "" {
 		for _, g := range strings.Split(v, ",") {
 			if !slices.Contains(store.UsageGroups, g) {
@@ -884,7 +872,6 @@ func (s *Server) adminUsage(c echo.Context) error {
 			w.WriteHeader(http.StatusOK)
 		}
 	}
-	var err error
 	if csvOut {
 		cw := csv.NewWriter(w)
 		each := func(r *store.UsageExportRow) error {

@@ -26,6 +26,7 @@ import (
 	"github.com/levee-gw/levee/oidc"
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/strictjson"
 	"github.com/levee-gw/levee/webhook"
 )
 
@@ -270,27 +271,38 @@ type usageLine struct {
 	Cost             json.Number `json:"cost"`
 }
 
-// usageHandler reports the caller's tenant's usage by day and model, from
-// start_date to end_date (YYYY-MM-DD, inclusive; default the last 30 days).
-func (s *Server) usageHandler(c echo.Context) error {
-	k := keyOf(c)
-	today := time.Now().UTC().Truncate(24 * time.Hour)
-	p := &store.UsageParams{TenantID: k.TenantID, From: today.AddDate(0, 0, -30), To: today}
+// dateWindow reads start_date and end_date (YYYY-MM-DD, inclusive; default
+// the last 30 days).
+func dateWindow(c echo.Context) (from, to time.Time, err error) {
+	to = time.Now().UTC().Truncate(24 * time.Hour)
+	from = to.AddDate(0, 0, -30)
 	for _, q := range []struct {
 		name string
 		dst  *time.Time
-	}{{"start_date", &p.From}, {"end_date", &p.To}} {
+	}{{"start_date", &from}, {"end_date", &to}} {
 		if v := c.QueryParam(q.name); v != "" {
 			t, err := time.Parse(time.DateOnly, v)
 			if err != nil {
-				return invalid(q.name, "invalid_date", "%s must be a date as YYYY-MM-DD, not %q.", q.name, v)
+				return from, to, invalid(q.name, "invalid_date", "%s must be a date as YYYY-MM-DD, not %q.", q.name, strictjson.Clip(v))
 			}
 			*q.dst = t
 		}
 	}
-	if p.To.Before(p.From) {
-		return invalid("end_date", "invalid_date", "end_date is before start_date.")
+	if to.Before(from) {
+		return from, to, invalid("end_date", "invalid_date", "end_date is before start_date.")
 	}
+	return from, to, nil
+}
+
+// usageHandler reports the caller's tenant's usage by day and model, from
+// start_date to end_date (YYYY-MM-DD, inclusive; default the last 30 days).
+func (s *Server) usageHandler(c echo.Context) error {
+	k := keyOf(c)
+	from, to, err := dateWindow(c)
+	if err != nil {
+		return err
+	}
+	p := &store.UsageParams{TenantID: k.TenantID, From: from, To: to}
 	rows, err := s.usage.Usage(c.Request().Context(), p)
 	if err != nil {
 		return err

@@ -24,42 +24,11 @@ func TestMain(m *testing.M) { harness.Main(m) }
 // call posts body to path with the key in the header named by how.
 func call(t testing.TB, base, path, key string, body any, hdr ...string) (*http.Response, []byte) {
 	t.Helper()
-	var rd io.Reader
-	switch b := body.(type) {
-	case string:
-		rd = strings.NewReader(b)
-	case []byte:
-		rd = bytes.NewReader(b)
-	case nil:
-	default:
-		raw, _ := json.Marshal(b)
-		rd = bytes.NewReader(raw)
-	}
 	method := http.MethodPost
-	if rd == nil {
+	if body == nil {
 		method = http.MethodGet
 	}
-	req, err := http.NewRequest(method, base+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if key != "" {
-		req.Header.Set("Authorization", "Bearer "+key)
-	}
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp, raw
+	return callAs(t, method, base+path, key, body, hdr...)
 }
 
 func chat(maxTokens int) map[string]any {

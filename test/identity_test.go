@@ -26,13 +26,17 @@ func adminCall(t *testing.T, env *harness.Env, method, path string, body any, hd
 	return callAs(t, method, env.BaseURL+path, env.Config.Auth.AdminKey, body, hdr...)
 }
 
-func callAs(t *testing.T, method, url, key string, body any, hdr ...string) (*http.Response, []byte) {
+// callAs sends body (a string or bytes as they are, else as JSON; nil:
+// none) with method and key, and returns the response and its body.
+func callAs(t testing.TB, method, url, key string, body any, hdr ...string) (*http.Response, []byte) {
 	t.Helper()
 	var rd io.Reader
 	switch b := body.(type) {
 	case nil:
 	case string:
 		rd = strings.NewReader(b)
+	case []byte:
+		rd = bytes.NewReader(b)
 	default:
 		raw, _ := json.Marshal(b)
 		rd = bytes.NewReader(raw)
