@@ -301,6 +301,9 @@ func quotaRefused(r *quota.Refusal, model string) *Error {
 	case r.Code == "budget_exceeded" && r.Never:
 		e.Type = "insufficient_quota"
 		e.Message = "This request's estimated cost is larger than the whole budget; no wait would help."
+	case r.What == "budget_held":
+		e.Type = "insufficient_quota"
+		e.Message = "What is left of the budget would cover this request, but part of it is held by another Levee process for a moment; retry shortly."
 	case r.What == "budget_left":
 		e.Type = "insufficient_quota"
 		e.Message = fmt.Sprintf("What is left of the budget for this period is less than this request's estimated cost; it resets at %s.", r.RetryAt.UTC().Format(time.RFC3339))

@@ -32,6 +32,7 @@ type budget struct {
 	// budget actually spent closes to all (closedUntil), and tells workers
 	// to leave its queued work alone for a while.
 	refused                   amount
+	refusedVerdict            verdict
 	refusedUntil, closedUntil time.Time
 	marked                    time.Time // the period budget.exceeded was recorded for
 	// pending are settlements of earlier periods not yet written.
@@ -114,6 +115,10 @@ const (
 	noRoom           // what is left of the period is less than the call
 	spentOut         // the period's budget is spent: calls of any size wait
 	tooLarge         // the call is larger than the whole budget
+	// heldElsewhere: what is left would take the call, but part of it is
+	// leased to other processes; their idle leases come back within
+	// idleReturn, so the call is refused only for a moment.
+	heldElsewhere
 )
 
 // spentFraction: a call refused counts the budget as spent when it is at
@@ -155,7 +160,7 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 	bg.mu.Lock()
 	bg.roll(now)
 	if now.Before(bg.closedUntil) || (now.Before(bg.refusedUntil) && est.covers(bg.refused)) {
-		v := noRoom
+		v := bg.refusedVerdict
 		if now.Before(bg.closedUntil) {
 			v = spentOut
 		}
@@ -163,7 +168,7 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		return time.Time{}, v, nil
 	}
 	gaveBack, failed := false, false
-	var used amount
+	var used, elsewhere amount
 	for {
 		if bg.grant.covers(est) {
 			bg.grant = bg.grant.sub(est)
@@ -195,9 +200,17 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		} else if failed {
 			// Refused with nothing held here: the budget has less left than
 			// this call. It is spent if the call is a small part of it.
+			// Unless other processes hold leases that would make it up:
+			// then it waits for them to come back, briefly.
 			left := lim.sub(used).sub(bg.grant)
 			bg.refused, bg.refusedUntil = est, now.Add(250*time.Millisecond)
-			if !isSpent(lim, left, est) {
+			if left.add(elsewhere).only(lim).covers(est) {
+				bg.refusedVerdict = heldElsewhere
+				bg.mu.Unlock()
+				return time.Time{}, heldElsewhere, nil
+			}
+			bg.refusedVerdict = noRoom
+			if !isSpent(lim, left.add(elsewhere), est) {
 				bg.mu.Unlock()
 				return time.Time{}, noRoom, nil
 			}
@@ -233,7 +246,7 @@ func (bg *budget) reserve(ctx context.Context, st Store, timeout time.Duration, 
 		case l.OK:
 			bg.grant = bg.grant.add(amount{l.Nanos, l.Tokens})
 		default:
-			failed, used = true, amount{l.UsedNanos, l.UsedTokens}
+			failed, used, elsewhere = true, amount{l.UsedNanos, l.UsedTokens}, amount{l.LeasedNanos, l.LeasedTokens}
 		}
 	}
 }

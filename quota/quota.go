@@ -342,6 +342,8 @@ func (q *Quota) Admit(ctx context.Context, c Caller, ch Charge) (*Admission, *Re
 		switch v {
 		case noRoom:
 			r.What = "budget_left"
+		case heldElsewhere:
+			r.What, r.Fail, r.RetryAt = "budget_held", false, now.Add(idleReturn+250*time.Millisecond)
 		case tooLarge:
 			r.RetryAt, r.Never = time.Time{}, true
 		}

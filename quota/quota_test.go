@@ -55,11 +55,11 @@ func (m *memStore) LeaseBudget(_ context.Context, p *store.LeaseParams) (store.L
 		gm, gt = cm, ct
 	}
 	if (p.LimitNanos > 0 && um+gm > p.LimitNanos) || (p.LimitTokens > 0 && ut+gt > p.LimitTokens) {
-		return store.Lease{UsedNanos: um, UsedTokens: ut}, nil
+		return store.Lease{UsedNanos: um, UsedTokens: ut, LeasedNanos: r.LeasedNanos, LeasedTokens: r.LeasedTokens}, nil
 	}
 	r.LeasedNanos += gm
 	r.LeasedTokens += gt
-	return store.Lease{Nanos: gm, Tokens: gt, OK: true, UsedNanos: um, UsedTokens: ut}, nil
+	return store.Lease{Nanos: gm, Tokens: gt, OK: true, UsedNanos: um, UsedTokens: ut, LeasedNanos: r.LeasedNanos - gm, LeasedTokens: r.LeasedTokens - gt}, nil
 }
 
 func (m *memStore) SettleBudget(_ context.Context, p *store.SettleParams) error {
@@ -166,8 +166,13 @@ func TestBudgetHoldsExactlyAcrossProcesses(t *testing.T) {
 	bid := uuid.New()
 	st := &memStore{q: &store.Quotas{Version: 1, Budgets: []store.Budget{{ID: bid, TenantID: tenant, Tokens: 100 * 50, Period: "day", Soft: 0.8, OnExhausted: "wait"}}}}
 	qs := []*Quota{newQuota(t, st), newQuota(t, st)}
+	// A clock that runs (from t0): a refusal's brief memory ends.
+	start := time.Now()
+	for _, q := range qs {
+		q.now = func() time.Time { return t0.Add(time.Since(start)) }
+	}
 	var mu sync.Mutex
-	served, refused := 0, 0
+	served, refused, held := 0, 0, 0
 	var wg sync.WaitGroup
 	for c := 0; c < 64; c++ {
 		wg.Add(1)
@@ -179,6 +184,16 @@ func TestBudgetHoldsExactlyAcrossProcesses(t *testing.T) {
 				if err != nil {
 					t.Error(err)
 					return
+				}
+				if r != nil && r.What == "budget_held" {
+					// Budget left in pieces across the processes: a
+					// caller retries when told to, and is served once
+					// the pieces come together.
+					mu.Lock()
+					held++
+					mu.Unlock()
+					time.Sleep(time.Millisecond)
+					continue
 				}
 				if r != nil {
 					mu.Lock()
@@ -212,7 +227,7 @@ func TestBudgetHoldsExactlyAcrossProcesses(t *testing.T) {
 	if got := st.spend[p].SpentTokens; got != 100*50 {
 		t.Fatalf("spend recorded %d, served %d", got, 100*50)
 	}
-	t.Logf("100 calls over 2 processes took %d leases", st.leases)
+	t.Logf("100 calls over 2 processes took %d leases; %d calls were told to retry while the budget left was held in pieces", st.leases, held)
 }
 
 func TestBudgetLeasesInChunksWhilePlentyRemains(t *testing.T) {

@@ -325,6 +325,9 @@ type Lease struct {
 	Nanos, Tokens         int64
 	OK                    bool
 	UsedNanos, UsedTokens int64
+	// LeasedNanos and LeasedTokens are the part of Used that is leased
+	// (to any process), not spent: it may yet come back.
+	LeasedNanos, LeasedTokens int64
 }
 
 // LeaseBudget grants a share of a period's budget, exactly: spent plus leased
@@ -341,7 +344,9 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (Lease, error) 
 			SELECT $3::bigint AS m, $4::bigint AS t, greatest($3::bigint, $5::bigint)::bigint AS cm, greatest($4::bigint, $6::bigint)::bigint AS ct
 		), cur AS (
 			SELECT coalesce((SELECT spent_nanos + leased_nanos FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS um,
-			       coalesce((SELECT spent_tokens + leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS ut
+			       coalesce((SELECT spent_tokens + leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS ut,
+			       coalesce((SELECT leased_nanos FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS lm,
+			       coalesce((SELECT leased_tokens FROM budget_spend WHERE budget_id = $1 AND period_start = $2), 0) AS lt
 		), grant_ AS (
 			SELECT CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.cm ELSE want.m END AS m,
 			       CASE WHEN ($7::bigint = 0 OR cur.um + 4 * want.cm <= $7::bigint) AND ($8::bigint = 0 OR cur.ut + 4 * want.ct <= $8::bigint) THEN want.ct ELSE want.t END AS t
@@ -355,8 +360,9 @@ func (s *Store) LeaseBudget(ctx context.Context, p *LeaseParams) (Lease, error) 
 			  AND ($8::bigint = 0 OR s.spent_tokens + s.leased_tokens + EXCLUDED.leased_tokens <= $8::bigint)
 			RETURNING 1
 		)
-		SELECT g.m, g.t, EXISTS (SELECT FROM up), cur.um, cur.ut FROM grant_ g, cur`,
-		p.BudgetID, p.PeriodStart, p.Nanos, p.Tokens, p.ChunkNanos, p.ChunkTokens, p.LimitNanos, p.LimitTokens).Scan(&l.Nanos, &l.Tokens, &l.OK, &l.UsedNanos, &l.UsedTokens)
+		SELECT g.m, g.t, EXISTS (SELECT FROM up), cur.um, cur.ut, cur.lm, cur.lt FROM grant_ g, cur`,
+		p.BudgetID, p.PeriodStart, p.Nanos, p.Tokens, p.ChunkNanos, p.ChunkTokens, p.LimitNanos, p.LimitTokens).Scan(&l.Nanos, &l.Tokens, &l.OK,
+		&l.UsedNanos, &l.UsedTokens, &l.LeasedNanos, &l.LeasedTokens)
 	if err != nil {
 		return Lease{}, fmt.Errorf("store: lease budget: %w", err)
 	}
