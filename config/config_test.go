@@ -1,6 +1,8 @@
 package config
 
 import (
+	"time"
+
 	"errors"
 	"strings"
 	"testing"
@@ -99,5 +101,8 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if c.HTTP.BodyMinRate != 16384 || c.HTTP.MaxUploadsPerTenant != 4 || c.Auth.FailureBurst != 50 || c.DatabaseMaxConns != 16 {
 		t.Fatalf("%+v %+v %d", c.HTTP, c.Auth, c.DatabaseMaxConns)
+	}
+	if len(c.Auth.OIDC.Issuers) != 1 || len(c.Auth.OIDC.Issuers[0].Grants) != 2 || c.Responses.Retention != 720*time.Hour {
+		t.Fatalf("%+v %+v", c.Auth.OIDC, c.Responses)
 	}
 }
