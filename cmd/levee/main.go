@@ -27,6 +27,7 @@ Usage:
   levee batch status BATCH_ID                                     a batch's status and counts
                                (--url/LEVEE_URL, --api-key/LEVEE_API_KEY)
   levee migrate                 [--database-url URL]              apply database migrations
+  levee config check FILE                                         validate a config as serve would, and show what it serves
   levee tenant create NAME [--default-priority P]                 create a tenant
   levee tenant list                                               list tenants
   levee tenant update NAME [--default-priority P] [--tpm N] [--rpm N] [--concurrency N]
@@ -97,6 +98,8 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 		return cmdAdminKey(ctx, args[1:], stdout, getenv)
 	case "usage":
 		return cmdUsage(ctx, args[1:], stdout, getenv)
+	case "config":
+		return cmdConfig(args[1:], stdout, getenv)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
