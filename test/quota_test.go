@@ -749,6 +749,18 @@ func TestFixedBudgetNewEndStartsAFreshPeriod(t *testing.T) {
 // NATS whose deployments are all served by h.
 func customGateway(t *testing.T, env *harness.Env, h http.Handler, pricing *config.Pricing) *gateway.Gateway {
 	t.Helper()
+	var edit func(*config.Config)
+	if pricing != nil {
+		edit = func(c *config.Config) { c.Pricing = *pricing }
+	}
+	return gatewayOver(t, env, h, false, edit)
+}
+
+// gatewayOver starts a second gateway on env's Postgres and NATS whose
+// deployments all point at h (a fake deployment; nil: the simulator), with
+// workers if asked, its config changed by edit (and validated again).
+func gatewayOver(t *testing.T, env *harness.Env, h http.Handler, workers bool, edit func(*config.Config)) *gateway.Gateway {
+	t.Helper()
 	upURL := env.SimURL
 	if h != nil {
 		up := httptest.NewServer(h)
@@ -761,14 +773,14 @@ func customGateway(t *testing.T, env *harness.Env, h http.Handler, pricing *conf
 	for i := range cfg.Deployments {
 		cfg.Deployments[i].Endpoint = upURL
 	}
-	if pricing != nil {
-		cfg.Pricing = *pricing
+	if edit != nil {
+		edit(&cfg)
 		if err := cfg.Validate(); err != nil {
 			t.Fatal(err)
 		}
 	}
 	log := slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	g, err := gateway.Start(context.Background(), &cfg, env.Store, gateway.Roles{API: true}, log)
+	g, err := gateway.Start(context.Background(), &cfg, env.Store, gateway.Roles{API: true, Workers: workers}, log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,12 +4,9 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/gateway"
@@ -20,31 +17,7 @@ import (
 // deployments all point at h (a fake deployment), with workers if asked.
 func reviewGateway(t *testing.T, env *harness.Env, h http.Handler, workers bool, edit func(*config.Config)) *gateway.Gateway {
 	t.Helper()
-	up := httptest.NewServer(h)
-	t.Cleanup(up.Close)
-	cfg := *env.Config
-	cfg.Listen = "127.0.0.1:0"
-	cfg.Deployments = append([]config.Deployment(nil), env.Config.Deployments...)
-	for i := range cfg.Deployments {
-		cfg.Deployments[i].Endpoint = up.URL
-	}
-	if edit != nil {
-		edit(&cfg)
-		if err := cfg.Validate(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	log := slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	g, err := gateway.Start(context.Background(), &cfg, env.Store, gateway.Roles{API: true, Workers: workers}, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = g.Shutdown(ctx)
-	})
-	return g
+	return gatewayOver(t, env, h, workers, edit)
 }
 
 // sseEvent is one server-sent event as a client reads it.
