@@ -282,6 +282,12 @@ func TerminalEvent(typ string) bool {
 // stream event carries, from its own usage member: not by searching the
 // text, since metadata (echoed from the request) may hold a "usage" key.
 func ResponseUsage(body []byte) (Usage, bool) {
+	// Most stream events (every delta) carry no usage: they are passed
+	// over without being decoded. The key is only a necessary sign; the
+	// decode below decides.
+	if !bytes.Contains(body, []byte(`"usage"`)) {
+		return Usage{}, false
+	}
 	var r struct {
 		Usage    json.RawMessage `json:"usage"`
 		Response *struct {
