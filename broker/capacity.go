@@ -3,6 +3,7 @@ package broker
 import (
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/levee-gw/levee/window"
@@ -39,6 +40,10 @@ type Capacity struct {
 	// synchronous rate, which background calls are paced around.
 	syncTokens, syncReqs window.Window
 	pace                 pacer
+
+	// chargedSync and chargedBackground count the tokens of committed
+	// calls, for metrics (a released call was never charged).
+	chargedSync, chargedBackground atomic.Int64
 }
 
 // pacer is a token bucket for background calls: it refills at the rate the
@@ -254,6 +259,12 @@ func (r *Reservation) Commit(actual int) {
 		return
 	}
 	r.done = true
+	charged := max(r.tokens, int64(actual))
+	if r.foreground {
+		r.c.chargedSync.Add(charged)
+	} else {
+		r.c.chargedBackground.Add(charged)
+	}
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
 		r.c.tokens.Add(r.c.tokens.Last(), extra)
@@ -348,6 +359,16 @@ func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 		return 0
 	}
 	return int(max(1, min(float64(tok/int64(est)), float64(req), math.Ceil(pt/float64(est)), math.Ceil(pr), 1<<20)))
+}
+
+// Charged returns the tokens in the sliding minute now, and the tokens
+// committed calls of each class were charged since the start.
+func (c *Capacity) Charged(now time.Time) (minute, sync, background int64) {
+	b := window.Bucket(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.advance(b)
+	return c.tokens.Total(), c.chargedSync.Load(), c.chargedBackground.Load()
 }
 
 // Limits returns the token limit per minute and the request limit per 10 s.

@@ -102,7 +102,7 @@ func New(cfg *config.Config, tok *Tokenizers, client *Client, reg prometheus.Reg
 		b.aliases = append(b.aliases, m.Name)
 	}
 	sort.Strings(b.aliases)
-	b.metrics = newMetrics(reg, b.order)
+	b.metrics = newMetrics(reg, b)
 	return b
 }
 

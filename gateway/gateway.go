@@ -121,6 +121,8 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		func() float64 { return float64(ledger.Written()) }))
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_dropped_total", Help: "Usage rows dropped because the buffer was full."},
 		func() float64 { return float64(ledger.Dropped()) }))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "levee_usage_backlog_rows", Help: "Usage rows recorded and not yet written to Postgres."},
+		func() float64 { return float64(ledger.Backlog()) }))
 
 	guard := Guard(cfg)
 	prices := quota.NewPrices(cfg, reg)
@@ -129,6 +131,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		return nil, fmt.Errorf("gateway: limits and budgets: %w", err)
 	}
 	qt.SetAliases(b.AliasesOf)
+	reg.MustRegister(quota.NewBudgetCollector(qt, st))
 	g.Quota = qt
 	var (
 		runner *batch.Runner
@@ -215,7 +218,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	}
 	if g.Worker != nil {
 		g.spawn(func() { runner.Run(bg) })
-		g.spawn(func() { webhook.NewSender(st, guard, cfg.Webhooks.Schedule, log).Run(bg) })
+		g.spawn(func() { webhook.NewSender(st, guard, cfg.Webhooks.Schedule, reg, log).Run(bg) })
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 		g.stopWorker, g.workerDone = cancel, make(chan struct{})
 		go func() {

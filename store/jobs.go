@@ -449,21 +449,26 @@ func collectJobs(rows pgx.Rows) ([]*Job, error) {
 // QueueStat is the open work of one priority.
 type QueueStat struct {
 	Priority string
+	Model    string
+	Tenant   string // the tenant's name
 	Queued   int64
 	Running  int64
 	Oldest   *time.Time
 }
 
-// QueueStats summarizes open jobs by priority (for metrics).
+// QueueStats summarizes open jobs by priority, model and tenant (for
+// metrics).
 func (s *Store) QueueStats(ctx context.Context) ([]QueueStat, error) {
-	rows, err := s.pool.Query(ctx, `SELECT priority, count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running'),
-		min(created_at) FILTER (WHERE status = 'queued') FROM jobs WHERE status IN ('queued', 'running') GROUP BY priority`)
+	rows, err := s.pool.Query(ctx, `SELECT q.priority, q.model, coalesce(t.name, q.tenant_id::text), q.queued, q.running, q.oldest FROM (
+		SELECT priority, model, tenant_id, count(*) FILTER (WHERE status = 'queued') AS queued, count(*) FILTER (WHERE status = 'running') AS running,
+			min(created_at) FILTER (WHERE status = 'queued') AS oldest
+		FROM jobs WHERE status IN ('queued', 'running') GROUP BY priority, model, tenant_id) q LEFT JOIN tenants t ON t.id = q.tenant_id`)
 	if err != nil {
 		return nil, err
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (QueueStat, error) {
 		var q QueueStat
-		err := r.Scan(&q.Priority, &q.Queued, &q.Running, &q.Oldest)
+		err := r.Scan(&q.Priority, &q.Model, &q.Tenant, &q.Queued, &q.Running, &q.Oldest)
 		return q, err
 	})
 }

@@ -468,3 +468,39 @@ func (s *Store) GetBudgetSpend(ctx context.Context, budgetID uuid.UUID, periodSt
 	}
 	return b, nil
 }
+
+// BudgetPeriod names one budget's period, to read its spend.
+type BudgetPeriod struct {
+	Budget uuid.UUID
+	Start  time.Time
+}
+
+// BudgetSpends reads the spend of many budget periods at once (for
+// metrics); a period with no row yet is absent from the map.
+func (s *Store) BudgetSpends(ctx context.Context, ps []BudgetPeriod) (map[uuid.UUID]BudgetSpend, error) {
+	ids := make([]uuid.UUID, len(ps))
+	starts := make([]time.Time, len(ps))
+	for i, p := range ps {
+		ids[i], starts[i] = p.Budget, p.Start
+	}
+	rows, err := s.pool.Query(ctx, `SELECT bs.budget_id, bs.spent_nanos, bs.spent_tokens, bs.leased_nanos, bs.leased_tokens
+		FROM unnest($1::uuid[], $2::timestamptz[]) AS p(budget_id, period_start)
+		JOIN budget_spend bs ON bs.budget_id = p.budget_id AND bs.period_start = p.period_start`, ids, starts)
+	if err != nil {
+		return nil, fmt.Errorf("store: budget spends: %w", err)
+	}
+	out := map[uuid.UUID]BudgetSpend{}
+	for rows.Next() {
+		var id uuid.UUID
+		var b BudgetSpend
+		if err := rows.Scan(&id, &b.SpentNanos, &b.SpentTokens, &b.LeasedNanos, &b.LeasedTokens); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("store: budget spends: %w", err)
+		}
+		out[id] = b
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: budget spends: %w", err)
+	}
+	return out, nil
+}

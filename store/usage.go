@@ -113,6 +113,15 @@ func (l *Ledger) drop() {
 func (l *Ledger) Dropped() int64 { return l.dropped.Load() }
 func (l *Ledger) Written() int64 { return l.written.Load() }
 
+// Backlog is how many recorded events are not written yet: it grows while
+// Postgres is unreachable.
+func (l *Ledger) Backlog() int {
+	l.mu.Lock()
+	n := len(l.pending)
+	l.mu.Unlock()
+	return n + len(l.ch)
+}
+
 // Flush waits until everything recorded before the call is written.
 func (l *Ledger) Flush(ctx context.Context) error {
 	ack := make(chan struct{})

@@ -22,6 +22,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/levee-gw/levee/store"
 )
 
@@ -67,14 +69,21 @@ type Sender struct {
 	schedule []time.Duration
 	log      *slog.Logger
 	poll     time.Duration
+	attempts *prometheus.CounterVec
 }
 
-// NewSender returns a sender with the guard and retry schedule.
-func NewSender(st *store.Store, g Guard, schedule []time.Duration, log *slog.Logger) *Sender {
+// NewSender returns a sender with the guard and retry schedule; reg (may be
+// nil) gets its attempt counter.
+func NewSender(st *store.Store, g Guard, schedule []time.Duration, reg prometheus.Registerer, log *slog.Logger) *Sender {
 	if len(schedule) == 0 {
 		schedule = DefaultSchedule
 	}
-	return &Sender{st: st, client: g.Client(10 * time.Second), schedule: schedule, log: log, poll: 200 * time.Millisecond}
+	attempts := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_webhook_attempts_total",
+		Help: "Webhook delivery attempts, by outcome: delivered, retry (failed, will be tried again) or failed (given up)."}, []string{"outcome"})
+	if reg != nil {
+		reg.MustRegister(attempts)
+	}
+	return &Sender{st: st, client: g.Client(10 * time.Second), schedule: schedule, log: log, poll: 200 * time.Millisecond, attempts: attempts}
 }
 
 // Run delivers until ctx ends.
@@ -146,6 +155,7 @@ func (s *Sender) deliver(ctx context.Context, d *store.Delivery) {
 	if ctx.Err() != nil {
 		return // shutting down: the lease lapses and the delivery is taken again
 	}
+	s.attempts.WithLabelValues(r.Outcome).Inc()
 	if err := s.st.RecordAttempt(context.WithoutCancel(ctx), d, r); err != nil {
 		s.log.Warn("recording webhook attempt", "delivery", d.ID, "err", err)
 	}

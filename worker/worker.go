@@ -799,12 +799,24 @@ type queueCollector struct {
 }
 
 var (
-	depthDesc   = prometheus.NewDesc("levee_queue_depth", "Jobs waiting, by priority and state.", []string{"priority", "state"}, nil)
-	oldestDesc  = prometheus.NewDesc("levee_queue_oldest_age_seconds", "Age of the oldest queued job, by priority.", []string{"priority"}, nil)
+	depthDesc       = prometheus.NewDesc("levee_queue_depth", "Jobs waiting, by priority and state.", []string{"priority", "state"}, nil)
+	oldestDesc      = prometheus.NewDesc("levee_queue_oldest_age_seconds", "Age of the oldest queued job, by priority.", []string{"priority"}, nil)
+	modelDepthDesc  = prometheus.NewDesc("levee_queue_model_depth", "Jobs queued (not yet running), by priority and the model they name.", []string{"priority", "model"}, nil)
+	tenantDepthDesc = prometheus.NewDesc("levee_queue_tenant_depth",
+		"Jobs queued (not yet running) by tenant: the tenants with the most, the rest summed as tenant=\"(other)\".", []string{"tenant"}, nil)
 	priorityAll = queue.Priorities
 )
 
-func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) { ch <- depthDesc; ch <- oldestDesc }
+// maxTenantSeries bounds levee_queue_tenant_depth: a series per tenant
+// would grow with every tenant that ever queued.
+const maxTenantSeries = 20
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- depthDesc
+	ch <- oldestDesc
+	ch <- modelDepthDesc
+	ch <- tenantDepthDesc
+}
 
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Lock()
@@ -817,20 +829,63 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	stats := c.stats
 	c.mu.Unlock()
-	byPrio := map[string]store.QueueStat{}
-	for _, s := range stats {
-		byPrio[s.Priority] = s
+	type prio struct {
+		queued, running int64
+		oldest          *time.Time
 	}
-	prios := append([]string(nil), priorityAll...)
-	sort.Strings(prios)
-	for _, p := range prios {
-		s := byPrio[p]
-		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(s.Queued), p, "queued")
-		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(s.Running), p, "running")
-		age := 0.0
-		if s.Oldest != nil {
-			age = time.Since(*s.Oldest).Seconds()
+	byPrio := map[string]*prio{}
+	for _, p := range priorityAll {
+		byPrio[p] = &prio{}
+	}
+	byModel := map[[2]string]int64{}
+	byTenant := map[string]int64{}
+	for _, s := range stats {
+		p := byPrio[s.Priority]
+		if p == nil {
+			p = &prio{}
+			byPrio[s.Priority] = p
 		}
-		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, p)
+		p.queued += s.Queued
+		p.running += s.Running
+		if s.Oldest != nil && (p.oldest == nil || s.Oldest.Before(*p.oldest)) {
+			p.oldest = s.Oldest
+		}
+		if s.Queued > 0 {
+			byModel[[2]string{s.Priority, s.Model}] += s.Queued
+			byTenant[s.Tenant] += s.Queued
+		}
+	}
+	for name, p := range byPrio {
+		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(p.queued), name, "queued")
+		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(p.running), name, "running")
+		age := 0.0
+		if p.oldest != nil {
+			age = time.Since(*p.oldest).Seconds()
+		}
+		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
+	}
+	for k, n := range byModel {
+		ch <- prometheus.MustNewConstMetric(modelDepthDesc, prometheus.GaugeValue, float64(n), k[0], k[1])
+	}
+	tenants := make([]string, 0, len(byTenant))
+	for t := range byTenant {
+		tenants = append(tenants, t)
+	}
+	sort.Slice(tenants, func(i, j int) bool {
+		if byTenant[tenants[i]] != byTenant[tenants[j]] {
+			return byTenant[tenants[i]] > byTenant[tenants[j]]
+		}
+		return tenants[i] < tenants[j]
+	})
+	var other int64
+	for i, t := range tenants {
+		if i < maxTenantSeries {
+			ch <- prometheus.MustNewConstMetric(tenantDepthDesc, prometheus.GaugeValue, float64(byTenant[t]), t)
+		} else {
+			other += byTenant[t]
+		}
+	}
+	if len(tenants) > maxTenantSeries {
+		ch <- prometheus.MustNewConstMetric(tenantDepthDesc, prometheus.GaugeValue, float64(other), "(other)")
 	}
 }
