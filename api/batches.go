@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/levee-gw/levee/batch"
 	"github.com/levee-gw/levee/store"
@@ -319,8 +320,11 @@ func (s *Server) createBatch(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	// The batch's lines carry the trace context of its creation, for
+	// their runs to link to; nothing else of the request outlives it.
+	bctx := trace.ContextWithSpanContext(context.Background(), trace.SpanContextFromContext(c.Request().Context()))
 	go func() {
-		if err := s.runner.Start(context.Background(), b); err != nil {
+		if err := s.runner.Start(bctx, b); err != nil {
 			s.log.Error("starting batch", "batch", b.ID, "err", err) // the runner retries validating batches
 		}
 	}()

@@ -14,11 +14,13 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/outbox"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/strictjson"
+	"github.com/levee-gw/levee/tracing"
 	"github.com/levee-gw/levee/webhook"
 )
 
@@ -298,11 +300,6 @@ func decodeJSON(raw []byte, v any) error {
 	return nil
 }
 
-// enqueue accepts a job: once its row is committed it is durable and the
-// client gets its 202, whatever NATS is doing; publishing it is the
-// outbox's certain consequence (at once if NATS is there, else as soon as it
-// is back). beforePublish, if set, runs between the two (a deferred call
-// subscribes to the job's end there, so the notice cannot be missed).
 // callerGone answers a caller whose key was revoked, or tenant deleted,
 // while its request was on its way: as a key that no longer works.
 func callerGone() *Error {
@@ -310,6 +307,11 @@ func callerGone() *Error {
 		Message: "This API key was revoked, or its tenant deleted, while the request was being read; nothing was accepted."}
 }
 
+// enqueue accepts a job: once its row is committed it is durable and the
+// client gets its 202, whatever NATS is doing; publishing it is the
+// outbox's certain consequence (at once if NATS is there, else as soon as it
+// is back). beforePublish, if set, runs between the two (a deferred call
+// subscribes to the job's end there, so the notice cannot be missed).
 func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePublish func(*store.Job)) (*store.Job, bool, error) {
 	p.PublishClaim = outbox.InlineClaim
 	j, created, err := s.jobs.InsertJob(ctx, p)
@@ -322,6 +324,10 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePu
 	}
 	if err != nil {
 		return nil, false, err
+	}
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(tracing.AttrJob.String(jobPrefix+j.ID.String()), tracing.AttrTenant.String(j.TenantID.String()),
+			tracing.AttrModel.String(j.Model), tracing.AttrPriority.String(j.Priority))
 	}
 	if beforePublish != nil {
 		beforePublish(j)

@@ -17,6 +17,7 @@ import (
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/strictjson"
+	"github.com/levee-gw/levee/tracing"
 )
 
 // readBody reads the request body within the configured limit.
@@ -89,6 +90,9 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		}
 		ev.At, ev.Latency = start, time.Since(start)
 		s.ledger.Record(ev)
+		if s.tracer.Enabled() {
+			s.traceCall(c, &ev)
+		}
 		s.metrics.requests.WithLabelValues(metricModel(g), strconv.Itoa(ev.Status)).Inc()
 		s.metrics.duration.WithLabelValues(metricModel(g)).Observe(ev.Latency.Seconds())
 	}()
@@ -250,6 +254,14 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	// bookkeeping that follows (ledger, metrics) need not delay the client.
 	c.Response().Flush()
 	return nil
+}
+
+// traceCall puts what the ledger learned of a call on its span.
+func (s *Server) traceCall(c echo.Context, ev *store.UsageEvent) {
+	traceAttrs(c, tracing.AttrTenant.String(ev.TenantID.String()), tracing.AttrKey.String(ev.KeyID.String()),
+		tracing.AttrModel.String(ev.Model), tracing.AttrOperation.String(ev.Operation), tracing.AttrPriority.String(ev.Priority),
+		tracing.AttrDeployment.String(ev.Deployment), tracing.AttrAttempts.Int(ev.Attempts),
+		tracing.AttrInputTokens.Int(ev.PromptTokens), tracing.AttrOutputTokens.Int(ev.CompletionTokens))
 }
 
 // admitQuota charges a synchronous call to its caller's limits and budget;

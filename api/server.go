@@ -27,6 +27,7 @@ import (
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
 	"github.com/levee-gw/levee/strictjson"
+	"github.com/levee-gw/levee/tracing"
 	"github.com/levee-gw/levee/webhook"
 )
 
@@ -74,6 +75,8 @@ type Options struct {
 	Admin *store.Store
 	// OIDC verifies JWTs presented as keys; nil: only API keys.
 	OIDC *oidc.Verifier
+	// Tracer traces calls (nil: off).
+	Tracer *tracing.Tracer
 }
 
 // Server is the HTTP API.
@@ -103,6 +106,7 @@ type Server struct {
 	// adminUsed notes admin keys' use as used does tenant keys'.
 	adminUsed *lastUse
 	bus       keyBus
+	tracer    *tracing.Tracer
 	log       *slog.Logger
 	e         *echo.Echo
 	metrics   *metrics
@@ -122,7 +126,7 @@ func New(o Options) *Server {
 		db: o.DB, jobs: o.Jobs, queue: o.Queue, outbox: o.Outbox, quota: o.Quota, prices: o.Prices, wake: o.Wake, batches: o.Batches, runner: o.Runner, guard: o.Guard, log: o.Log,
 		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-",
 		admin: o.Admin, admins: newAdminCache(o.Config.Auth.AdminKey), used: newLastUse(), adminUsed: newLastUse(),
-		oidc: o.OIDC, tenants: &tenantCache{m: map[string]tenantEntry{}}}
+		oidc: o.OIDC, tenants: &tenantCache{m: map[string]tenantEntry{}}, tracer: o.Tracer}
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",
@@ -142,6 +146,9 @@ func New(o Options) *Server {
 	e.HTTPErrorHandler = s.errorHandler
 	e.IPExtractor = ipExtractor(o.Config.HTTP)
 	e.Use(s.guardConnections)
+	if s.tracer.Enabled() {
+		e.Use(s.traceRequests)
+	}
 	s.e = e
 
 	e.GET("/healthz", func(c echo.Context) error { return c.JSON(http.StatusOK, map[string]string{"status": "ok"}) })

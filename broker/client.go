@@ -128,11 +128,46 @@ func credentials(d *config.Deployment, from http.Header, set func(k, v string)) 
 			set(k, v)
 		}
 	}
+	// The W3C trace context passes on: the caller's own when Levee does
+	// not trace, the attempt's when it does (see Broker.traceAttempt). Only
+	// a well-formed one, and a tracestate of W3C's recommended size.
+	if v := from.Get("Traceparent"); validTraceparent(v) {
+		set("Traceparent", v)
+		if ts := from.Get("Tracestate"); ts != "" && len(ts) <= 512 {
+			set("Tracestate", ts)
+		}
+	}
 	if d.API == config.OpenAI {
 		set("Authorization", "Bearer "+d.Credential)
 	} else {
 		set("api-key", d.Credential)
 	}
+}
+
+// validTraceparent checks the shape of a W3C traceparent:
+// version-traceid-parentid-flags in lowercase hex, neither id all zeros.
+func validTraceparent(v string) bool {
+	if len(v) != 55 || v[2] != '-' || v[35] != '-' || v[52] != '-' || v[:2] == "ff" {
+		return false
+	}
+	zeroTrace, zeroParent := true, true
+	for i := 0; i < len(v); i++ {
+		if i == 2 || i == 35 || i == 52 {
+			continue
+		}
+		c := v[i]
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+		if c != '0' {
+			if i > 2 && i < 35 {
+				zeroTrace = false
+			} else if i > 35 && i < 52 {
+				zeroParent = false
+			}
+		}
+	}
+	return !zeroTrace && !zeroParent
 }
 
 // Do sends body to deployment d. The returned response's body must be closed;

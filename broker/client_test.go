@@ -252,3 +252,24 @@ func TestWithDefaultMaxTokens(t *testing.T) {
 		})
 	}
 }
+
+func TestValidTraceparent(t *testing.T) {
+	for _, tc := range []struct {
+		v    string
+		want bool
+	}{
+		{"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", true},
+		{"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", true},
+		{"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", false}, // uppercase
+		{"00-00000000000000000000000000000000-00f067aa0ba902b7-01", false}, // zero trace id
+		{"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", false}, // zero parent id
+		{"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", false}, // forbidden version
+		{"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-", false},
+		{"00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", false},
+		{"", false},
+	} {
+		if got := validTraceparent(tc.v); got != tc.want {
+			t.Errorf("validTraceparent(%q) = %v, want %v", tc.v, got, tc.want)
+		}
+	}
+}

@@ -18,8 +18,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/levee-gw/levee/config"
+	"github.com/levee-gw/levee/tracing"
 )
 
 // Deployment is a configured deployment with its live state.
@@ -72,7 +75,13 @@ type Broker struct {
 	log     *slog.Logger
 	now     func() time.Time
 	metrics *metrics
+	tracer  *tracing.Tracer
 }
+
+// SetTracer traces each attempt of a call whose context holds a recording
+// span, and passes the attempt's trace context to the deployment. Call it
+// before serving.
+func (b *Broker) SetTracer(t *tracing.Tracer) { b.tracer = t }
 
 // New builds a Broker from validated config. reg may be nil.
 func New(cfg *config.Config, tok *Tokenizers, client *Client, reg prometheus.Registerer, log *slog.Logger) *Broker {
@@ -327,6 +336,7 @@ type Result struct {
 	Started     time.Time
 	probe       bool
 	b           *Broker
+	span        trace.Span // the attempt's, ended by Finish
 }
 
 // Finish reconciles the call: usage (if known) commits the charge, and a body
@@ -348,6 +358,15 @@ func (r *Result) Finish(u *Usage, bodyErr error) {
 		r.Deployment.circuit.failure(r.b.now())
 	}
 	r.b.metrics.latency.WithLabelValues(r.Deployment.Name).Observe(time.Since(r.Started).Seconds())
+	if r.span != nil {
+		if u != nil {
+			r.span.SetAttributes(tracing.AttrInputTokens.Int(u.PromptTokens), tracing.AttrOutputTokens.Int(u.CompletionTokens))
+		}
+		if bodyErr != nil {
+			r.span.SetStatus(codes.Error, "the answer broke off")
+		}
+		r.span.End()
+	}
 }
 
 // Do routes a call: lowest priority tier first, by weight within a tier, only
@@ -399,7 +418,14 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		if c.Req.Stream || c.Background {
 			send = b.client.Do
 		}
-		resp, err := send(ctx, &d.Deployment, c.Req.Op, c.Body, c.Header)
+		header, span := c.Header, trace.Span(nil)
+		if call := trace.SpanFromContext(ctx); b.tracer != nil && call.IsRecording() {
+			header, span = b.traceAttempt(ctx, d, c, attempts)
+		}
+		resp, err := send(ctx, &d.Deployment, c.Req.Op, c.Body, header)
+		if span != nil && (err != nil || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500) {
+			endAttempt(span, resp, err)
+		}
 		if err != nil {
 			// The client's error can tell of the context's end a moment
 			// before ctx.Err() does.
@@ -415,7 +441,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 			}
 			res.Release()
 			d.circuit.failure(b.now())
-			b.metrics.failovers.WithLabelValues(d.Name, "error").Inc()
+			b.failover(ctx, d, "error")
 			b.log.Warn("deployment call failed", "deployment", d.Name, "err", err)
 			lastErr = err
 			continue
@@ -431,7 +457,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 			res.Release()
 			drain(resp)
 			d.circuit.success() // a 429 is a healthy deployment saying "full"
-			b.metrics.failovers.WithLabelValues(d.Name, "429").Inc()
+			b.failover(ctx, d, "429")
 			if at := now.Add(ra); soonest.IsZero() || at.Before(soonest) {
 				soonest = at
 			}
@@ -440,7 +466,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 			res.Release()
 			drain(resp)
 			d.circuit.failure(b.now())
-			b.metrics.failovers.WithLabelValues(d.Name, "5xx").Inc()
+			b.failover(ctx, d, "5xx")
 			lastErr = fmt.Errorf("deployment %s answered %d", d.Name, resp.StatusCode)
 			continue
 		}
@@ -449,7 +475,11 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 			rr = -1 // OpenAI's request count is per minute, not per 10 s
 		}
 		d.Capacity.Observe(b.now(), rt, rr)
-		return &Result{Resp: resp, Deployment: d, Reservation: res, Attempts: attempts, Estimate: estimate(d), Started: start, probe: probe, b: b}, nil
+		if span != nil {
+			span.SetAttributes(tracing.AttrStatus.Int(resp.StatusCode))
+			trace.SpanFromContext(ctx).SetAttributes(tracing.AttrDeployment.String(d.Name), tracing.AttrAttempts.Int(attempts))
+		}
+		return &Result{Resp: resp, Deployment: d, Reservation: res, Attempts: attempts, Estimate: estimate(d), Started: start, probe: probe, b: b, span: span}, nil
 	}
 	if lastErr != nil && soonest.IsZero() {
 		return nil, &UpstreamError{Last: lastErr}
@@ -461,6 +491,42 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		soonest = b.now().Add(time.Second)
 	}
 	return nil, &NoCapacityError{RetryAt: soonest}
+}
+
+// traceAttempt starts the span of one attempt at deployment d and returns the headers to send: the
+// caller's, with the attempt's trace context in place of the caller's.
+func (b *Broker) traceAttempt(ctx context.Context, d *Deployment, c *Call, n int) (http.Header, trace.Span) {
+	actx, span := b.tracer.Start(ctx, "upstream "+c.Req.Op.String(), trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(tracing.AttrDeployment.String(d.Name), tracing.AttrAttempt.Int(n), tracing.AttrOperation.String(c.Req.Op.String())))
+	h := make(http.Header, len(c.Header)+2)
+	for k, v := range c.Header {
+		h[k] = v
+	}
+	h.Del("Traceparent")
+	h.Del("Tracestate")
+	b.tracer.Inject(actx, h)
+	return h, span
+}
+
+// failover counts a call moved off d, and notes it on the call's span.
+func (b *Broker) failover(ctx context.Context, d *Deployment, reason string) {
+	b.metrics.failovers.WithLabelValues(d.Name, reason).Inc()
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.AddEvent("failover", trace.WithAttributes(tracing.AttrDeployment.String(d.Name), tracing.AttrReason.String(reason)))
+	}
+}
+
+// endAttempt ends the span of an attempt the deployment refused or failed.
+func endAttempt(span trace.Span, resp *http.Response, err error) {
+	switch {
+	case err != nil:
+		span.RecordError(err)
+		span.SetStatus(codes.Error, "call failed")
+	default:
+		span.SetAttributes(tracing.AttrStatus.Int(resp.StatusCode))
+		span.SetStatus(codes.Error, http.StatusText(resp.StatusCode))
+	}
+	span.End()
 }
 
 // pick chooses the next deployment: the first tier that has one with room,

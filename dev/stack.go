@@ -20,6 +20,7 @@ import (
 	"github.com/levee-gw/levee/gateway"
 	"github.com/levee-gw/levee/sim"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/tracing"
 )
 
 // File is what `levee dev --config` reads: deployments (each with the
@@ -112,7 +113,9 @@ type StackOptions struct {
 	// NoWorkers leaves queue workers to other processes (tests of
 	// `levee worker`); levee dev runs them in-process.
 	NoWorkers bool
-	Log       *slog.Logger
+	// Tracer traces the gateway (tests); nil: from OTEL_* variables.
+	Tracer *tracing.Tracer
+	Log    *slog.Logger
 }
 
 // Stack is a running embedded stack.
@@ -228,7 +231,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if s.Gateway, err = gateway.Start(ctx, cfg, s.Store, gateway.Roles{API: true, Workers: !o.NoWorkers}, log); err != nil {
+	if s.Gateway, err = gateway.Start(ctx, cfg, s.Store, gateway.Roles{API: true, Workers: !o.NoWorkers, Tracer: o.Tracer}, log); err != nil {
 		return nil, err
 	}
 	s.BaseURL = "http://" + s.Gateway.Addr

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -29,6 +30,7 @@ import (
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/tracing"
 	"github.com/levee-gw/levee/webhook"
 	"github.com/levee-gw/levee/worker"
 )
@@ -44,6 +46,9 @@ type Roles struct {
 	// MetricsAddr, for a process without the API, serves /metrics and
 	// /healthz there ("" for none). With the API they are on cfg.Listen.
 	MetricsAddr string
+	// Tracer traces calls and jobs; nil: as the OTEL_* environment
+	// variables say (off unless an OTLP endpoint is set).
+	Tracer *tracing.Tracer
 }
 
 // Gateway is a running Levee process.
@@ -63,6 +68,7 @@ type Gateway struct {
 	AdminKey string
 	cfg      *config.Config
 	log      *slog.Logger
+	tracer   *tracing.Tracer
 	hs       *http.Server
 	errc     chan error
 
@@ -70,6 +76,15 @@ type Gateway struct {
 	workerDone     chan struct{}
 	stopBackground context.CancelFunc
 	background     sync.WaitGroup
+}
+
+// Version is the binary's module version ("(devel)" when built from a
+// checkout), as traces name it.
+func Version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "unknown"
 }
 
 // NewRegistry returns a metrics registry with the Go and process collectors.
@@ -83,7 +98,7 @@ func NewRegistry() *prometheus.Registry {
 // If JetStream has lost the jobs stream, every queued job's publish mark is
 // cleared so it is published again: an accepted job is never left waiting
 // for a message that no longer exists.
-func openQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger) (*queue.Queue, error) {
+func openQueue(ctx context.Context, cfg *config.Config, st *store.Store, tracer *tracing.Tracer, log *slog.Logger) (*queue.Queue, error) {
 	if cfg.NATSURL == "" {
 		return nil, nil
 	}
@@ -92,7 +107,7 @@ func openQueue(ctx context.Context, cfg *config.Config, st *store.Store, log *sl
 		defer cancel()
 		return st.ForgetPublished(ctx)
 	}
-	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle}, onLost, log)
+	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle, Tracer: tracer}, onLost, log)
 }
 
 // Start builds a process with the given roles and starts it in the
@@ -101,20 +116,29 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	if roles.Workers && cfg.NATSURL == "" {
 		return nil, &config.FieldError{Field: "nats_url", Msg: "required for workers (or set NATS_URL)"}
 	}
+	tracer := roles.Tracer
+	if tracer == nil {
+		if tracer, err = tracing.FromEnv(ctx, Version(), log); err != nil {
+			return nil, err
+		}
+	}
 	reg := NewRegistry()
 	b := broker.New(cfg, broker.NewTokenizers(), broker.NewClient(), reg, log)
-	q, err := openQueue(ctx, cfg, st, log)
+	b.SetTracer(tracer)
+	q, err := openQueue(ctx, cfg, st, tracer, log)
 	if err != nil {
+		_ = tracer.Shutdown(context.Background())
 		return nil, err
 	}
 	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: cfg.Usage.FlushInterval, BatchSize: cfg.Usage.BatchSize, BufferSize: cfg.Usage.BufferSize, MaxPending: cfg.Usage.MaxPending}, log)
-	g := &Gateway{Broker: b, Ledger: ledger, Queue: q, AdminKey: cfg.Auth.AdminKey, cfg: cfg, log: log, errc: make(chan error, 1)}
+	g := &Gateway{Broker: b, Ledger: ledger, Queue: q, AdminKey: cfg.Auth.AdminKey, cfg: cfg, log: log, tracer: tracer, errc: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			_ = ledger.Close(context.Background())
 			if q != nil {
 				q.Close()
 			}
+			_ = tracer.Shutdown(context.Background())
 		}
 	}()
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "levee_usage_rows_written_total", Help: "Usage rows written to Postgres."},
@@ -142,7 +166,9 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 		relay = outbox.New(st, q, log)
 	}
 	if roles.Workers {
-		g.Worker = worker.New(q, st, b, qt, prices, worker.ConfigFrom(cfg), reg, log)
+		wc := worker.ConfigFrom(cfg)
+		wc.Tracer = tracer
+		g.Worker = worker.New(q, st, b, qt, prices, wc, reg, log)
 	}
 
 	var handler http.Handler
@@ -150,7 +176,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	listen := roles.MetricsAddr
 	if roles.API {
 		opts := api.Options{Config: cfg, Broker: b, Keys: st, Ledger: ledger, Usage: st, DB: st, Registry: reg, Log: log, Guard: guard,
-			Quota: qt, Prices: prices, Admin: st}
+			Quota: qt, Prices: prices, Admin: st, Tracer: tracer}
 		if len(cfg.Auth.OIDC.Issuers) > 0 {
 			v, err := oidc.New(cfg.Auth.OIDC, nil, log)
 			if err != nil {
@@ -282,6 +308,9 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	if lerr := g.Ledger.Close(fctx); lerr != nil {
 		g.log.Error("flushing usage", "err", lerr)
 		err = errors.Join(err, lerr)
+	}
+	if terr := g.tracer.Shutdown(fctx); terr != nil {
+		g.log.Warn("exporting the last spans", "err", terr)
 	}
 	return err
 }

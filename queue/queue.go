@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -19,6 +21,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/levee-gw/levee/tracing"
 )
 
 // Priorities, highest first. Synchronous calls ("high") never enter the queue.
@@ -38,6 +42,9 @@ type Config struct {
 	Duplicates time.Duration
 	// ConsumerIdle is how long an unused consumer lives (default 1 h).
 	ConsumerIdle time.Duration
+	// Tracer, when set, puts the publisher's trace context in each job's
+	// message headers, for the worker's span to link to.
+	Tracer *tracing.Tracer
 }
 
 func (c *Config) defaults() {
@@ -214,12 +221,30 @@ var ErrUnavailable = errors.New("the job queue is unavailable")
 func (q *Queue) Publish(ctx context.Context, id uuid.UUID, priority, model string, tenant uuid.UUID) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	_, err := q.js.Publish(ctx, q.Subject(priority, model, tenant), []byte(id.String()), jetstream.WithMsgID(id.String()))
+	msg := &nats.Msg{Subject: q.Subject(priority, model, tenant), Data: []byte(id.String()), Header: q.traceHeader(ctx)}
+	_, err := q.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id.String()))
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return nil
 }
+
+// traceHeader is the message headers carrying ctx's trace context (nil
+// when not tracing, or ctx holds none).
+func (q *Queue) traceHeader(ctx context.Context) nats.Header {
+	if q.cfg.Tracer == nil {
+		return nil
+	}
+	h := http.Header{}
+	q.cfg.Tracer.Inject(ctx, h)
+	if len(h) == 0 {
+		return nil
+	}
+	return nats.Header(h)
+}
+
+// TraceHeader is a message's headers, to read a trace context from.
+func TraceHeader(m jetstream.Msg) http.Header { return http.Header(m.Headers()) }
 
 // Consumer returns (creating if needed) the durable consumer of one
 // priority, model and tenant.
@@ -348,11 +373,18 @@ type JobRef struct {
 func (q *Queue) PublishMany(ctx context.Context, jobs []JobRef) ([]uuid.UUID, error) {
 	const window = 2048
 	var done []uuid.UUID
+	h := q.traceHeader(ctx)
 	for start := 0; start < len(jobs); start += window {
 		part := jobs[start:min(start+window, len(jobs))]
 		futures := make([]jetstream.PubAckFuture, len(part))
 		for i, j := range part {
-			f, err := q.js.PublishAsync(q.Subject(j.Priority, j.Model, j.Tenant), []byte(j.ID.String()), jetstream.WithMsgID(j.ID.String()))
+			// Each message its own header map: WithMsgID writes its id
+			// into it, and an async publish may be retried from it.
+			msg := &nats.Msg{Subject: q.Subject(j.Priority, j.Model, j.Tenant), Data: []byte(j.ID.String())}
+			if h != nil {
+				msg.Header = maps.Clone(h)
+			}
+			f, err := q.js.PublishMsgAsync(msg, jetstream.WithMsgID(j.ID.String()))
 			if err != nil {
 				return done, fmt.Errorf("%w: %v", ErrUnavailable, err)
 			}

@@ -59,6 +59,8 @@ type Job struct {
 	// background); ResponseStatus is its Response's status once it ended.
 	Background     bool
 	ResponseStatus string
+	// BatchID is the batch a line's job belongs to (nil: none).
+	BatchID *uuid.UUID
 }
 
 // Terminal reports whether the job has ended.
@@ -69,14 +71,14 @@ func (j *Job) Terminal() bool {
 const jobColumns = `id, tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), endpoint, model, body, priority, status,
 	metadata, coalesce(webhook_url, ''), attempts, coalesce(deployment, ''), coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
 	coalesce(cost_nanos, 0), coalesce(result_status, 0), result_body, coalesce(error_code, ''), coalesce(error_message, ''), created_at, started_at, finished_at, lease_until,
-	background, coalesce(response_status, '')`
+	background, coalesce(response_status, ''), batch_id`
 
 // dest is where a row of jobColumns is scanned to.
 func (j *Job) dest() []any {
 	return []any{&j.ID, &j.TenantID, &j.KeyID, &j.Endpoint, &j.Model, &j.Body, &j.Priority, &j.Status,
 		&j.Metadata, &j.WebhookURL, &j.Attempts, &j.Deployment, &j.PromptTokens, &j.CompletionTokens,
 		&j.CostNanos, &j.ResultStatus, &j.ResultBody, &j.ErrorCode, &j.ErrorMessage, &j.CreatedAt, &j.StartedAt, &j.FinishedAt, &j.LeaseUntil,
-		&j.Background, &j.ResponseStatus}
+		&j.Background, &j.ResponseStatus, &j.BatchID}
 }
 
 func scanJob(row pgx.Row) (*Job, error) {

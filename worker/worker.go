@@ -23,12 +23,16 @@ import (
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/levee-gw/levee/broker"
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/queue"
 	"github.com/levee-gw/levee/quota"
 	"github.com/levee-gw/levee/store"
+	"github.com/levee-gw/levee/tracing"
 )
 
 // Config tunes a worker pool.
@@ -43,6 +47,8 @@ type Config struct {
 	// ResponseRetention is how long a stored response's deployment is
 	// remembered.
 	ResponseRetention time.Duration
+	// Tracer traces each job's run, linked to its submission (nil: off).
+	Tracer *tracing.Tracer
 }
 
 // ConfigFrom takes a worker Config from Levee's.
@@ -381,6 +387,11 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	}
 	w.m.started.Inc()
 	start := time.Now()
+	if w.cfg.Tracer.Enabled() {
+		var span trace.Span
+		ctx, span = w.traceJob(ctx, msg, job)
+		defer span.End()
+	}
 
 	// call ends when the job is cancelled, so a cancelled job stops spending
 	// tokens; ctx (shutdown) still governs everything else.
@@ -684,6 +695,21 @@ func (w *Worker) abort(id uuid.UUID) {
 	}
 }
 
+// traceJob starts the span of a job's run, linked to the span that
+// submitted it (whose context the message carries).
+func (w *Worker) traceJob(ctx context.Context, msg jetstream.Msg, job *store.Job) (context.Context, trace.Span) {
+	attrs := []attribute.KeyValue{tracing.AttrJob.String("job_" + job.ID.String()), tracing.AttrTenant.String(job.TenantID.String()),
+		tracing.AttrModel.String(job.Model), tracing.AttrPriority.String(job.Priority), tracing.AttrAttempt.Int(job.Attempts)}
+	if job.BatchID != nil {
+		attrs = append(attrs, tracing.AttrBatch.String(job.BatchID.String()))
+	}
+	opts := []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer), trace.WithAttributes(attrs...)}
+	if l, ok := w.cfg.Tracer.Link(queue.TraceHeader(msg)); ok {
+		opts = append(opts, trace.WithLinks(l))
+	}
+	return w.cfg.Tracer.Start(ctx, "job "+job.Endpoint, opts...)
+}
+
 // finish records the outcome (exactly once, in Postgres), then acks. If
 // Postgres cannot be reached the message is not acked: it will come back,
 // and the outcome is recorded then.
@@ -703,6 +729,13 @@ func (w *Worker) finish(ctx context.Context, msg jetstream.Msg, job *store.Job, 
 		return
 	}
 	_ = msg.Ack()
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(attribute.String("levee.job.status", p.Status), tracing.AttrDeployment.String(p.Deployment),
+			tracing.AttrInputTokens.Int(p.PromptTokens), tracing.AttrOutputTokens.Int(p.CompletionTokens))
+		if p.Status == store.JobFailed {
+			span.SetStatus(codes.Error, p.ErrorCode)
+		}
+	}
 	if applied {
 		w.prices.Record(w.tenantName(ctx, job.TenantID), job.Model, p.CostNanos)
 		w.m.finished.WithLabelValues(job.Priority, p.Status).Inc()
