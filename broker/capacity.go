@@ -204,10 +204,10 @@ func (c *Capacity) ReserveBackground(now time.Time, est int, keep float64) (*Res
 func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool) (*Reservation, bool, time.Time) {
 	b := window.Bucket(now)
 	e := int64(est)
-	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
-	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
+	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.advance(b)
 	if now.Before(c.blockedUntil) {
 		return nil, false, c.blockedUntil
@@ -344,8 +344,9 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 // share of the windows, and within the background pace.
 func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
 	tok, req := c.Headroom(now)
-	tok -= int64(keep * float64(c.tokenLimit))
-	req -= int64(keep * float64(c.reqLimit))
+	tokLimit, reqLimit := c.Limits()
+	tok -= int64(keep * float64(tokLimit))
+	req -= int64(keep * float64(reqLimit))
 	if tok < int64(est) || req < 1 {
 		return 0
 	}
@@ -372,4 +373,23 @@ func (c *Capacity) Charged(now time.Time) (minute, sync, background int64) {
 }
 
 // Limits returns the token limit per minute and the request limit per 10 s.
-func (c *Capacity) Limits() (tokens, requestsPer10s int64) { return c.tokenLimit, c.reqLimit }
+func (c *Capacity) Limits() (tokens, requestsPer10s int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tokenLimit, c.reqLimit
+}
+
+// SetLimits changes the limits (a reload); what the windows hold stays
+// charged.
+func (c *Capacity) SetLimits(tpm, rpm int) {
+	c.mu.Lock()
+	c.tokenLimit, c.reqLimit = int64(tpm), int64(max((rpm+5)/6, 1))
+	c.mu.Unlock()
+}
+
+// share turns on keeping charges for a Sharer, which urgent wakes.
+func (c *Capacity) share(urgent chan struct{}) {
+	c.mu.Lock()
+	c.shared, c.urgent = true, urgent
+	c.mu.Unlock()
+}

@@ -15,6 +15,8 @@ import (
 	"net/http"
 	"slices"
 	"sort"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,16 +68,31 @@ func (g *Group) Check(r *Request) error {
 
 // Broker routes calls over deployments.
 type Broker struct {
-	deps    map[string]*Deployment
-	order   []*Deployment
-	groups  map[string]*Group
-	aliases []string
+	// r is what is being served: swapped whole by Reload, so a call sees
+	// one configuration from start to end.
+	r       atomic.Pointer[routes]
 	tok     *Tokenizers
 	client  *Client
 	log     *slog.Logger
 	now     func() time.Time
 	metrics *metrics
 	tracer  *tracing.Tracer
+
+	// mu serializes reloads and sharing being turned on.
+	mu          sync.Mutex
+	circuitConf config.Circuit
+	// shareUrgent is the Sharer's wake-up channel once sharing is on: a
+	// deployment added by a reload shares its charges too.
+	shareUrgent chan struct{}
+}
+
+// routes are the deployments and aliases of one configuration.
+type routes struct {
+	gen     uint64 // 1 at start, one more at each reload
+	deps    map[string]*Deployment
+	order   []*Deployment
+	groups  map[string]*Group
+	aliases []string
 }
 
 // SetTracer traces each attempt of a call whose context holds a recording
@@ -85,34 +102,66 @@ func (b *Broker) SetTracer(t *tracing.Tracer) { b.tracer = t }
 
 // New builds a Broker from validated config. reg may be nil.
 func New(cfg *config.Config, tok *Tokenizers, client *Client, reg prometheus.Registerer, log *slog.Logger) *Broker {
-	b := &Broker{
-		deps:   map[string]*Deployment{},
-		groups: map[string]*Group{},
-		tok:    tok,
-		client: client,
-		log:    log,
-		now:    time.Now,
+	b := &Broker{tok: tok, client: client, log: log, now: time.Now, circuitConf: cfg.Circuit}
+	b.r.Store(b.build(cfg, nil))
+	b.metrics = newMetrics(reg, b)
+	return b
+}
+
+// build makes the routes of cfg. A deployment of old whose settings are
+// unchanged is kept as it is, with its capacity windows and circuit; one
+// whose limits changed keeps its windows under the new limits.
+func (b *Broker) build(cfg *config.Config, old *routes) *routes {
+	r := &routes{gen: 1, deps: map[string]*Deployment{}, groups: map[string]*Group{}}
+	if old != nil {
+		r.gen = old.gen + 1
 	}
 	for _, dc := range cfg.Deployments {
-		d := &Deployment{
-			Deployment: dc,
-			Capacity:   NewCapacity(dc.TPM, dc.RPM),
-			circuit:    newCircuit(cfg.Circuit.Failures, cfg.Circuit.OpenFor, cfg.Circuit.MaxOpenFor),
+		var d *Deployment
+		if old != nil {
+			if prev := old.deps[dc.Name]; prev != nil {
+				if prev.Deployment == dc {
+					d = prev
+				} else {
+					prev.Capacity.SetLimits(dc.TPM, dc.RPM)
+					d = &Deployment{Deployment: dc, Capacity: prev.Capacity, circuit: prev.circuit}
+				}
+			}
 		}
-		b.deps[d.Name] = d
-		b.order = append(b.order, d)
+		if d == nil {
+			d = &Deployment{
+				Deployment: dc,
+				Capacity:   NewCapacity(dc.TPM, dc.RPM),
+				circuit:    newCircuit(b.circuitConf.Failures, b.circuitConf.OpenFor, b.circuitConf.MaxOpenFor),
+			}
+			if b.shareUrgent != nil {
+				d.Capacity.share(b.shareUrgent)
+			}
+		}
+		r.deps[d.Name] = d
+		r.order = append(r.order, d)
 	}
 	for _, m := range cfg.Models {
 		var ds []*Deployment
 		for _, n := range m.Deployments {
-			ds = append(ds, b.deps[n])
+			ds = append(ds, r.deps[n])
 		}
-		b.groups[m.Name] = newGroup(m.Name, m, ds)
-		b.aliases = append(b.aliases, m.Name)
+		r.groups[m.Name] = newGroup(m.Name, m, ds)
+		r.aliases = append(r.aliases, m.Name)
 	}
-	sort.Strings(b.aliases)
-	b.metrics = newMetrics(reg, b)
-	return b
+	sort.Strings(r.aliases)
+	return r
+}
+
+// Reload serves cfg's deployments and aliases from now on. Calls in flight
+// finish where they are; a deployment that is gone takes no new call; one
+// that stays keeps its capacity windows and circuit. cfg must be
+// validated.
+func (b *Broker) Reload(cfg *config.Config) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.circuitConf = cfg.Circuit
+	b.r.Store(b.build(cfg, b.r.Load()))
 }
 
 func newGroup(name string, p config.Model, ds []*Deployment) *Group {
@@ -139,18 +188,19 @@ func newGroup(name string, p config.Model, ds []*Deployment) *Group {
 // deployment name pins the call to that one deployment, under the policy of
 // the first alias that includes it.
 func (b *Broker) Resolve(name string) (*Group, bool) {
-	if g, ok := b.groups[name]; ok {
+	r := b.r.Load()
+	if g, ok := r.groups[name]; ok {
 		return g, true
 	}
-	d, ok := b.deps[name]
+	d, ok := r.deps[name]
 	if !ok {
 		return nil, false
 	}
 	p := config.Model{Name: name, DefaultMaxTokens: config.DefaultDefaultMaxTokens, MaxN: 1, MaxBestOf: 1}
-	for _, a := range b.aliases {
-		for _, gd := range b.groups[a].Deployments() {
+	for _, a := range r.aliases {
+		for _, gd := range r.groups[a].Deployments() {
 			if gd == d {
-				p = b.groups[a].Policy
+				p = r.groups[a].Policy
 				p.Name = name
 				return newGroup(name, p, []*Deployment{d}), true
 			}
@@ -212,14 +262,15 @@ func (g *Group) BackgroundSlots(now time.Time, est int) int {
 // ModelGroup returns the alias group a deployment belongs to (the first
 // alias listing it), so work that names one deployment can use all of them.
 func (b *Broker) ModelGroup(deployment string) (*Group, bool) {
-	d, ok := b.deps[deployment]
+	r := b.r.Load()
+	d, ok := r.deps[deployment]
 	if !ok {
 		return nil, false
 	}
-	for _, a := range b.aliases {
-		for _, gd := range b.groups[a].Deployments() {
+	for _, a := range r.aliases {
+		for _, gd := range r.groups[a].Deployments() {
 			if gd == d {
-				return b.groups[a], true
+				return r.groups[a], true
 			}
 		}
 	}
@@ -230,33 +281,37 @@ func (b *Broker) ModelGroup(deployment string) (*Group, bool) {
 // itself, or for a deployment named directly, each alias it serves (so a
 // limit on an alias cannot be passed by naming its deployments).
 func (b *Broker) AliasesOf(name string) []string {
-	if _, ok := b.groups[name]; ok {
+	r := b.r.Load()
+	if _, ok := r.groups[name]; ok {
 		return []string{name}
 	}
-	d, ok := b.deps[name]
+	d, ok := r.deps[name]
 	if !ok {
 		return nil
 	}
 	var out []string
-	for _, a := range b.aliases {
-		if slices.Contains(b.groups[a].Deployments(), d) {
+	for _, a := range r.aliases {
+		if slices.Contains(r.groups[a].Deployments(), d) {
 			out = append(out, a)
 		}
 	}
 	return out
 }
 
+// Generation counts the configurations served: it changes at each reload.
+func (b *Broker) Generation() uint64 { return b.r.Load().gen }
+
 // Models lists the aliases clients may use.
-func (b *Broker) Models() []string { return b.aliases }
+func (b *Broker) Models() []string { return b.r.Load().aliases }
 
 // Deployment returns a deployment by name.
 func (b *Broker) Deployment(name string) (*Deployment, bool) {
-	d, ok := b.deps[name]
+	d, ok := b.r.Load().deps[name]
 	return d, ok
 }
 
 // Deployments lists every deployment in config order.
-func (b *Broker) Deployments() []*Deployment { return b.order }
+func (b *Broker) Deployments() []*Deployment { return b.r.Load().order }
 
 // Forward sends a bodiless request to deployment d (see Client.Forward).
 func (b *Broker) Forward(ctx context.Context, d *Deployment, method, path, rawQuery string, from http.Header) (*http.Response, error) {

@@ -73,7 +73,7 @@ func TestPickSkipsFullOpenAndTriedDeployments(t *testing.T) {
 		t.Fatalf("picked %s with a full, want b", n)
 	}
 	bd, _ := b.Deployment("b")
-	for i := 0; i < b.order[0].circuit.threshold; i++ {
+	for i := 0; i < b.Deployments()[0].circuit.threshold; i++ {
 		bd.circuit.failure(time.Now())
 	}
 	if n := pickName(); n != "c" {
@@ -171,7 +171,7 @@ func TestCallGivenUpMidwayKeepsItsCharge(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := testBroker(t, config.Deployment{Name: "d", Kind: config.Standard, TPM: 100_000})
-			b.order[0].Endpoint = tc.endpoint
+			b.Deployments()[0].Endpoint = tc.endpoint
 			g, _ := b.Resolve("gpt-4o")
 			body := []byte(`{"model":"gpt-4o","max_tokens":500,"stream":` + strconv.FormatBool(tc.stream) + `,"messages":[{"role":"user","content":"hi"}]}`)
 			req, err := ParseRequest(OpChat, body)
@@ -183,7 +183,7 @@ func TestCallGivenUpMidwayKeepsItsCharge(t *testing.T) {
 			if _, err := b.Do(ctx, &Call{Group: g, Req: req, Body: body, Header: http.Header{}}); err == nil {
 				t.Fatal("want an error")
 			}
-			left, _ := b.order[0].Capacity.Headroom(time.Now())
+			left, _ := b.Deployments()[0].Capacity.Headroom(time.Now())
 			if kept := left <= 100_000-500; kept != tc.kept {
 				t.Fatalf("headroom after the call %d: charge kept %v, want %v", left, kept, tc.kept)
 			}

@@ -55,11 +55,12 @@ func NewSharer(nc *nats.Conn, b *Broker, prefix string, log *slog.Logger) *Share
 		prefix = "levee.capacity"
 	}
 	urgent := make(chan struct{}, 1)
-	for _, d := range b.order {
-		d.Capacity.mu.Lock()
-		d.Capacity.shared, d.Capacity.urgent = true, urgent
-		d.Capacity.mu.Unlock()
+	b.mu.Lock()
+	b.shareUrgent = urgent
+	for _, d := range b.Deployments() {
+		d.Capacity.share(urgent)
 	}
+	b.mu.Unlock()
 	return &Sharer{nc: nc, b: b, origin: uuid.NewString(), interval: 5 * time.Millisecond, log: log, prefix: prefix, urgent: urgent}
 }
 
@@ -69,11 +70,19 @@ func (s *Sharer) subject(dep string) string {
 
 // Run shares until ctx ends.
 func (s *Sharer) Run(ctx context.Context) error {
-	byName := map[string]*Deployment{}
-	for _, d := range s.b.order {
-		byName[s.subject(d.Name)] = d
-	}
+	// Messages are handled one at a time, so the handler keeps its own
+	// index of the deployments served, made again after a reload.
+	var (
+		served *routes
+		byName map[string]*Deployment
+	)
 	sub, err := s.nc.Subscribe(s.prefix+".*", func(m *nats.Msg) {
+		if r := s.b.r.Load(); r != served {
+			served, byName = r, make(map[string]*Deployment, len(r.order))
+			for _, d := range r.order {
+				byName[s.subject(d.Name)] = d
+			}
+		}
 		d := byName[m.Subject]
 		if d == nil {
 			return
@@ -108,7 +117,7 @@ func (s *Sharer) Run(ctx context.Context) error {
 }
 
 func (s *Sharer) flush() {
-	for _, d := range s.b.order {
+	for _, d := range s.b.Deployments() {
 		ds, until, pacing := d.Capacity.drain()
 		if len(ds) == 0 && until.IsZero() {
 			continue

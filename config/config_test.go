@@ -106,3 +106,50 @@ func TestExampleConfigIsValid(t *testing.T) {
 		t.Fatalf("%+v %+v", c.Auth.OIDC, c.Responses)
 	}
 }
+
+func TestRestartOnly(t *testing.T) {
+	base := func() *Config {
+		c, err := Parse([]byte(`listen: ":8080"
+deployments:
+  - {name: a, model: gpt-4o, endpoint: "http://127.0.0.1:1", credential_env: K, tpm: 1000, rpm: 10}
+models:
+  - {name: gpt-4o, deployments: [a]}
+`), func(k string) string {
+			if k == "K" {
+				return "secret"
+			}
+			return ""
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	for _, tc := range []struct {
+		name string
+		edit func(*Config)
+		want []string
+	}{
+		{"nothing", func(*Config) {}, nil},
+		{"deployments, models, prices and circuit reload", func(c *Config) {
+			c.Deployments[0].TPM = 2000
+			c.Models[0].MaxTokens = 10
+			c.Circuit.Failures = 9
+			c.Pricing.Prices = append(c.Pricing.Prices, Price{Match: "gpt-4o"})
+		}, nil},
+		{"listen and nested fields need a restart", func(c *Config) {
+			c.Listen = ":9090"
+			c.HTTP.IdleTimeout = 1
+			c.Queue.Replicas = 3
+		}, []string{"listen", "http.idle_timeout", "queue.replicas"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			next := base()
+			tc.edit(next)
+			got := RestartOnly(base(), next)
+			if strings.Join(got, ",") != strings.Join(tc.want, ",") {
+				t.Fatalf("RestartOnly = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -65,12 +65,15 @@ type Gateway struct {
 	// Quota holds the callers' limits and budgets.
 	Quota *quota.Quota
 	// AdminKey is the bootstrap admin key (auth.admin_key_env), if any.
-	AdminKey string
-	cfg      *config.Config
-	log      *slog.Logger
-	tracer   *tracing.Tracer
-	hs       *http.Server
-	errc     chan error
+	AdminKey              string
+	cfg                   *config.Config
+	log                   *slog.Logger
+	tracer                *tracing.Tracer
+	prices                *quota.Prices
+	reloads, reloadErrors prometheus.Counter
+	reloadedAt            prometheus.Gauge
+	hs                    *http.Server
+	errc                  chan error
 
 	stopWorker     context.CancelFunc
 	workerDone     chan struct{}
@@ -150,6 +153,14 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 
 	guard := Guard(cfg)
 	prices := quota.NewPrices(cfg, reg)
+	g.prices = prices
+	g.reloads = prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_config_reloads_total", Help: "Configuration reloads applied (SIGHUP)."})
+	g.reloadErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_config_reload_errors_total",
+		Help: "Configuration reloads refused because the new file was invalid (the running configuration stays)."})
+	g.reloadedAt = prometheus.NewGauge(prometheus.GaugeOpts{Name: "levee_config_last_reload_success_timestamp_seconds",
+		Help: "When the running configuration was loaded (at start or by the last reload applied)."})
+	g.reloadedAt.SetToCurrentTime()
+	reg.MustRegister(g.reloads, g.reloadErrors, g.reloadedAt)
 	qt := quota.New(st, cfg.Pricing.Currency, cfg.DatabaseTimeout, log)
 	if err := qt.Refresh(ctx); err != nil {
 		return nil, fmt.Errorf("gateway: limits and budgets: %w", err)
@@ -264,6 +275,22 @@ func (g *Gateway) spawn(f func()) {
 		f()
 	}()
 }
+
+// Reload serves next's deployments, models, policies and prices from now
+// on (see config.Reloadable); settings that need a restart are listed, and
+// stay as they were. Calls and jobs in flight finish as they started.
+// next must be validated.
+func (g *Gateway) Reload(next *config.Config) (restartOnly []string) {
+	restartOnly = config.RestartOnly(g.cfg, next)
+	g.Broker.Reload(next)
+	g.prices.Reload(next)
+	g.reloads.Inc()
+	g.reloadedAt.SetToCurrentTime()
+	return restartOnly
+}
+
+// ReloadFailed counts a reload refused because the new file was invalid.
+func (g *Gateway) ReloadFailed() { g.reloadErrors.Inc() }
 
 // Guard is the SSRF guard configured in cfg.
 func Guard(cfg *config.Config) webhook.Guard {

@@ -2,6 +2,7 @@ package quota
 
 import (
 	"math"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -14,10 +15,14 @@ import (
 // token, so a cost is tokens times price, rounded once, at the end, to a
 // whole nano: exact for any price with up to three decimals.
 type Prices struct {
-	Currency   string
+	Currency string
+	t        atomic.Pointer[priceTable] // swapped whole by Reload
+	spent    *prometheus.CounterVec
+}
+
+type priceTable struct {
 	byName     map[string]price // deployment name or model
 	deployment map[string]string
-	spent      *prometheus.CounterVec
 }
 
 type price struct {
@@ -27,27 +32,36 @@ type price struct {
 // NewPrices builds the price table of a validated config; reg (may be nil)
 // gets levee_cost_total.
 func NewPrices(cfg *config.Config, reg prometheus.Registerer) *Prices {
-	p := &Prices{Currency: cfg.Pricing.Currency, byName: map[string]price{}, deployment: map[string]string{},
+	p := &Prices{Currency: cfg.Pricing.Currency,
 		spent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_cost_total",
 			Help: "What calls cost, in the price table's currency, by tenant and model."}, []string{"tenant", "model"})}
 	if reg != nil {
 		reg.MustRegister(p.spent)
 	}
+	p.Reload(cfg)
+	return p
+}
+
+// Reload prices calls with cfg's table from now on. The currency is not
+// reloaded: budgets were leased in it.
+func (p *Prices) Reload(cfg *config.Config) {
+	t := &priceTable{byName: map[string]price{}, deployment: map[string]string{}}
 	for _, pr := range cfg.Pricing.Prices {
-		p.byName[pr.Match] = price{in: pr.Input * 1e3, cached: *pr.CachedInput * 1e3, out: pr.Output * 1e3, batch: pr.BatchDiscount}
+		t.byName[pr.Match] = price{in: pr.Input * 1e3, cached: *pr.CachedInput * 1e3, out: pr.Output * 1e3, batch: pr.BatchDiscount}
 	}
 	for _, d := range cfg.Deployments {
-		p.deployment[d.Name] = d.Model
+		t.deployment[d.Name] = d.Model
 	}
-	return p
+	p.t.Store(t)
 }
 
 // of is a deployment's price: its own entry, else its model's.
 func (p *Prices) of(deployment string) (price, bool) {
-	if pr, ok := p.byName[deployment]; ok {
+	t := p.t.Load()
+	if pr, ok := t.byName[deployment]; ok {
 		return pr, true
 	}
-	pr, ok := p.byName[p.deployment[deployment]]
+	pr, ok := t.byName[t.deployment[deployment]]
 	return pr, ok
 }
 

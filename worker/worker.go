@@ -69,6 +69,7 @@ type Worker struct {
 	m      *metrics
 
 	groups map[string]*broker.Group // by model token
+	gen    uint64                   // the broker's generation groups were taken from
 	sem    chan struct{}
 	cursor map[string]int // round-robin position per priority and model
 
@@ -87,20 +88,7 @@ func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, pri
 	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
 		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}}
-	// Jobs may name an alias or one deployment (pinned to it).
-	names := b.Models()
-	for _, d := range b.Deployments() {
-		if !slices.Contains(names, d.Name) {
-			names = append(names, d.Name)
-		}
-	}
-	for _, name := range names {
-		g, _ := b.Resolve(name)
-		tok := queue.Token(name)
-		w.groups[tok] = g
-		w.unreserved[tok] = &atomic.Int64{}
-		w.typical[tok] = g.Policy.DefaultMaxTokens / 2
-	}
+	w.refreshGroups()
 	w.m = newMetrics(reg, st)
 	if reg != nil {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "levee_worker_inflight",
@@ -108,13 +96,43 @@ func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, pri
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "levee_worker_unreserved_tokens",
 			Help: "Estimated tokens of jobs fetched but not yet charged to a deployment."}, func() float64 {
 			var n int64
+			w.mu.Lock()
 			for _, u := range w.unreserved {
 				n += u.Load()
 			}
+			w.mu.Unlock()
 			return float64(n)
 		}))
 	}
 	return w
+}
+
+// refreshGroups takes the models and deployments jobs may name from the
+// broker: at start, and after a reload (in the dispatcher's goroutine, the
+// only one that reads groups).
+func (w *Worker) refreshGroups() {
+	w.gen = w.b.Generation()
+	names := w.b.Models()
+	for _, d := range w.b.Deployments() {
+		if !slices.Contains(names, d.Name) {
+			names = append(names, d.Name)
+		}
+	}
+	groups := make(map[string]*broker.Group, len(names))
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, name := range names {
+		g, _ := w.b.Resolve(name)
+		tok := queue.Token(name)
+		groups[tok] = g
+		if w.unreserved[tok] == nil {
+			w.unreserved[tok] = &atomic.Int64{}
+		}
+		if _, ok := w.typical[tok]; !ok {
+			w.typical[tok] = g.Policy.DefaultMaxTokens / 2
+		}
+	}
+	w.groups = groups
 }
 
 // Run drains the queue until ctx ends, then lets in-flight jobs finish
@@ -134,6 +152,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		refreshed time.Time
 	)
 	for ctx.Err() == nil {
+		if w.b.Generation() != w.gen {
+			w.refreshGroups()
+		}
 		if time.Since(refreshed) > 20*time.Millisecond {
 			p, err := w.q.Pending(ctx)
 			if err != nil {
@@ -192,8 +213,11 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			continue // a model no longer configured: its jobs wait for it
 		}
 		est := w.estimate(model)
+		w.mu.Lock()
+		unreserved := w.unreserved[model]
+		w.mu.Unlock()
 		// Calls dispatched but not yet charged still take their share.
-		slots := g.BackgroundSlots(now, est) - int(w.unreserved[model].Load())/est
+		slots := g.BackgroundSlots(now, est) - int(unreserved.Load())/est
 		if slots <= 0 {
 			continue
 		}
@@ -237,12 +261,12 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 						_ = msg.Nak()
 						continue
 					}
-					w.unreserved[model].Add(int64(est))
+					unreserved.Add(int64(est))
 					wg.Add(1)
 					go func() {
 						defer wg.Done()
 						defer func() { <-w.sem }()
-						w.process(work, msg, model, est)
+						w.process(work, msg, model, est, unreserved)
 					}()
 					dispatched++
 					slots--
@@ -357,9 +381,9 @@ func (w *Worker) backoff(attempt int) time.Duration {
 }
 
 // process runs one delivery of a job.
-func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, dispatchEst int) {
+func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, dispatchEst int, dispatched *atomic.Int64) {
 	unreserved := int64(dispatchEst)
-	defer func() { w.unreserved[model].Add(-unreserved) }()
+	defer func() { dispatched.Add(-unreserved) }()
 	id, err := uuid.Parse(string(msg.Data()))
 	if err != nil {
 		_ = msg.Term()
@@ -515,7 +539,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	spent := quota.Usage{Tokens: -1}
 	defer func() { adm.Finish(spent, spent.Tokens >= 0) }()
 	res, err := w.b.Do(call, bc)
-	w.unreserved[model].Add(-unreserved)
+	dispatched.Add(-unreserved)
 	unreserved = 0
 	var nc *broker.NoCapacityError
 	var tl *broker.TooLargeError

@@ -25,6 +25,7 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	if err != nil {
 		return err
 	}
+	reloadOnHangup(ctx, g, *path, getenv, log)
 	log.Info("levee is serving", "addr", g.Addr, "deployments", len(cfg.Deployments))
 	return g.Run(ctx)
 }

@@ -26,6 +26,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	if err != nil {
 		return err
 	}
+	reloadOnHangup(ctx, g, *path, getenv, log)
 	log.Info("levee worker running", "deployments", len(cfg.Deployments), "concurrency", cfg.Worker.Concurrency)
 	return g.Run(ctx)
 }
