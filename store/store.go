@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/lock"
 
 	"github.com/levee-gw/levee/migrations"
 )
@@ -115,17 +116,28 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
 
-// Migrate applies every pending migration. Goose takes a session-level
-// advisory lock, so several processes starting at once are safe.
+// Migrate applies every pending migration, holding a session-level
+// advisory lock meanwhile, so several processes starting at once on a new
+// or older database take turns (goose does not lock unless asked).
 func (s *Store) Migrate(ctx context.Context) error {
 	db := stdlib.OpenDBFromPool(s.pool)
 	defer db.Close()
-	p, err := goose.NewProvider(goose.DialectPostgres, db, migrations.FS)
+	// A process waiting for another one's migrations retries each second
+	// (goose's default is every 5 s), for up to 5 minutes.
+	locker, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 300))
 	if err != nil {
 		return fmt.Errorf("store: migrations: %w", err)
 	}
-	if _, err := p.Up(ctx); err != nil {
-		return fmt.Errorf("store: migrate: %w", err)
+	p, err := goose.NewProvider(goose.DialectPostgres, db, migrations.FS, goose.WithSessionLocker(locker))
+	if err != nil {
+		return fmt.Errorf("store: migrations: %w", err)
+	}
+	// Checked without the lock first: processes starting together on an
+	// up-to-date database do not queue behind each other.
+	if pending, err := p.HasPending(ctx); err != nil || pending {
+		if _, err := p.Up(ctx); err != nil {
+			return fmt.Errorf("store: migrate: %w", err)
+		}
 	}
 	return s.MaintainPartitions(ctx, time.Now())
 }

@@ -116,3 +116,31 @@ func TestLedgerSurvivesAPostgresRestart(t *testing.T) {
 		t.Fatalf("after a restart: %d rows, %d tokens, %d rolled up, %d dropped; want 500/3500/500/0", rows, tokens, rolled, l.Dropped())
 	}
 }
+
+// Processes starting together on a new database (a fresh install of
+// several gateways) each migrate it; they take turns, and every one starts.
+func TestConcurrentMigrationsTakeTurns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs Postgres")
+	}
+	dir := t.TempDir()
+	pg := startCluster(t, dir+"/pg", 0)
+	t.Cleanup(func() { pg.Stop() })
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		go func() {
+			st, err := store.Open(context.Background(), pg.URL, 0)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer st.Close()
+			errs <- st.Migrate(context.Background())
+		}()
+	}
+	for i := 0; i < 8; i++ {
+		if err := <-errs; err != nil {
+			t.Errorf("migrating alongside others: %v", err)
+		}
+	}
+}
