@@ -42,11 +42,23 @@ type fileObject struct {
 	Purpose       string  `json:"purpose"`
 	Status        string  `json:"status"`
 	StatusDetails *string `json:"status_details"`
+	ExpiresAt     *int64  `json:"expires_at"`
 }
 
-func renderFile(f *store.File) *fileObject {
-	return &fileObject{ID: filePrefix + f.ID.String(), Object: "file", Bytes: f.Bytes, CreatedAt: f.CreatedAt.Unix(),
+// renderFile is a file as OpenAI shows one. A batch's output and error
+// files go when retention takes the batch (retention.batches after it
+// ended, which is when they were made).
+func (s *Server) renderFile(f *store.File) *fileObject {
+	o := &fileObject{ID: filePrefix + f.ID.String(), Object: "file", Bytes: f.Bytes, CreatedAt: f.CreatedAt.Unix(),
 		Filename: f.Filename, Purpose: f.Purpose, Status: "processed"}
+	switch {
+	case f.ExpiresAt != nil:
+		o.ExpiresAt = unixOrNil(*f.ExpiresAt)
+	case f.Kind != "upload" && s.cfg.Retention.Batches > 0:
+		at := f.CreatedAt.Add(s.cfg.Retention.Batches).Unix()
+		o.ExpiresAt = &at
+	}
+	return o
 }
 
 func parsePrefixed(s, prefix string) (uuid.UUID, bool) {
@@ -85,7 +97,7 @@ func (s *Server) getFile(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, renderFile(f))
+	return c.JSON(http.StatusOK, s.renderFile(f))
 }
 
 func (s *Server) listFiles(c echo.Context) error {
@@ -97,7 +109,7 @@ func (s *Server) listFiles(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, listResponse(files, renderFile, func(o *fileObject) string { return o.ID }, more))
+	return c.JSON(http.StatusOK, listResponse(files, s.renderFile, func(o *fileObject) string { return o.ID }, more))
 }
 
 func (s *Server) deleteFile(c echo.Context) error {

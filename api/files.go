@@ -12,6 +12,7 @@ import (
 	"mime/multipart"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -75,6 +76,9 @@ func (s *Server) uploadFile(c echo.Context) error {
 	var (
 		purpose string
 		up      *upload
+		// OpenAI's expires_after, as its SDKs send it in a form.
+		anchor, seconds string
+		seen            = map[string]bool{}
 	)
 	defer func() {
 		if up != nil {
@@ -89,13 +93,28 @@ func (s *Server) uploadFile(c echo.Context) error {
 		if err != nil {
 			return uploadError(err)
 		}
-		switch part.FormName() {
-		case "purpose":
+		name := part.FormName()
+		switch name {
+		case "purpose", "expires_after[anchor]", "expires_after[seconds]":
+			// A field given twice would leave which one counts to the
+			// reader: refused, like a duplicate JSON member.
+			if seen[name] {
+				return invalid(name, "invalid_request", "The field %s is given more than once.", name)
+			}
+			seen[name] = true
 			b, err := io.ReadAll(io.LimitReader(part, 64))
 			if err != nil {
 				return uploadError(err)
 			}
-			purpose = strings.TrimSpace(string(b))
+			v := strings.TrimSpace(string(b))
+			switch name {
+			case "purpose":
+				purpose = v
+			case "expires_after[anchor]":
+				anchor = v
+			default:
+				seconds = v
+			}
 		case "file":
 			if up != nil {
 				return invalid("file", "invalid_request", "Send one file per upload.")
@@ -119,17 +138,38 @@ func (s *Server) uploadFile(c echo.Context) error {
 	if purpose != "batch" {
 		return invalid("purpose", "invalid_request", "purpose must be batch; got %q.", strictjson.Clip(purpose))
 	}
+	expiresAfter, err := s.fileExpiry(anchor, seconds)
+	if err != nil {
+		return err
+	}
 	// Copying into Postgres is bounded like any other wait on it, plus a
 	// second per MiB of file.
 	ctx, cancel := s.dbContext(r.Context())
 	defer cancel()
 	ctx, cancelCopy := context.WithTimeout(ctx, s.cfg.DatabaseTimeout+time.Duration(up.bytes>>20)*time.Second)
 	defer cancelCopy()
-	f, err := up.store(ctx, s.batches, key.TenantID)
+	f, err := up.store(ctx, s.batches, key.TenantID, expiresAfter)
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, renderFile(f))
+	return c.JSON(http.StatusOK, s.renderFile(f))
+}
+
+// fileExpiry reads OpenAI's expires_after: anchor created_at and 3600 to
+// 2592000 seconds. Without it an upload takes retention.uploads (OpenAI's
+// default for batch files is 30 days); 0 is never.
+func (s *Server) fileExpiry(anchor, seconds string) (time.Duration, error) {
+	if anchor == "" && seconds == "" {
+		return max(s.cfg.Retention.Uploads, 0), nil
+	}
+	if anchor != "created_at" {
+		return 0, invalid("expires_after[anchor]", "invalid_request", "expires_after[anchor] must be created_at; got %q.", strictjson.Clip(anchor))
+	}
+	n, err := strconv.ParseInt(seconds, 10, 64)
+	if err != nil || n < 3600 || n > 2592000 {
+		return 0, invalid("expires_after[seconds]", "invalid_request", "expires_after[seconds] must be a whole number from 3600 to 2592000; got %q.", strictjson.Clip(seconds))
+	}
+	return time.Duration(n) * time.Second, nil
 }
 
 func fileTooLarge() *Error {
@@ -299,7 +339,7 @@ func receive(part *multipart.Part, dir string) (_ *upload, err error) {
 }
 
 // store writes the spooled lines to Postgres.
-func (u *upload) store(ctx context.Context, st *store.Store, tenant uuid.UUID) (*store.File, error) {
+func (u *upload) store(ctx context.Context, st *store.Store, tenant uuid.UUID, expiresAfter time.Duration) (*store.File, error) {
 	if _, err := u.spool.Seek(0, io.SeekStart); err != nil {
 		return nil, fmt.Errorf("api: spool upload: %w", err)
 	}
@@ -328,7 +368,7 @@ func (u *upload) store(ctx context.Context, st *store.Store, tenant uuid.UUID) (
 		}
 		return &store.FileLine{Line: int(line), CustomID: string(cid), Raw: raw, BodyAt: int(at), BodyLen: int(n), Model: string(model)}, nil
 	}
-	return st.ImportFile(ctx, &store.ImportFileParams{TenantID: tenant, Filename: u.name, Purpose: "batch", URL: u.url, Bytes: u.bytes, Next: next})
+	return st.ImportFile(ctx, &store.ImportFileParams{TenantID: tenant, Filename: u.name, Purpose: "batch", URL: u.url, Bytes: u.bytes, Next: next, ExpiresAfter: expiresAfter})
 }
 
 func appendChunk(rec, b []byte) []byte {

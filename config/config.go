@@ -60,6 +60,7 @@ type Config struct {
 	Webhooks    Webhooks     `yaml:"webhooks"`
 	Batches     Batches      `yaml:"batches"`
 	Responses   Responses    `yaml:"responses"`
+	Retention   Retention    `yaml:"retention"`
 	Circuit     Circuit      `yaml:"circuit"`
 	Pricing     Pricing      `yaml:"pricing"`
 	Deployments []Deployment `yaml:"deployments"`
@@ -195,6 +196,30 @@ type Queue struct {
 	// again. Without it every tenant that ever queued a job would keep
 	// three consumers per model forever.
 	ConsumerIdle time.Duration `yaml:"consumer_idle"`
+}
+
+// Retention bounds how long finished work stays in Postgres. A duration of
+// 0 takes the default; a negative one keeps that kind forever.
+type Retention struct {
+	// Interval is how often each process sweeps (default 1m).
+	Interval time.Duration `yaml:"interval"`
+	// Jobs: a finished job outside a batch, with its result (default 720h).
+	Jobs time.Duration `yaml:"jobs"`
+	// Batches: an ended batch, its jobs and its output and error files
+	// (default 720h, as OpenAI keeps batch output).
+	Batches time.Duration `yaml:"batches"`
+	// Uploads: an uploaded file that set no expires_after (default 720h:
+	// OpenAI's default for purpose=batch).
+	Uploads time.Duration `yaml:"uploads"`
+	// Webhooks: delivered deliveries and their events (default 720h);
+	// FailedWebhooks: failed ones (default 2160h).
+	Webhooks       time.Duration `yaml:"webhooks"`
+	FailedWebhooks time.Duration `yaml:"failed_webhooks"`
+	// UsageMonths: months of raw usage events kept besides the current one
+	// (default 13; -1: forever); the daily rollup is kept.
+	UsageMonths int `yaml:"usage_months"`
+	// BatchSize is the most rows one delete takes (default 1000).
+	BatchSize int `yaml:"batch_size"`
 }
 
 // Batches configures the Batch API.
@@ -389,6 +414,9 @@ func (e *FieldError) Error() string { return "config: " + e.Field + ": " + e.Msg
 // Validate fills defaults and checks every field, returning a *FieldError for
 // the first problem.
 func (c *Config) Validate() error {
+	if err := c.Retention.validate(); err != nil {
+		return err
+	}
 	if c.Responses.Retention == 0 {
 		c.Responses.Retention = 30 * 24 * time.Hour
 	}
@@ -723,6 +751,34 @@ func (h *HTTP) validate() error {
 		if _, err := netip.ParsePrefix(p); err != nil {
 			return &FieldError{fmt.Sprintf("http.trusted_proxies[%d]", i), fmt.Sprintf("%q: must be a CIDR such as 10.0.0.0/8", p)}
 		}
+	}
+	return nil
+}
+
+func (r *Retention) validate() error {
+	if r.Interval == 0 {
+		r.Interval = time.Minute
+	}
+	if r.Interval < time.Second {
+		return &FieldError{"retention.interval", "must be at least 1s"}
+	}
+	const month = 30 * 24 * time.Hour
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{{&r.Jobs, month}, {&r.Batches, month}, {&r.Uploads, month}, {&r.Webhooks, month}, {&r.FailedWebhooks, 3 * month}} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
+	}
+	if r.UsageMonths == 0 {
+		r.UsageMonths = 13
+	}
+	if r.BatchSize == 0 {
+		r.BatchSize = 1000
+	}
+	if r.BatchSize < 1 || r.BatchSize > 100_000 {
+		return &FieldError{"retention.batch_size", "must be in [1, 100000]"}
 	}
 	return nil
 }

@@ -81,6 +81,33 @@ type Gateway struct {
 	background     sync.WaitGroup
 }
 
+// RetentionOf is the store's retention policy of cfg (negative: forever).
+func RetentionOf(cfg *config.Config) store.Retention {
+	keep := func(d time.Duration) time.Duration { return max(d, 0) }
+	return store.Retention{Jobs: keep(cfg.Retention.Jobs), Batches: keep(cfg.Retention.Batches), Webhooks: keep(cfg.Retention.Webhooks),
+		FailedWebhooks: keep(cfg.Retention.FailedWebhooks), UsageMonths: max(cfg.Retention.UsageMonths, 0), Batch: cfg.Retention.BatchSize}
+}
+
+// retentionMetrics registers the sweeper's metrics and returns what records
+// a pass.
+func retentionMetrics(reg prometheus.Registerer) func(store.Swept, error) {
+	deleted := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "levee_retention_deleted_total",
+		Help: "Rows (and usage partitions) removed by the retention sweeper, by kind."}, []string{"kind"})
+	failures := prometheus.NewCounter(prometheus.CounterOpts{Name: "levee_retention_errors_total", Help: "Retention sweeps that failed part way."})
+	last := prometheus.NewGauge(prometheus.GaugeOpts{Name: "levee_retention_last_sweep_timestamp_seconds", Help: "When this process last finished a retention sweep without error."})
+	reg.MustRegister(deleted, failures, last)
+	return func(s store.Swept, err error) {
+		for kind, n := range s {
+			deleted.WithLabelValues(kind).Add(float64(n))
+		}
+		if err != nil {
+			failures.Inc()
+			return
+		}
+		last.SetToCurrentTime()
+	}
+}
+
 // Version is the binary's module version ("(devel)" when built from a
 // checkout), as traces name it.
 func Version() string {
@@ -232,6 +259,7 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	g.stopBackground = cancelBG
 	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
 	g.spawn(func() { st.RunResponsePruning(bg, time.Hour, cfg.Responses.StreamRetention, log) })
+	g.spawn(func() { st.RunSweeper(bg, cfg.Retention.Interval, time.Now, RetentionOf(cfg), retentionMetrics(reg), log) })
 	g.spawn(func() { qt.Run(bg) })
 	if apiServer != nil {
 		g.spawn(func() { apiServer.RunKeys(bg, st) })

@@ -24,13 +24,16 @@ type File struct {
 	URL       string
 	BatchID   *uuid.UUID
 	CreatedAt time.Time
+	// ExpiresAt is when an upload goes (nil: never); batch output and
+	// error files go with their batch.
+	ExpiresAt *time.Time
 }
 
-const fileColumns = `id, tenant_id, filename, purpose, kind, bytes, lines, coalesce(url, ''), batch_id, created_at`
+const fileColumns = `id, tenant_id, filename, purpose, kind, bytes, lines, coalesce(url, ''), batch_id, created_at, expires_at`
 
 func scanFile(row pgx.Row) (*File, error) {
 	f := &File{}
-	err := row.Scan(&f.ID, &f.TenantID, &f.Filename, &f.Purpose, &f.Kind, &f.Bytes, &f.Lines, &f.URL, &f.BatchID, &f.CreatedAt)
+	err := row.Scan(&f.ID, &f.TenantID, &f.Filename, &f.Purpose, &f.Kind, &f.Bytes, &f.Lines, &f.URL, &f.BatchID, &f.CreatedAt, &f.ExpiresAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -66,6 +69,8 @@ type ImportFileParams struct {
 	Bytes int64
 	// Next returns the lines in order, then io.EOF.
 	Next func() (*FileLine, error)
+	// ExpiresAfter is how long after its creation the file goes (0: never).
+	ExpiresAfter time.Duration
 }
 
 // ImportFile stores an upload in one transaction: the file row and its
@@ -74,8 +79,9 @@ func (s *Store) ImportFile(ctx context.Context, p *ImportFileParams) (*File, err
 	id, _ := uuid.NewV7()
 	f := &File{ID: id, TenantID: p.TenantID, Filename: p.Filename, Purpose: p.Purpose, Kind: "upload", Bytes: p.Bytes, URL: p.URL}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind, bytes, url) VALUES ($1, $2, $3, $4, 'upload', $5, $6) RETURNING created_at`,
-			f.ID, f.TenantID, f.Filename, f.Purpose, f.Bytes, f.URL).Scan(&f.CreatedAt); err != nil {
+		if err := tx.QueryRow(ctx, `INSERT INTO files (id, tenant_id, filename, purpose, kind, bytes, url, expires_at)
+			VALUES ($1, $2, $3, $4, 'upload', $5, $6, CASE WHEN $7::bigint > 0 THEN now() + make_interval(secs => $7::bigint) END) RETURNING created_at, expires_at`,
+			f.ID, f.TenantID, f.Filename, f.Purpose, f.Bytes, f.URL, int64(p.ExpiresAfter/time.Second)).Scan(&f.CreatedAt, &f.ExpiresAt); err != nil {
 			return err
 		}
 		var row []any

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/netip"
 	"slices"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -70,7 +71,7 @@ func withName(args []string, usage string) (string, []string, error) {
 }
 
 func cmdTenant(ctx context.Context, args []string, out io.Writer, getenv func(string) string) error {
-	const usage = "levee tenant create NAME | list | update NAME [flags] | delete NAME [--force]"
+	const usage = "levee tenant create NAME | list | update NAME [flags] | delete NAME [--force] | purge NAME|ID --yes"
 	if len(args) == 0 {
 		return errors.New("usage: " + usage)
 	}
@@ -165,6 +166,45 @@ func cmdTenant(ctx context.Context, args []string, out io.Writer, getenv func(st
 			return err
 		}
 		fmt.Fprintf(out, "tenant %s deleted; its keys stop working within seconds\n", name)
+		return nil
+	case "purge":
+		name, rest, err := withName(args[1:], "levee tenant purge NAME|ID --yes")
+		if err != nil {
+			return err
+		}
+		fs := flag.NewFlagSet("tenant purge", flag.ContinueOnError)
+		yes := fs.Bool("yes", false, "really delete the tenant and all its data; there is no undo")
+		batch := fs.Int("batch-size", 1000, "rows one delete takes at most")
+		st, _, err := openStore(ctx, fs, rest, getenv)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		if !*yes {
+			return errors.New("levee tenant purge deletes the tenant and all its data for good: add --yes")
+		}
+		// A deleted tenant is found by its id only.
+		id, err := uuid.Parse(name)
+		if err != nil {
+			t, err := st.TenantByName(ctx, name)
+			if err != nil {
+				return err
+			}
+			id = t.ID
+		}
+		purged, err := st.PurgeTenant(ctx, id, *batch, actor)
+		if err != nil {
+			return err
+		}
+		kinds := make([]string, 0, len(purged))
+		for k := range purged {
+			kinds = append(kinds, k)
+		}
+		sort.Strings(kinds)
+		fmt.Fprintf(out, "tenant %s purged:\n", name)
+		for _, k := range kinds {
+			fmt.Fprintf(out, "  %-20s %d\n", k, purged[k])
+		}
 		return nil
 	}
 	return errors.New("usage: " + usage)

@@ -1,0 +1,303 @@
+package store_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/levee-gw/levee/store"
+)
+
+const day = 24 * time.Hour
+
+// fixture writes rows as they would be after weeks of use, with times
+// relative to a fake now.
+type fixture struct {
+	t    *testing.T
+	pool *pgxpool.Pool
+	now  time.Time
+}
+
+func (f *fixture) exec(sql string, args ...any) {
+	f.t.Helper()
+	if _, err := f.pool.Exec(context.Background(), sql, args...); err != nil {
+		f.t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func (f *fixture) count(sql string, args ...any) int {
+	f.t.Helper()
+	var n int
+	if err := f.pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		f.t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+func (f *fixture) tenant(st *store.Store, name string) uuid.UUID {
+	t, err := st.CreateTenant(context.Background(), &store.CreateTenantParams{Name: name, Actor: "test"})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return t.ID
+}
+
+// job inserts a job that finished (or not, finished nil) ago before now.
+func (f *fixture) job(tenant uuid.UUID, status string, finished *time.Duration, batch *uuid.UUID) uuid.UUID {
+	id, _ := uuid.NewV7()
+	var at *time.Time
+	if finished != nil {
+		x := f.now.Add(-*finished)
+		at = &x
+	}
+	f.exec(`INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, finished_at, batch_id, created_at)
+		VALUES ($1, $2, '/v1/chat/completions', 'gpt-4o', '{}', '\x00', 'low', $3, $4, $5, $6)`, id, tenant, status, at, batch, f.now.Add(-400*day))
+	return id
+}
+
+func ago(d time.Duration) *time.Duration { return &d }
+
+func TestRetentionSweepsEachKind(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now().Add(40 * day)}
+	ten := f.tenant(st, "acme")
+	r := store.Retention{Jobs: 30 * day, Batches: 30 * day, Webhooks: 30 * day, FailedWebhooks: 90 * day, UsageMonths: 13, Batch: 2}
+
+	// Jobs: only finished standalone jobs past 30 days go.
+	oldJob := f.job(ten, "succeeded", ago(40*day), nil)
+	oldFailed := f.job(ten, "failed", ago(31*day), nil)
+	recent := f.job(ten, "succeeded", ago(10*day), nil)
+	running := f.job(ten, "running", nil, nil)
+	queued := f.job(ten, "queued", nil, nil)
+
+	// Batches: one ended 40 days ago (5 jobs, output and error files), one
+	// ended 10 days ago, one still in progress with an old job.
+	batch := func(status string, ended time.Duration, jobs int) uuid.UUID {
+		id, _ := uuid.NewV7()
+		in, _ := uuid.NewV7()
+		f.exec(`INSERT INTO batches (id, tenant_id, input_file_id, endpoint, completion_window, status, expires_at, completed_at)
+			VALUES ($1, $2, $3, '/v1/chat/completions', '24h', $4, $5, $6)`, id, ten, in, status, f.now, f.now.Add(-ended))
+		for i := 0; i < jobs; i++ {
+			f.job(ten, "succeeded", ago(ended+day), &id)
+		}
+		for _, kind := range []string{"batch_output", "batch_error"} {
+			fid, _ := uuid.NewV7()
+			f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind, batch_id) VALUES ($1, $2, 'x', 'batch_output', $3, $4)`, fid, ten, kind, id)
+		}
+		return id
+	}
+	oldBatch := batch("completed", 40*day, 5)
+	newBatch := batch("completed", 10*day, 2)
+	openBatch := batch("in_progress", 40*day, 1)
+
+	// Files: an upload past its expires_at (its 25 lines), one not yet, one
+	// that never expires.
+	file := func(expires *time.Time, lines int) uuid.UUID {
+		id, _ := uuid.NewV7()
+		f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind, expires_at) VALUES ($1, $2, 'in.jsonl', 'batch', 'upload', $3)`, id, ten, expires)
+		for i := 0; i < lines; i++ {
+			f.exec(`INSERT INTO file_lines (file_id, line, custom_id, raw) VALUES ($1, $2, $3, '{}')`, id, i, fmt.Sprint("c", i))
+		}
+		return id
+	}
+	past, future := f.now.Add(-time.Minute), f.now.Add(time.Hour)
+	expired, notYet, never := file(&past, 25), file(&future, 3), file(nil, 3)
+
+	// Webhooks: delivered 40 days ago goes; failed 40 days ago stays (90);
+	// failed 100 days ago goes; an event goes with its last delivery.
+	delivery := func(status string, age time.Duration) uuid.UUID {
+		ev, _ := uuid.NewV7()
+		id, _ := uuid.NewV7()
+		f.exec(`INSERT INTO webhook_events (id, tenant_id, type, data, created_at) VALUES ($1, $2, 'job.completed', '{}', $3)`, ev, ten, f.now.Add(-age))
+		f.exec(`INSERT INTO webhook_deliveries (id, event_id, tenant_id, url, status, created_at) VALUES ($1, $2, $3, 'https://example.com', $4, $5)`,
+			id, ev, ten, status, f.now.Add(-age))
+		return ev
+	}
+	evDelivered := delivery("delivered", 40*day)
+	evFailedKept := delivery("failed", 40*day)
+	evFailedOld := delivery("failed", 100*day)
+	evPending := delivery("pending", 100*day)
+
+	// Usage: a month 15 months back, settled into its own partition, goes;
+	// the daily rollup stays.
+	old := time.Date(f.now.Year(), f.now.Month(), 1, 0, 0, 0, 0, time.UTC).AddDate(0, -15, 3)
+	f.exec(`INSERT INTO usage_events (created_at, request_id, tenant_id, deployment, model, operation, status, prompt_tokens, completion_tokens, latency_us, priority)
+		VALUES ($1, 'req_old', $2, 'd', 'gpt-4o', 'chat', 200, 1, 1, 1, 'high')`, old, ten)
+	f.exec(`INSERT INTO usage_daily (tenant_id, day, model, requests) VALUES ($1, $2, 'gpt-4o', 1)`, ten, old)
+	if err := st.MaintainPartitions(context.Background(), f.now); err != nil {
+		t.Fatal(err)
+	}
+	oldPart := fmt.Sprintf("usage_events_%04d%02d", old.Year(), old.Month())
+	if f.count(`SELECT count(*) FROM pg_class WHERE relname = $1`, oldPart) != 1 {
+		t.Fatalf("the fixture's month has no partition %s", oldPart)
+	}
+
+	swept, err := st.Sweep(context.Background(), f.now, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("swept: %v", swept)
+	gone := func(what, table string, id uuid.UUID) {
+		t.Helper()
+		if f.count(`SELECT count(*) FROM `+table+` WHERE id = $1`, id) != 0 {
+			t.Errorf("%s should be gone", what)
+		}
+	}
+	kept := func(what, table string, id uuid.UUID) {
+		t.Helper()
+		if f.count(`SELECT count(*) FROM `+table+` WHERE id = $1`, id) != 1 {
+			t.Errorf("%s should be kept", what)
+		}
+	}
+	gone("a job finished 40 days ago", "jobs", oldJob)
+	gone("a job failed 31 days ago", "jobs", oldFailed)
+	kept("a job finished 10 days ago", "jobs", recent)
+	kept("a running job", "jobs", running)
+	kept("a queued job", "jobs", queued)
+	gone("a batch ended 40 days ago", "batches", oldBatch)
+	if n := f.count(`SELECT count(*) FROM jobs WHERE batch_id = $1`, oldBatch); n != 0 {
+		t.Errorf("%d jobs of the swept batch are left", n)
+	}
+	if n := f.count(`SELECT count(*) FROM files WHERE batch_id = $1`, oldBatch); n != 0 {
+		t.Errorf("%d files of the swept batch are left", n)
+	}
+	kept("a batch ended 10 days ago", "batches", newBatch)
+	if n := f.count(`SELECT count(*) FROM jobs WHERE batch_id = $1`, newBatch); n != 2 {
+		t.Errorf("the kept batch has %d of its 2 jobs", n)
+	}
+	kept("a batch in progress", "batches", openBatch)
+	if n := f.count(`SELECT count(*) FROM jobs WHERE batch_id = $1`, openBatch); n != 1 {
+		t.Error("a batch in progress lost its job")
+	}
+	gone("an expired upload", "files", expired)
+	if n := f.count(`SELECT count(*) FROM file_lines WHERE file_id = $1`, expired); n != 0 {
+		t.Errorf("%d lines of the expired upload are left", n)
+	}
+	kept("an upload not yet expired", "files", notYet)
+	kept("an upload without expiry", "files", never)
+	gone("an event delivered 40 days ago", "webhook_events", evDelivered)
+	kept("an event whose delivery failed 40 days ago", "webhook_events", evFailedKept)
+	gone("an event whose delivery failed 100 days ago", "webhook_events", evFailedOld)
+	kept("an event still being delivered", "webhook_events", evPending)
+	if f.count(`SELECT count(*) FROM pg_class WHERE relname = $1`, oldPart) != 0 {
+		t.Errorf("partition %s should be dropped", oldPart)
+	}
+	if f.count(`SELECT count(*) FROM usage_daily WHERE tenant_id = $1`, ten) != 1 {
+		t.Error("the daily usage rollup must be kept")
+	}
+	want := map[string]int64{"jobs": 2, "batches": 1, "batch_jobs": 5, "files": 3, "file_lines": 25, "webhook_deliveries": 2, "webhook_events": 2, "usage_partitions": 1}
+	for k, v := range want {
+		if swept[k] != v {
+			t.Errorf("swept[%s] = %d, want %d", k, swept[k], v)
+		}
+	}
+	// A second pass finds nothing more.
+	again, err := st.Sweep(context.Background(), f.now, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range again {
+		if v != 0 {
+			t.Errorf("a second pass swept %d %s", v, k)
+		}
+	}
+	// Retention ≤ 0 keeps a kind forever.
+	f.job(ten, "succeeded", ago(400*day), nil)
+	if s, _ := st.Sweep(context.Background(), f.now, store.Retention{Batch: 10}); s["jobs"] != 0 {
+		t.Errorf("with no job retention, %d jobs went", s["jobs"])
+	}
+}
+
+// Several processes sweep at once: each row goes once, nobody fails or
+// waits on another's rows.
+func TestTwoSweepersAtOnce(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ten := f.tenant(st, "acme")
+	f.exec(`INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, finished_at)
+		SELECT gen_random_uuid(), $1, '/v1/chat/completions', 'gpt-4o', '{}', '\x00', 'low', 'succeeded', $2 FROM generate_series(1, 3000)`,
+		ten, f.now.Add(-40*day))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	total := int64(0)
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := st.Sweep(context.Background(), f.now, store.Retention{Jobs: 30 * day, Batch: 100})
+			if err != nil {
+				t.Errorf("sweeping alongside another: %v", err)
+			}
+			mu.Lock()
+			total += s["jobs"]
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if total != 3000 || f.count(`SELECT count(*) FROM jobs`) != 0 {
+		t.Fatalf("two sweepers removed %d of 3000 jobs; %d left", total, f.count(`SELECT count(*) FROM jobs`))
+	}
+}
+
+// A purge takes all of one tenant's data, in chunks, and nothing of
+// another's; it reports what went.
+func TestPurgeTenant(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ctx := context.Background()
+	fill := func(name string) uuid.UUID {
+		ten := f.tenant(st, name)
+		for i := 0; i < 7; i++ {
+			f.job(ten, "succeeded", ago(time.Hour), nil)
+		}
+		f.job(ten, "queued", nil, nil)
+		if _, _, err := st.CreateKey(ctx, &store.CreateKeyParams{TenantID: ten, TenantName: name, Name: name + "-key", Actor: "test"}); err != nil {
+			t.Fatal(err)
+		}
+		fid, _ := uuid.NewV7()
+		f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind) VALUES ($1, $2, 'in.jsonl', 'batch', 'upload')`, fid, ten)
+		f.exec(`INSERT INTO file_lines (file_id, line, custom_id, raw) SELECT $1, g, 'c' || g, '{}' FROM generate_series(1, 30) g`, fid)
+		ev, _ := uuid.NewV7()
+		f.exec(`INSERT INTO webhook_events (id, tenant_id, type, data) VALUES ($1, $2, 'job.completed', '{}')`, ev, ten)
+		f.exec(`INSERT INTO webhook_deliveries (id, event_id, tenant_id, url) VALUES (gen_random_uuid(), $1, $2, 'https://example.com')`, ev, ten)
+		f.exec(`INSERT INTO usage_events (created_at, request_id, tenant_id, deployment, model, operation, status, prompt_tokens, completion_tokens, latency_us, priority)
+			SELECT now(), 'r' || g, $1, 'd', 'gpt-4o', 'chat', 200, 1, 1, 1, 'high' FROM generate_series(1, 12) g`, ten)
+		f.exec(`INSERT INTO usage_daily (tenant_id, day, model, requests) VALUES ($1, current_date, 'gpt-4o', 12)`, ten)
+		return ten
+	}
+	a, b := fill("a"), fill("b")
+	purged, err := st.PurgeTenant(ctx, a, 5, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("purged: %v", purged)
+	want := map[string]int64{"jobs": 8, "files": 1, "file_lines": 30, "webhook_deliveries": 1, "webhook_events": 1, "usage_events": 12, "usage_daily": 1,
+		"api_keys": 1, "tenants": 1}
+	for k, v := range want {
+		if purged[k] != v {
+			t.Errorf("purged[%s] = %d, want %d", k, purged[k], v)
+		}
+	}
+	for _, table := range []string{"jobs", "files", "webhook_deliveries", "webhook_events", "usage_events", "usage_daily", "api_keys"} {
+		if n := f.count(`SELECT count(*) FROM `+table+` WHERE tenant_id = $1`, a); n != 0 {
+			t.Errorf("%d rows of the purged tenant left in %s", n, table)
+		}
+		if n := f.count(`SELECT count(*) FROM `+table+` WHERE tenant_id = $1`, b); n == 0 {
+			t.Errorf("the other tenant lost its %s", table)
+		}
+	}
+	if n := f.count(`SELECT count(*) FROM tenants WHERE id = $1`, a); n != 0 {
+		t.Error("the tenant row is left")
+	}
+	if n := f.count(`SELECT count(*) FROM audit_log WHERE action = 'tenant.purge' AND target_id = $1`, a.String()); n != 1 {
+		t.Error("the purge is not in the audit log")
+	}
+	if _, err := st.PurgeTenant(ctx, a, 5, "test"); err != store.ErrNotFound {
+		t.Fatalf("purging a purged tenant: %v", err)
+	}
+}
