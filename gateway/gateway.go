@@ -259,7 +259,9 @@ func Start(ctx context.Context, cfg *config.Config, st *store.Store, roles Roles
 	g.stopBackground = cancelBG
 	g.spawn(func() { st.RunPartitionMaintenance(bg, time.Hour, time.Now, log) })
 	g.spawn(func() { st.RunResponsePruning(bg, time.Hour, cfg.Responses.StreamRetention, log) })
-	g.spawn(func() { st.RunSweeper(bg, cfg.Retention.Interval, time.Now, RetentionOf(cfg), retentionMetrics(reg), log) })
+	g.spawn(func() {
+		st.RunSweeper(bg, cfg.Retention.Interval, time.Now, RetentionOf(cfg), retentionMetrics(reg), log)
+	})
 	g.spawn(func() { qt.Run(bg) })
 	if apiServer != nil {
 		g.spawn(func() { apiServer.RunKeys(bg, st) })
