@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch sdk-node
+.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch bench-scale sdk-node
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench-levelling-responses: ## the same, with background responses (POST /v1/resp
 
 bench-batch: ## a 50,000-line batch end to end: wall time, lines/s, output checked line for line
 	$(GO) run ./test/bench/batch
+
+bench-scale: ## hot paths on an empty database vs one filled with 10M finished jobs (COPY), and a retention pass under claims (LEVEE_SCALE_JOBS to change)
+	$(GO) run ./test/bench/scale -jobs $${LEVEE_SCALE_JOBS:-10000000}
 
 bench-go: ## Go micro-benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./broker/ ./api/
