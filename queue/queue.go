@@ -334,9 +334,17 @@ func (q *Queue) consumerName(priority, modelToken string, tenant uuid.UUID) stri
 	return Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
 }
 
+// pendingTimeout bounds Pending; the stream answers in milliseconds.
+const pendingTimeout = time.Second
+
 // Pending returns the stream's message count per subject: the jobs waiting
 // or in flight for each priority, model and tenant.
 func (q *Queue) Pending(ctx context.Context) (map[string]uint64, error) {
+	// Workers wait on this before each turn. A request that reached a
+	// stream leader as it died is never answered: a second, not the
+	// client's default five, is what it may cost them.
+	ctx, cancel := context.WithTimeout(ctx, pendingTimeout)
+	defer cancel()
 	s, err := q.js.Stream(ctx, q.cfg.Stream)
 	if err != nil {
 		return nil, err
