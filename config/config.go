@@ -39,10 +39,18 @@ const (
 
 // Config is everything a Levee process needs.
 type Config struct {
-	Listen       string `yaml:"listen"`
-	DatabaseURL  string `yaml:"database_url"`
-	NATSURL      string `yaml:"nats_url"`
-	MaxBodyBytes int64  `yaml:"max_body_bytes"`
+	Listen      string `yaml:"listen"`
+	DatabaseURL string `yaml:"database_url"`
+	// NATSURL is one NATS server's URL, or several separated by commas (the
+	// nodes of a cluster). It may carry a user and password or a token
+	// (nats://user:password@host:4222): they are never printed or logged.
+	NATSURL string `yaml:"nats_url"`
+	// NATSCreds is a NATS .creds file: the user's JWT and its nkey seed,
+	// as `nsc` writes it (decentralised JWT authentication).
+	NATSCreds string `yaml:"nats_creds"`
+	// NATSTLS secures the connection to NATS.
+	NATSTLS      NATSTLS `yaml:"nats_tls"`
+	MaxBodyBytes int64   `yaml:"max_body_bytes"`
 	// ShutdownTimeout bounds how long a graceful stop waits for in-flight calls.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 
@@ -181,6 +189,9 @@ type Queue struct {
 	// Replicas of the jobs stream: 3 on a three-node cluster.
 	Replicas int           `yaml:"replicas"`
 	AckWait  time.Duration `yaml:"ack_wait"`
+	// Domain is the JetStream domain that holds the jobs stream (empty:
+	// the one of the server Levee connects to).
+	Domain string `yaml:"domain"`
 	// MaxAttempts is how many failed upstream attempts end a job as failed.
 	MaxAttempts int `yaml:"max_attempts"`
 	// Backoff is the redelivery delay after each failed attempt (the last
@@ -491,6 +502,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Circuit.MaxOpenFor == 0 {
 		c.Circuit.MaxOpenFor = 5 * time.Second
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.Queue.Replicas == 0 {
 		c.Queue.Replicas = 1

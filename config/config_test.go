@@ -153,3 +153,48 @@ models:
 		})
 	}
 }
+
+func TestRedactNATSURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"nats://a:4222":                                          "nats://a:4222",
+		"nats://levee:s3cret@a:4222":                             "nats://levee:xxxxx@a:4222",
+		"nats://tok3n@a:4222, tls://b:4222/":                     "nats://xxxxx@a:4222,tls://b:4222",
+		"levee:s3cret@a:4222,nats://u:p4ss@b:4222,nats://c:4222": "nats://levee:xxxxx@a:4222,nats://u:xxxxx@b:4222,nats://c:4222",
+		"nats://u:s3cret@a:bad":                                  "(unparsable)",
+	} {
+		if got := RedactNATSURL(in); got != want {
+			t.Errorf("RedactNATSURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestNATSSettingsAreChecked(t *testing.T) {
+	keys := env(map[string]string{"PTU_KEY": "k1", "STD_KEY": "k2"})
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, extra, field string
+	}{
+		{"a port that is not one", "nats_url: nats://levee:s3cret@a:4222,nats://levee:s3cret@b:x\n", "nats_url"},
+		{"a scheme NATS does not speak", "nats_url: http://levee:s3cret@a:4222\n", "nats_url"},
+		{"creds without a server", "nats_creds: " + dir + "/x.creds\n", "nats_creds"},
+		{"a creds file that is not there", "nats_url: nats://a:4222\nnats_creds: " + dir + "/x.creds\n", "nats_creds"},
+		{"a CA file that is not there", "nats_url: tls://a:4222\nnats_tls: {ca_file: " + dir + "/ca.pem}\n", "nats_tls.ca_file"},
+		{"a certificate without its key", "nats_url: tls://a:4222\nnats_tls: {cert_file: " + dir + "/c.pem}\n", "nats_tls.cert_file"},
+		{"a domain that is not one token", "nats_url: nats://a:4222\nqueue: {domain: hub.eu}\n", "queue.domain"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.extra+good), keys)
+			var fe *FieldError
+			if !errors.As(err, &fe) || fe.Field != tc.field {
+				t.Fatalf("error %v does not name %s", err, tc.field)
+			}
+			if strings.Contains(err.Error(), "s3cret") {
+				t.Fatalf("the error shows the password: %v", err)
+			}
+		})
+	}
+	c, err := Parse([]byte("nats_url: nats://levee:s3cret@a:4222, b:4222\nqueue: {domain: hub, replicas: 3}\n"+good), keys)
+	if err != nil || c.Queue.Domain != "hub" || len(NATSServers(c.NATSURL)) != 2 {
+		t.Fatalf("%v %+v", err, c)
+	}
+}

@@ -19,15 +19,21 @@ func StartNATS(dir string, port int) (*NATS, error) {
 	if port == 0 {
 		port = server.RANDOM_PORT
 	}
-	opts := &server.Options{
+	return StartNATSServer(&server.Options{
 		ServerName: "levee-embedded",
 		Host:       "127.0.0.1",
 		Port:       port,
 		JetStream:  true,
 		StoreDir:   dir,
-		NoSigs:     true,
 		NoLog:      true,
-	}
+	})
+}
+
+// StartNATSServer runs a server with the given options (tests use it for
+// TLS, users and clusters) and waits until it takes connections. It never
+// handles the process's signals: they are the embedding program's.
+func StartNATSServer(opts *server.Options) (*NATS, error) {
+	opts.NoSigs = true
 	s, err := server.NewServer(opts)
 	if err != nil {
 		return nil, fmt.Errorf("dev: nats: %w", err)
@@ -35,7 +41,7 @@ func StartNATS(dir string, port int) (*NATS, error) {
 	go s.Start()
 	if !s.ReadyForConnections(10 * time.Second) {
 		s.Shutdown()
-		return nil, fmt.Errorf("dev: nats did not become ready")
+		return nil, fmt.Errorf("dev: nats %s did not become ready", opts.ServerName)
 	}
 	return &NATS{Server: s, URL: s.ClientURL()}, nil
 }

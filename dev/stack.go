@@ -100,8 +100,11 @@ type StackOptions struct {
 	Listen string
 	// DataDir holds the Postgres cluster, NATS storage and the dev key.
 	DataDir string
-	// DatabaseURL and NATSURL, when set, are used instead of embedded ones.
+	// DatabaseURL and NATSURL, when set, are used instead of embedded ones;
+	// NATSCreds and NATSTLS go with NATSURL.
 	DatabaseURL, NATSURL string
+	NATSCreds            string
+	NATSTLS              config.NATSTLS
 	File                 *File
 	// APIKey fixes the printed key (LEVEE_DEV_API_KEY).
 	APIKey string
@@ -195,7 +198,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	s.simServer = &http.Server{Handler: s.Sim, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = s.simServer.Serve(ln) }()
 
-	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL,
+	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL, NATSCreds: o.NATSCreds, NATSTLS: o.NATSTLS,
 		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
 		HTTP: o.File.HTTP, Auth: o.File.Auth, Pricing: o.File.Pricing, DatabaseMaxConns: o.File.DatabaseMaxConns, DatabaseTimeout: o.File.DatabaseTimeout, ShutdownTimeout: 10 * time.Second}
 	cfg.Auth.AdminKey = o.AdminKey

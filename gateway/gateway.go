@@ -8,6 +8,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -137,7 +140,34 @@ func openQueue(ctx context.Context, cfg *config.Config, st *store.Store, tracer 
 		defer cancel()
 		return st.ForgetPublished(ctx)
 	}
-	return queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle, Tracer: tracer}, onLost, log)
+	t := cfg.NATSTLS
+	q, err := queue.Open(ctx, queue.Config{URL: cfg.NATSURL, Creds: cfg.NATSCreds, Domain: cfg.Queue.Domain,
+		TLS:      queue.TLS{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile, ServerName: t.ServerName},
+		Replicas: cfg.Queue.Replicas, AckWait: cfg.Queue.AckWait, ConsumerIdle: cfg.Queue.ConsumerIdle, Tracer: tracer}, onLost, log)
+	if err != nil {
+		return nil, fmt.Errorf("%w%s", err, natsHint(err))
+	}
+	return q, nil
+}
+
+// natsHint names the setting to look at when connecting to NATS failed for
+// a reason the client's error does not put in Levee's terms.
+func natsHint(err error) string {
+	var unknownCA x509.UnknownAuthorityError
+	var badName x509.HostnameError
+	switch {
+	case errors.As(err, &unknownCA):
+		return " (nats_tls.ca_file must hold the CA that signed the servers' certificates)"
+	case errors.As(err, &badName):
+		return " (the servers' certificates do not name the host in nats_url: set nats_tls.server_name)"
+	case errors.Is(err, nats.ErrSecureConnRequired):
+		return " (the servers require TLS: set nats_tls)"
+	case errors.Is(err, nats.ErrAuthorization):
+		return " (check nats_creds, or the user and password in nats_url)"
+	case errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrJetStreamNotEnabled):
+		return " (no JetStream answered: is it enabled on the servers, and is queue.domain right?)"
+	}
+	return ""
 }
 
 // Start builds a process with the given roles and starts it in the

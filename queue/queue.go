@@ -8,6 +8,7 @@ package queue
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,9 +29,17 @@ import (
 // Priorities, highest first. Synchronous calls ("high") never enter the queue.
 var Priorities = []string{"normal", "low", "batch"}
 
-// Config tunes the stream and consumers.
+// Config tunes the connection, the stream and consumers.
 type Config struct {
+	// URL is one server's URL or several, comma separated; it may carry a
+	// user and password or a token.
 	URL string
+	// Creds is a .creds file (a user JWT and its nkey seed).
+	Creds string
+	// TLS secures the connection when Enabled.
+	TLS TLS
+	// Domain is the JetStream domain of the stream ("" for the local one).
+	Domain string
 	// Stream is the stream's name (tests use their own).
 	Stream   string
 	Replicas int
@@ -68,6 +77,39 @@ func (c *Config) defaults() {
 	}
 }
 
+// TLS names the files of a TLS connection. The client reads them at each
+// (re)connect, so renewed certificates are used without a restart.
+type TLS struct {
+	// CAFile verifies the servers (default: the system's roots).
+	CAFile string
+	// CertFile and KeyFile are a client certificate (mutual TLS).
+	CertFile, KeyFile string
+	// ServerName overrides the name expected in the servers' certificates.
+	ServerName string
+}
+
+// Enabled reports whether any TLS setting is given.
+func (t TLS) Enabled() bool { return t != TLS{} }
+
+// options are the connection's credentials and TLS settings.
+func (c *Config) options() []nats.Option {
+	var opts []nats.Option
+	if c.Creds != "" {
+		opts = append(opts, nats.UserCredentials(c.Creds))
+	}
+	if c.TLS.Enabled() {
+		// Secure first: RootCAs and ClientCert keep the config it sets.
+		opts = append(opts, nats.Secure(&tls.Config{ServerName: c.TLS.ServerName, MinVersion: tls.VersionTLS12}))
+		if c.TLS.CAFile != "" {
+			opts = append(opts, nats.RootCAs(c.TLS.CAFile))
+		}
+		if c.TLS.CertFile != "" {
+			opts = append(opts, nats.ClientCert(c.TLS.CertFile, c.TLS.KeyFile))
+		}
+	}
+	return opts
+}
+
 // Queue is a connection to the jobs stream.
 type Queue struct {
 	cfg    Config
@@ -89,8 +131,26 @@ type Queue struct {
 func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *slog.Logger) (*Queue, error) {
 	cfg.defaults()
 	var q *Queue
-	nc, err := nats.Connect(cfg.URL, nats.Name("levee"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
-		nats.RetryOnFailedConnect(false), nats.ReconnectHandler(func(*nats.Conn) {
+	// Logs name servers by their server_name, never by URL: a URL may
+	// carry a password.
+	opts := append(cfg.options(), nats.Name("levee"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
+		nats.RetryOnFailedConnect(false),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil { // nil: Levee closed it
+				log.Warn("lost the connection to NATS; reconnecting", "err", err)
+			}
+		}),
+		// Without a handler the client drops asynchronous errors silently,
+		// and a permission missing on a subject would go unnoticed.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			if sub != nil {
+				log.Warn("NATS", "subject", sub.Subject, "err", err)
+				return
+			}
+			log.Warn("NATS", "err", err)
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info("reconnected to NATS", "server", nc.ConnectedServerName())
 			if q == nil {
 				return
 			}
@@ -102,10 +162,17 @@ func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *sl
 				}
 			}()
 		}))
+	// The URL is not in the error: it may carry a password.
+	nc, err := nats.Connect(cfg.URL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("queue: connect: %w", err)
+		return nil, fmt.Errorf("queue: connect to NATS: %w", err)
 	}
-	js, err := jetstream.New(nc)
+	var js jetstream.JetStream
+	if cfg.Domain != "" {
+		js, err = jetstream.NewWithDomain(nc, cfg.Domain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("queue: %w", err)
@@ -292,9 +359,17 @@ func (q *Queue) consumerName(priority, modelToken string, tenant uuid.UUID) stri
 	return Token(strings.ToLower(q.cfg.Stream)) + "_" + priority + "_" + modelToken + "_" + tenant.String()
 }
 
+// pendingTimeout bounds Pending; the stream answers in milliseconds.
+const pendingTimeout = time.Second
+
 // Pending returns the stream's message count per subject: the jobs waiting
 // or in flight for each priority, model and tenant.
 func (q *Queue) Pending(ctx context.Context) (map[string]uint64, error) {
+	// Workers wait on this before each turn. A request that reached a
+	// stream leader as it died is never answered: a second, not the
+	// client's default five, is what it may cost them.
+	ctx, cancel := context.WithTimeout(ctx, pendingTimeout)
+	defer cancel()
 	s, err := q.js.Stream(ctx, q.cfg.Stream)
 	if err != nil {
 		return nil, err

@@ -5,7 +5,12 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/levee-gw/levee/dev"
 	"github.com/levee-gw/levee/queue"
@@ -39,5 +44,56 @@ func TestMissingStreamIsAWarningOnlyWhenJobsWereQueued(t *testing.T) {
 				t.Fatalf("logged:\n%s", logs.String())
 			}
 		})
+	}
+}
+
+// lockedBuffer is a log the client's callback goroutine may write to.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A subject Levee may not publish to is logged (the client would otherwise
+// drop the server's complaint silently), and the password it connected
+// with is not.
+func TestAMissingPermissionIsLogged(t *testing.T) {
+	const password = "s3cret-pa55"
+	n, err := dev.StartNATSServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true, StoreDir: t.TempDir(), NoLog: true,
+		Users: []*server.User{{Username: "levee", Password: password, Permissions: &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{"$JS.API.>"}},
+			Subscribe: &server.SubjectPermission{Allow: []string{"_INBOX.>"}}}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+	var logs lockedBuffer
+	url := "nats://levee:" + password + "@" + strings.TrimPrefix(n.URL, "nats://")
+	q, err := queue.Open(context.Background(), queue.Config{URL: url}, nil, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	q.NotifyCancelled(uuid.New())
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logs.String(), `Permissions Violation for Publish to \"levee.cancelled\"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("logged:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if strings.Contains(logs.String(), password) {
+		t.Fatalf("the password was logged:\n%s", logs.String())
 	}
 }

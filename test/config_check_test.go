@@ -15,13 +15,17 @@ func TestConfigCheck(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the levee binary")
 	}
-	env := []string{"AZURE_PTU_KEY=a", "AZURE_STD_KEY=b", "OPENAI_API_KEY=c", "DATABASE_URL=postgres://u:secret@db/levee"}
+	// A list of NATS servers with a password each: the second one's was
+	// once printed whole.
+	env := []string{"AZURE_PTU_KEY=a", "AZURE_STD_KEY=b", "OPENAI_API_KEY=c", "DATABASE_URL=postgres://u:secret@db/levee",
+		"NATS_URL=nats://levee:secret@nats-0:4222,nats://levee:secret@nats-1:4222"}
 	p := harness.Spawn(t, env, "config", "check", "../deploy/levee.example.yaml")
 	if err := p.Cmd.Wait(); err != nil {
 		t.Fatalf("a valid file: %v\n%s", err, p.Output())
 	}
 	out := p.Output()
-	for _, want := range []string{"is valid", "gpt-4o-ptu", "gpt-4o-ptu, gpt-4o-eastus2, gpt-4o-openai", "token issuers: 1"} {
+	for _, want := range []string{"is valid", "gpt-4o-ptu", "gpt-4o-ptu, gpt-4o-eastus2, gpt-4o-openai", "token issuers: 1",
+		"NATS at nats://levee:xxxxx@nats-0:4222,nats://levee:xxxxx@nats-1:4222"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("missing %q in:\n%s", want, out)
 		}

@@ -59,9 +59,26 @@ func hostOf(endpoint string) string {
 	return u.Scheme + "://" + u.Host + u.Path
 }
 
+// queueOf says where the queue is, with any password or token in nats_url
+// replaced by xxxxx (hostOf would not do: nats_url may list several URLs).
 func queueOf(c *config.Config) string {
 	if c.NATSURL == "" {
 		return "off (no nats_url)"
 	}
-	return fmt.Sprintf("NATS at %s, %d replicas", hostOf(c.NATSURL), c.Queue.Replicas)
+	var b strings.Builder
+	fmt.Fprintf(&b, "NATS at %s", config.RedactNATSURL(c.NATSURL))
+	if c.NATSCreds != "" {
+		fmt.Fprintf(&b, ", credentials from %s", c.NATSCreds)
+	}
+	if c.NATSTLS.Enabled() {
+		b.WriteString(", TLS")
+		if c.NATSTLS.CertFile != "" {
+			b.WriteString(" with a client certificate")
+		}
+	}
+	if c.Queue.Domain != "" {
+		fmt.Fprintf(&b, ", JetStream domain %s", c.Queue.Domain)
+	}
+	fmt.Fprintf(&b, ", %d replicas", c.Queue.Replicas)
+	return b.String()
 }

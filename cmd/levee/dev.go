@@ -51,7 +51,7 @@ Try:
     -d '{"model":"gpt-4o","messages":[{"role":"user","content":"Hello"}],"max_tokens":50}'
 
 Ctrl-C stops everything.
-`, s.BaseURL, s.BaseURL, s.APIKey, s.Gateway.AdminKey, s.BaseURL, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, s.NATSURL, s.BaseURL, s.APIKey)
+`, s.BaseURL, s.BaseURL, s.APIKey, s.Gateway.AdminKey, s.BaseURL, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, config.RedactNATSURL(s.NATSURL), s.BaseURL, s.APIKey)
 	select {
 	case err = <-s.Gateway.Done():
 	case <-ctx.Done():
