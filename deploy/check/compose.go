@@ -110,7 +110,7 @@ func hasVolumeAt(s types.ServiceConfig, target, kind string) bool {
 	return false
 }
 
-// flag returns the value of --name in a command.
+// flagValue returns the value of --name in a command.
 func flagValue(cmd []string, name string) string {
 	for i, a := range cmd {
 		if a == name && i+1 < len(cmd) {
