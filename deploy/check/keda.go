@@ -254,12 +254,12 @@ func (c *checker) decodeScaledObject(file string, raw []byte) (*scaledObject, []
 	return &so, errs
 }
 
-// triggerKeys are the metadata keys KEDA's scalers refuse to start without
-// (the CRD types metadata as a map of strings, so only the scaler sees
-// them, at run time).
+// triggerKeys are the metadata keys KEDA's scalers (2.21) refuse to start
+// without: the CRD types metadata as a map of strings, so only the scaler
+// sees them, at run time.
 var triggerKeys = map[string][]string{
 	"prometheus":     {"serverAddress", "query", "threshold"},
-	"nats-jetstream": {"natsServerMonitoringEndpoint", "account", "stream", "consumer"},
+	"nats-jetstream": {"natsServerMonitoringEndpoint", "stream", "consumer"},
 }
 
 func (c *checker) scaledObjectProblems(o *object, so *scaledObject) []error {
