@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch bench-scale sdk-node
+.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch bench-scale sdk-node deploy-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -26,6 +26,21 @@ chaos: ## 10,000 jobs through 2 gateways and 2 workers while NATS and Postgres r
 	@out=$$(mktemp); status=0; \
 	LEVEE_CHAOS_JOBS=$${LEVEE_CHAOS_JOBS:-10000} $(GO) test -count=1 -timeout 30m -run '^TestChaos$$' -v ./test/ > $$out 2>&1 || status=$$?; \
 	grep -v 'level=' $$out | grep -E 'chaos_test|^(---|ok|FAIL|PASS)'; rm -f $$out; exit $$status
+
+deploy-check: ## check deploy/: alert rules and their tests (promtool), the Helm chart, compose, the dashboard, the Dockerfile; builds the image where Docker runs
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian's prometheus package)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || exit 1; \
+	  else \
+	    echo "deploy-check needs promtool: install Debian's prometheus package (apt-get install --no-install-recommends prometheus) or put promtool on PATH"; exit 1; \
+	  fi; }
+	promtool check rules deploy/prometheus/alerts.yaml
+	promtool test rules deploy/prometheus/alerts_test.yaml
+	promtool check config deploy/prometheus/prometheus.yml
+	@# deploy/check is a module of its own (Helm, Kubernetes and Compose stay out of Levee's go.mod).
+	cd deploy/check && GOFLAGS="$$GOFLAGS -mod=mod" $(GO) test -count=1 .
+	cd deploy/check && GOFLAGS="$$GOFLAGS -mod=mod" $(GO) run . -root ../..
 
 sdk-node: ## install the pinned openai-node SDK so `make test` also runs it against Levee
 	cd test/sdk-node && npm ci --no-audit --no-fund
