@@ -110,6 +110,9 @@ func (c *Config) options() []nats.Option {
 	return opts
 }
 
+// startupWait bounds how long Open waits for JetStream to answer at all.
+const startupWait = 30 * time.Second
+
 // Queue is a connection to the jobs stream.
 type Queue struct {
 	cfg    Config
@@ -179,11 +182,24 @@ func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *sl
 	}
 	q = &Queue{cfg: cfg, nc: nc, js: js, log: log, consumers: map[string]jetstream.Consumer{},
 		prefix: "levee.jobs." + strings.ToLower(cfg.Stream), onLost: onLost}
-	if err := q.ensureStream(ctx); err != nil {
-		nc.Close()
-		return nil, err
+	// A cluster that has just started may take some seconds to elect the
+	// leader that creates streams; its requests time out meanwhile. Other
+	// errors (no JetStream, no permission) will not pass by waiting.
+	for wait := time.Now().Add(startupWait); ; {
+		err := q.ensureStream(ctx)
+		if err == nil {
+			return q, nil
+		}
+		if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) || time.Now().After(wait) || ctx.Err() != nil {
+			nc.Close()
+			return nil, err
+		}
+		log.Warn("JetStream is not answering yet; trying again", "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
 	}
-	return q, nil
 }
 
 func (q *Queue) ensureStream(ctx context.Context) error {

@@ -97,3 +97,37 @@ func TestAMissingPermissionIsLogged(t *testing.T) {
 		t.Fatalf("the password was logged:\n%s", logs.String())
 	}
 }
+
+// A process that starts while its JetStream cluster has no quorum yet (a
+// fresh cluster electing, or nodes still coming up) waits for it instead of
+// exiting on the first timeout.
+func TestOpenWaitsForAClusterWithoutQuorum(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a NATS cluster")
+	}
+	c, err := dev.StartNATSCluster(context.Background(), t.TempDir(), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Stop()
+	c.StopNode(1)
+	c.StopNode(2)
+	go func() {
+		time.Sleep(3 * time.Second)
+		_ = c.StartNode(1)
+		_ = c.StartNode(2)
+	}()
+	var logs bytes.Buffer
+	start := time.Now()
+	q, err := queue.Open(context.Background(), queue.Config{URL: c.URL, Replicas: 3}, nil, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatalf("Open gave up after %v: %v\n%s", time.Since(start), err, logs.String())
+	}
+	defer q.Close()
+	if time.Since(start) < 2*time.Second {
+		t.Fatalf("Open returned after %v, before the cluster had a quorum: the test proves nothing", time.Since(start))
+	}
+	if !strings.Contains(logs.String(), "JetStream is not answering yet") {
+		t.Fatalf("the wait was not logged:\n%s", logs.String())
+	}
+}
