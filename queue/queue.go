@@ -110,6 +110,18 @@ func (c *Config) options() []nats.Option {
 	return opts
 }
 
+// clusterStarting reports an error a JetStream cluster gives while it
+// comes up: requests unanswered, or answered that there are not yet the
+// peers to place the stream on (10005) or that the system is not yet
+// available (10008).
+func clusterStarting(err error) bool {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		return api.ErrorCode == 10005 || api.ErrorCode == 10008
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
+}
+
 // startupWait bounds how long Open waits for JetStream to answer at all.
 const startupWait = 30 * time.Second
 
@@ -190,7 +202,7 @@ func Open(ctx context.Context, cfg Config, onLost func() (int64, error), log *sl
 		if err == nil {
 			return q, nil
 		}
-		if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) || time.Now().After(wait) || ctx.Err() != nil {
+		if !clusterStarting(err) || time.Now().After(wait) || ctx.Err() != nil {
 			nc.Close()
 			return nil, err
 		}
