@@ -318,15 +318,25 @@ func TestCostIsExact(t *testing.T) {
 	if usage.Currency != "EUR" || usage.Total.Cost.String() != moneyString(wantNanos) {
 		t.Fatalf("usage cost %s %s, want %s EUR: %s", usage.Total.Cost, usage.Currency, moneyString(wantNanos), raw)
 	}
-	resp, err := http.Get(env.BaseURL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	// The worker counts a job's cost just after recording its end, so a
+	// poll may see the job ended a moment before the metric moves.
 	want := fmt.Sprintf(`levee_cost_total{model="gpt-4o",tenant="billed"} %s`, strconv.FormatFloat(float64(wantNanos)/1e9, 'g', -1, 64))
-	if !strings.Contains(string(metrics), want) {
-		t.Fatalf("metrics lack %q:\n%s", want, grepLines(string(metrics), "levee_cost_total"))
+	var metrics []byte
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get(env.BaseURL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		metrics, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.Contains(string(metrics), want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("metrics lack %q:\n%s", want, grepLines(string(metrics), "levee_cost_total"))
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
