@@ -92,7 +92,9 @@ func newConsolePage(t *testing.T, base string) *consolePage {
 		case *page.EventJavascriptDialogOpening:
 			p.dialogs.Add(1)
 			p.problem("a JavaScript dialog opened: " + ev.Message)
-			go func() { _, _ = chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: false}) }()
+			go func() {
+				_, _ = chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: false})
+			}()
 		case *runtime.EventExceptionThrown:
 			d := ev.ExceptionDetails
 			msg := d.Text
