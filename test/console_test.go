@@ -493,6 +493,9 @@ func TestConsole(t *testing.T) {
 		if value != 30 || max != 30 {
 			t.Fatalf("the progress bar at the end: %v of %v", value, max)
 		}
+		if txt := eval[string](p, `document.querySelector('main').textContent`); strings.Contains(txt, "null") || strings.Contains(txt, "undefined") {
+			t.Fatalf("the batch's page shows an absent value as text: %q", txt)
+		}
 		p.shot("10-batch")
 		p.do("download the output", chromedp.Click(chromedp.CSS(`#download-output`)))
 		out := p.waitFile("batch_", "_output.jsonl")

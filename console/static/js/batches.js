@@ -1,6 +1,6 @@
 // Batches across tenants, with live progress, their output and error
 // files to download, and cancel.
-import { h, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
+import { h, append, clear, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
 import { api, download } from './api.js';
 import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog } from './ui.js';
 import { metadataTable } from './jobs.js';
@@ -95,7 +95,8 @@ function draw(view, b, slot) {
     b.error_file_id ? h('button', { type: 'button', class: 'secondary', id: 'download-errors', onclick: () => fetchFile(b.error_file_id, slot) }, 'Download errors') : null,
     h('button', { type: 'button', class: 'secondary', onclick: () => fetchFile(b.input_file_id, slot) }, 'Download input'));
   const errs = (b.errors && b.errors.data) || [];
-  view.replaceChildren(
+  // append skips what is absent (a null would otherwise show as text).
+  append(clear(view), [
     h('div', { class: 'actions' }, badge(b.status), cancel),
     progress(b),
     facts([
@@ -115,5 +116,5 @@ function draw(view, b, slot) {
       { label: 'Line', num: true, get: (e) => (e.line == null ? '—' : fmtInt(e.line)) },
       { label: 'Code', get: (e) => e.code },
       { label: 'Message', get: (e) => e.message },
-    ], errs) : null);
+    ], errs) : null]);
 }

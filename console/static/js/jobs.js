@@ -1,6 +1,6 @@
 // Jobs across tenants: find one by id or filter, see its call, attempts,
 // deployment, usage and result; cancel it.
-import { h, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
+import { h, append, clear, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
 import { api } from './api.js';
 import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog } from './ui.js';
 
@@ -108,7 +108,8 @@ function draw(view, j, slot) {
   } }, 'Cancel job') : null;
   const usage = j.usage ? `${fmtInt(j.usage.prompt_tokens)} prompt + ${fmtInt(j.usage.completion_tokens)} completion = ` +
     `${fmtInt(j.usage.total_tokens)} tokens, cost ${j.usage.cost}` : '—';
-  view.replaceChildren(
+  // append skips what is absent (a null would otherwise show as text).
+  append(clear(view), [
     h('div', { class: 'actions' }, badge(j.status), cancel),
     facts([
       ['Tenant', h('a', { href: route('tenants', j.tenant || j.tenant_id) }, j.tenant || j.tenant_id)],
@@ -130,7 +131,7 @@ function draw(view, j, slot) {
     metadataTable(j.metadata, 'Metadata'),
     h('h2', {}, 'Request body'), h('pre', { id: 'job-body' }, pretty(j.body)),
     j.result ? [h('h2', {}, `Result: ${j.result.status_code}`), h('pre', { id: 'job-result' }, pretty(j.result.body))] : null,
-    j.error ? [h('h2', {}, 'Error'), facts([['Code', j.error.code], ['Message', j.error.message]])] : null);
+    j.error ? [h('h2', {}, 'Error'), facts([['Code', j.error.code], ['Message', j.error.message]])] : null]);
 }
 
 export { metadataTable };

@@ -62,7 +62,14 @@ export async function render(main, { query, settings }) {
   const value = (r) => (q.metric === 'cost' ? Number(r.cost) : q.metric === 'requests' ? r.requests : r.total_tokens);
   const unit = q.metric === 'cost' ? settings.currency : q.metric;
   if (q.groups.includes('day')) {
-    const xs = [...new Set(rows.map((r) => r.day))].sort();
+    // Every day of the window, so a quiet day shows as one and a single
+    // day is one narrow bar, not the whole width.
+    const xs = [];
+    for (let d = new Date(`${res.start_date}T00:00:00Z`); isoDay(d) <= res.end_date && xs.length < 400; d = new Date(d.getTime() + 86400_000)) {
+      xs.push(isoDay(d));
+    }
+    for (const r of rows) if (!xs.includes(r.day)) xs.push(r.day);
+    xs.sort();
     const names = [...new Set(rows.map((r) => (q.groups.includes(q.split) ? dim(r, q.split) : 'all')))].sort();
     const series = names.map((n, i) => ({ name: n, color: palette[i % palette.length], values: xs.map(() => 0) }));
     for (const r of rows) {
