@@ -144,6 +144,7 @@ func (s *Server) adminRoutes() {
 	e.GET(g+"/audit", s.adminAudit, auth, db)
 	e.POST(g+"/admin_keys", s.adminCreateAdminKey, auth, db)
 	e.POST(g+"/admin_keys/:id/revoke", s.adminRevokeAdminKey, auth, db)
+	s.consoleRoutes()
 }
 
 type tenantObject struct {

@@ -138,6 +138,12 @@ func (s *Server) fileContent(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	return s.writeFile(c, f)
+}
+
+// writeFile streams f's content: an upload's lines as they were sent, or a
+// batch's output or error lines produced from its jobs as they are read.
+func (s *Server) writeFile(c echo.Context, f *store.File) error {
 	ctx := c.Request().Context()
 	w := c.Response()
 	w.Header().Set("Content-Type", "application/jsonl")

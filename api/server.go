@@ -112,6 +112,9 @@ type Server struct {
 	metrics   *metrics
 	idBase    string
 	idSeq     atomic.Uint64
+
+	// console caches what the admin capacity view reads (admin_console.go).
+	console consoleState
 }
 
 type metrics struct {

@@ -40,6 +40,7 @@ Levee is ready.
   Azure endpoint:   %s
   API key:          %s
   admin key:        %s  (the admin API: %s/admin/v1/)
+  console:          %s/console/  (sign in with the admin key)
   models:           %s
   simulator:        %s  (counters: GET /sim/stats)
   DATABASE_URL=%s
@@ -51,7 +52,7 @@ Try:
     -d '{"model":"gpt-4o","messages":[{"role":"user","content":"Hello"}],"max_tokens":50}'
 
 Ctrl-C stops everything.
-`, s.BaseURL, s.BaseURL, s.APIKey, s.Gateway.AdminKey, s.BaseURL, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, config.RedactNATSURL(s.NATSURL), s.BaseURL, s.APIKey)
+`, s.BaseURL, s.BaseURL, s.APIKey, s.Gateway.AdminKey, s.BaseURL, s.BaseURL, strings.Join(s.Gateway.Broker.Models(), ", "), s.SimURL, s.DatabaseURL, config.RedactNATSURL(s.NATSURL), s.BaseURL, s.APIKey)
 	select {
 	case err = <-s.Gateway.Done():
 	case <-ctx.Done():
