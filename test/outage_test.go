@@ -231,11 +231,20 @@ func TestSignalledWorkerSharesCapacityUntilItsCallsEnd(t *testing.T) {
 	if err := worker.Cmd.Wait(); err != nil {
 		t.Fatalf("worker exit: %v\n%s", err, worker.Output())
 	}
+	// The worker's last message may still be on its way to this
+	// subscriber when the process has exited.
 	penalties := 0
-	for len(msgs) > 0 {
-		if m := <-msgs; m.penalty && m.at.After(signalled) {
-			penalties++
+	deadline := time.After(5 * time.Second)
+	for penalties == 0 {
+		select {
+		case m := <-msgs:
+			if m.penalty && m.at.After(signalled) {
+				penalties++
+			}
+			continue
+		case <-deadline:
 		}
+		break
 	}
 	if penalties == 0 {
 		t.Fatalf("the 429 the worker met after the signal was not shared with the fleet:\n%s", worker.Output())
