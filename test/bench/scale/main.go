@@ -350,7 +350,8 @@ func explain(ctx context.Context, st *store.Store, tenant uuid.UUID) error {
 		return err
 	}
 	qs := []struct{ name, sql string }{
-		{"claim (StartJob)", `EXPLAIN UPDATE jobs SET status = 'running' WHERE id = '` + someID.String() + `' AND (status = 'queued' OR (status = 'running' AND lease_until < now()))`},
+		{"claim (StartJob)", `EXPLAIN UPDATE jobs SET status = 'running' WHERE id = '` + someID.String() +
+			`' AND (CASE WHEN status = 'queued' THEN true WHEN status = 'running' THEN lease_until < now() ELSE false END)`},
 		{"list a tenant's jobs", `EXPLAIN SELECT id FROM jobs WHERE tenant_id = '` + tenant.String() + `' AND batch_id IS NULL AND id < 'ffffffff-ffff-ffff-ffff-ffffffffffff' ORDER BY id DESC LIMIT 21`},
 		{"unpublished (outbox)", `EXPLAIN SELECT id FROM jobs WHERE status = 'queued' AND published_at IS NULL AND publish_claim < now() LIMIT 100`},
 		{"queue depth (metrics)", `EXPLAIN SELECT priority, model, tenant_id, count(*) FROM jobs WHERE status IN ('queued', 'running') GROUP BY 1, 2, 3`},
@@ -442,9 +443,6 @@ func retention(ctx context.Context, st *store.Store, b *bench) error {
 	if probeErr != nil {
 		return fmt.Errorf("claims during the retention pass: %w", probeErr)
 	}
-	if len(lat) < 100 {
-		return fmt.Errorf("only %d claims measured during the retention pass", len(lat))
-	}
 	var removed int64
 	for _, v := range swept {
 		removed += v
@@ -452,5 +450,8 @@ func retention(ctx context.Context, st *store.Store, b *bench) error {
 	fmt.Printf("  retention pass: %v, %d rows (%.0f rows/s): %v\n", took.Round(time.Millisecond), removed, float64(removed)/took.Seconds(), swept)
 	fmt.Printf("  claims during it: %d, p50 %v, p99 %v, slowest %v (goal: never over 50ms)\n", len(lat),
 		pct(lat, 50).Round(time.Microsecond), pct(lat, 99).Round(time.Microsecond), pct(lat, 100).Round(time.Microsecond))
+	if len(lat) < 100 {
+		return fmt.Errorf("only %d claims measured during the retention pass", len(lat))
+	}
 	return nil
 }
