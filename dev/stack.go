@@ -34,6 +34,7 @@ type File struct {
 	Usage       config.Usage     `yaml:"usage"`
 	Queue       config.Queue     `yaml:"queue"`
 	Worker      config.Worker    `yaml:"worker"`
+	Retention   config.Retention `yaml:"retention"`
 	Webhooks    config.Webhooks  `yaml:"webhooks"`
 	HTTP        config.HTTP      `yaml:"http"`
 	Auth        config.Auth      `yaml:"auth"`
@@ -199,7 +200,7 @@ func StartStack(ctx context.Context, o StackOptions) (_ *Stack, err error) {
 	go func() { _ = s.simServer.Serve(ln) }()
 
 	cfg := &config.Config{Listen: o.Listen, DatabaseURL: s.DatabaseURL, NATSURL: s.NATSURL, NATSCreds: o.NATSCreds, NATSTLS: o.NATSTLS,
-		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker,
+		Models: o.File.Models, Circuit: o.File.Circuit, Usage: o.File.Usage, Queue: o.File.Queue, Worker: o.File.Worker, Retention: o.File.Retention,
 		HTTP: o.File.HTTP, Auth: o.File.Auth, Pricing: o.File.Pricing, DatabaseMaxConns: o.File.DatabaseMaxConns, DatabaseTimeout: o.File.DatabaseTimeout, ShutdownTimeout: 10 * time.Second}
 	cfg.Auth.AdminKey = o.AdminKey
 	if cfg.Auth.AdminKey == "" {

@@ -95,7 +95,9 @@ func (s *Store) Sweep(ctx context.Context, now time.Time, r Retention) (Swept, e
 }
 
 // sweepChunks runs a DELETE taking ($1 cutoff, $2 limit) until it deletes
-// fewer than limit rows.
+// fewer than limit rows. Rows another sweeper holds do not shorten a chunk
+// (the LIMIT is above the row locking, so skipped rows are replaced by the
+// next ones): a short chunk is the end of what is due.
 func (s *Store) sweepChunks(ctx context.Context, sql string, cutoff time.Time, limit int) (int64, error) {
 	var total int64
 	for {

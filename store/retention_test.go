@@ -301,3 +301,31 @@ func TestPurgeTenant(t *testing.T) {
 		t.Fatalf("purging a purged tenant: %v", err)
 	}
 }
+
+// Rows another sweeper holds are skipped, not waited for (without SKIP
+// LOCKED this test would hang), and the rest are all taken.
+func TestSweepGoesOnPastRowsAnotherHolds(t *testing.T) {
+	_, st, _ := migrated(t)
+	ctx := context.Background()
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ten := f.tenant(st, "acme")
+	f.exec(`INSERT INTO jobs (id, tenant_id, endpoint, model, body, body_hash, priority, status, finished_at)
+		SELECT gen_random_uuid(), $1, '/v1/chat/completions', 'gpt-4o', '{}', '\x00', 'low', 'succeeded', $2::timestamptz - g * interval '1 second'
+		FROM generate_series(1, 1000) g`, ten, f.now.Add(-40*day))
+	tx, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	// The 5 oldest, which the first chunk would take, are held.
+	if _, err := tx.Exec(ctx, `SELECT id FROM jobs ORDER BY finished_at LIMIT 5 FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	swept, err := st.Sweep(ctx, f.now, store.Retention{Jobs: 30 * day, Batch: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if swept["jobs"] != 995 {
+		t.Fatalf("swept %d of the 995 jobs nobody held", swept["jobs"])
+	}
+}
