@@ -320,6 +320,24 @@ func (s *Store) PurgeTenant(ctx context.Context, id uuid.UUID, batch int, actor 
 		}
 	}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		// The tenant's row first: a usage write or a stored response of a
+		// call that was in flight holds it (FOR KEY SHARE) until it
+		// commits, and what it wrote is removed here; one that comes after
+		// finds no tenant and writes nothing.
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE`, id); err != nil {
+			return err
+		}
+		for _, c := range []struct{ kind, sql string }{
+			{"usage_events", `DELETE FROM usage_events WHERE tenant_id = $1`},
+			{"usage_daily", `DELETE FROM usage_daily WHERE tenant_id = $1`},
+			{"response_routes", `DELETE FROM response_routes WHERE tenant_id = $1`},
+		} {
+			tag, err := tx.Exec(ctx, c.sql, id)
+			if err != nil {
+				return err
+			}
+			out[c.kind] += tag.RowsAffected()
+		}
 		var keys, endpoints int64
 		if err := tx.QueryRow(ctx, `SELECT (SELECT count(*) FROM api_keys WHERE tenant_id = $1), (SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1)`, id).
 			Scan(&keys, &endpoints); err != nil {

@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -299,5 +300,42 @@ func TestPurgeTenant(t *testing.T) {
 	}
 	if _, err := st.PurgeTenant(ctx, a, 5, "test"); err != store.ErrNotFound {
 		t.Fatalf("purging a purged tenant: %v", err)
+	}
+}
+
+// A purge does not wait for the tenant's synchronous calls: keys are
+// revoked, but a stream in flight ends later, and its usage row and stored
+// response are written after the purge (by this or another process's
+// ledger). They must not bring the purged tenant's data back.
+func TestPurgeLeavesNothingForCallsInFlight(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ctx := context.Background()
+	a, b := f.tenant(st, "a"), f.tenant(st, "b")
+	ledger := st.NewLedger(store.LedgerConfig{FlushInterval: 10 * time.Millisecond, BatchSize: 100, BufferSize: 100, MaxPending: 1000}, slog.Default())
+	defer ledger.Close(ctx)
+	if _, err := st.PurgeTenant(ctx, a, 5, "test"); err != nil {
+		t.Fatal(err)
+	}
+	// The calls that were in flight end now.
+	for i, ten := range []uuid.UUID{a, b, a} {
+		ledger.Record(store.UsageEvent{At: time.Now(), RequestID: fmt.Sprintf("late-%d", i), TenantID: ten, Deployment: "d", Model: "gpt-4o",
+			Operation: "chat", Status: 200, PromptTokens: 10, CompletionTokens: 5, Priority: "high"})
+	}
+	if err := ledger.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, ten := range []uuid.UUID{a, b} {
+		if err := st.RecordResponse(ctx, &store.ResponseRoute{ID: "resp_" + ten.String(), TenantID: ten, Deployment: "d"}, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, table := range []string{"usage_events", "usage_daily", "response_routes"} {
+		if n := f.count(`SELECT count(*) FROM `+table+` WHERE tenant_id = $1`, a); n != 0 {
+			t.Errorf("%d rows of the purged tenant written to %s after its purge", n, table)
+		}
+		if n := f.count(`SELECT count(*) FROM `+table+` WHERE tenant_id = $1`, b); n == 0 {
+			t.Errorf("the other tenant's %s row was not written", table)
+		}
 	}
 }
