@@ -185,7 +185,11 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 	seen := map[uuid.UUID]bool{}
 	for ctx.Err() == nil {
 		var id uuid.UUID
-		err := s.pool.QueryRow(ctx, `SELECT id FROM files WHERE expires_at < $1 AND NOT (id = ANY($2)) ORDER BY expires_at LIMIT 1`, now, keys(seen)).Scan(&id)
+		// A file that is the input of a batch still validating is kept
+		// until the batch has made its lines jobs (or failed): the lines
+		// are read then, which may be after the file expired.
+		err := s.pool.QueryRow(ctx, `SELECT id FROM files f WHERE expires_at < $1 AND NOT (id = ANY($2))`+notValidating+`
+			ORDER BY expires_at LIMIT 1`, now, keys(seen)).Scan(&id)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return n, nil
 		}
@@ -193,8 +197,11 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 			return n, err
 		}
 		seen[id] = true
+		// Checked again by each chunk: a batch created on the file meanwhile
+		// stops its deletion.
 		lines, err := s.sweepChunksOf(ctx, `DELETE FROM file_lines WHERE file_id = $1 AND line IN (
-			SELECT line FROM file_lines WHERE file_id = $1 ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)`, id, limit*10)
+			SELECT line FROM file_lines WHERE file_id = $1 ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)
+			AND EXISTS (SELECT 1 FROM files f WHERE f.id = $1`+notValidating+`)`, id, limit*10)
 		out["file_lines"] += lines
 		if err != nil {
 			return n, err
@@ -207,6 +214,10 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 	}
 	return n, ctx.Err()
 }
+
+// notValidating is a condition on files f: no batch still validating reads
+// it.
+const notValidating = ` AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status = 'validating')`
 
 // dropUsagePartitions detaches and drops the monthly usage_events
 // partitions wholly older than keep months before now's month.

@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -337,5 +338,51 @@ func TestPurgeLeavesNothingForCallsInFlight(t *testing.T) {
 		if n := f.count(`SELECT count(*) FROM `+table+` WHERE tenant_id = $1`, b); n == 0 {
 			t.Errorf("the other tenant's %s row was not written", table)
 		}
+	}
+}
+
+// A batch turns its input file's lines into jobs when it is validated,
+// which may be after the file's expires_at (a batch created just before,
+// or validated again after a restart). The sweeper must not take the lines
+// from under it: the batch would run part of the file, or fail it as empty.
+func TestSweepKeepsTheInputOfAValidatingBatch(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ctx := context.Background()
+	ten := f.tenant(st, "acme")
+	in, _ := uuid.NewV7()
+	f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind, expires_at) VALUES ($1, $2, 'in.jsonl', 'batch', 'upload', $3)`, in, ten, f.now.Add(-time.Minute))
+	f.exec(`INSERT INTO file_lines (file_id, line, custom_id, raw) SELECT $1, g, 'c' || g, '{}' FROM generate_series(1, 25) g`, in)
+	bid, _ := uuid.NewV7()
+	f.exec(`INSERT INTO batches (id, tenant_id, input_file_id, endpoint, completion_window, status, expires_at)
+		VALUES ($1, $2, $3, '/v1/chat/completions', '24h', 'validating', $4)`, bid, ten, in, f.now.Add(day))
+	r := store.Retention{Batch: 2}
+	if _, err := st.Sweep(ctx, f.now, r); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.count(`SELECT count(*) FROM file_lines WHERE file_id = $1`, in); n != 25 {
+		t.Fatalf("the sweeper left %d of the 25 lines of a validating batch's input file", n)
+	}
+	// Once its lines are jobs, the file goes.
+	f.exec(`UPDATE batches SET status = 'in_progress' WHERE id = $1`, bid)
+	if _, err := st.Sweep(ctx, f.now, r); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.count(`SELECT count(*) FROM files WHERE id = $1`, in); n != 0 {
+		t.Fatal("the expired file stayed once its batch had started")
+	}
+
+	// A file past its expires_at, not swept yet, takes no new batch.
+	late, _ := uuid.NewV7()
+	f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind, expires_at) VALUES ($1, $2, 'in.jsonl', 'batch', 'upload', now() - interval '1 second')`, late, ten)
+	f.exec(`INSERT INTO file_lines (file_id, line, custom_id, raw) VALUES ($1, 1, 'c1', '{}')`, late)
+	_, err := st.CreateBatch(ctx, &store.CreateBatchParams{TenantID: ten, InputFileID: late, Endpoint: "/v1/chat/completions", Window: day})
+	if !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("a batch on an expired file: %v, want ErrNotFound", err)
+	}
+	live, _ := uuid.NewV7()
+	f.exec(`INSERT INTO files (id, tenant_id, filename, purpose, kind, expires_at) VALUES ($1, $2, 'in.jsonl', 'batch', 'upload', now() + interval '1 hour')`, live, ten)
+	if _, err := st.CreateBatch(ctx, &store.CreateBatchParams{TenantID: ten, InputFileID: live, Endpoint: "/v1/chat/completions", Window: day}); err != nil {
+		t.Fatalf("a batch on a file not expired: %v", err)
 	}
 }
