@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Retention says how long finished work is kept; a duration ≤ 0 keeps it
@@ -246,6 +247,13 @@ func (s *Store) dropUsagePartitions(ctx context.Context, now time.Time, keep int
 			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, partitionLockKey); err != nil {
 				return err
 			}
+			// DETACH takes an ACCESS EXCLUSIVE lock on usage_events. Behind
+			// a long reader (pg_dump, an analyst's query) it would wait,
+			// and every usage insert would queue behind it: give up soon
+			// instead, and try again at a later pass.
+			if _, err := tx.Exec(ctx, `SET LOCAL lock_timeout = '1s'`); err != nil {
+				return err
+			}
 			var still bool
 			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1))`, name).Scan(&still); err != nil || !still {
 				return err
@@ -256,6 +264,9 @@ func (s *Store) dropUsagePartitions(ctx context.Context, now time.Time, keep int
 			_, err := tx.Exec(ctx, `DROP TABLE `+pgx.Identifier{name}.Sanitize())
 			return err
 		})
+		if pe := (*pgconn.PgError)(nil); errors.As(err, &pe) && pe.Code == "55P03" { // lock_not_available
+			return n, nil
+		}
 		if err != nil {
 			return n, err
 		}

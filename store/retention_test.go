@@ -386,3 +386,61 @@ func TestSweepKeepsTheInputOfAValidatingBatch(t *testing.T) {
 		t.Fatalf("a batch on a file not expired: %v", err)
 	}
 }
+
+// Dropping an old usage partition detaches it, which takes the strongest
+// lock on usage_events. Behind a long reader of the table (pg_dump, an
+// analyst's query) that lock waits, and every insert of usage (each job's
+// end, each ledger write) would queue behind it until the reader ends. The
+// sweeper gives up quickly instead and tries again at a later pass.
+func TestPartitionDropDoesNotStallUsageWrites(t *testing.T) {
+	_, st, _ := migrated(t)
+	f := &fixture{t: t, pool: st.Pool(), now: time.Now()}
+	ctx := context.Background()
+	ten := f.tenant(st, "acme")
+	old := time.Date(f.now.Year(), f.now.Month(), 1, 0, 0, 0, 0, time.UTC).AddDate(0, -15, 3)
+	insert := func(ctx context.Context, at time.Time) error {
+		_, err := st.Pool().Exec(ctx, `INSERT INTO usage_events (created_at, request_id, tenant_id, deployment, model, operation, status, prompt_tokens, completion_tokens, latency_us, priority)
+			VALUES ($1, gen_random_uuid()::text, $2, 'd', 'gpt-4o', 'chat', 200, 1, 1, 1, 'high')`, at, ten)
+		return err
+	}
+	if err := insert(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.MaintainPartitions(ctx, f.now); err != nil {
+		t.Fatal(err)
+	}
+	// A long reader of usage_events.
+	reader, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Rollback(ctx)
+	if _, err := reader.Exec(ctx, `SELECT count(*) FROM usage_events`); err != nil {
+		t.Fatal(err)
+	}
+	swept := make(chan error, 1)
+	go func() {
+		_, err := st.Sweep(ctx, f.now, store.Retention{UsageMonths: 13, Batch: 100})
+		swept <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // the sweep is waiting for its lock
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := insert(wctx, f.now); err != nil {
+		t.Fatalf("a usage write while a partition drop waits behind a reader: %v", err)
+	}
+	select {
+	case err := <-swept:
+		if err != nil {
+			t.Fatalf("a sweep that could not drop a partition yet: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sweep still waits behind the reader")
+	}
+	_ = reader.Rollback(ctx)
+	// Once the reader is gone, the next pass drops it.
+	s, err := st.Sweep(ctx, f.now, store.Retention{UsageMonths: 13, Batch: 100})
+	if err != nil || s["usage_partitions"] != 1 {
+		t.Fatalf("the next pass: %v, %v", s, err)
+	}
+}
