@@ -127,12 +127,12 @@ func (s *Store) sweepBatches(ctx context.Context, cutoff time.Time, limit int, o
 		if err != nil {
 			return n, err
 		}
-		seen[id] = true
 		jobs, err := s.sweepChunksOf(ctx, `DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE batch_id = $1 LIMIT $2 FOR UPDATE SKIP LOCKED)`, id, limit)
 		out["batch_jobs"] += jobs
 		if err != nil {
 			return n, err
 		}
+		gone := false
 		err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 			// Another sweeper may still hold some of its jobs: then the
 			// batch waits for the next pass.
@@ -147,10 +147,17 @@ func (s *Store) sweepBatches(ctx context.Context, cutoff time.Time, limit int, o
 			out["files"] += tag.RowsAffected()
 			tag, err = tx.Exec(ctx, `DELETE FROM batches WHERE id = $1`, id)
 			n += tag.RowsAffected()
+			gone = tag.RowsAffected() > 0
 			return err
 		})
 		if err != nil {
 			return n, err
+		}
+		// Only a batch left behind is passed over by the next lookups: the
+		// list goes with every query, and listing every batch removed made
+		// a pass over many of them quadratic (8,000 took 4 minutes).
+		if !gone {
+			seen[id] = true
 		}
 	}
 	return n, ctx.Err()
@@ -197,7 +204,6 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 		if err != nil {
 			return n, err
 		}
-		seen[id] = true
 		// Checked again by each chunk: a batch created on the file meanwhile
 		// stops its deletion.
 		lines, err := s.sweepChunksOf(ctx, `DELETE FROM file_lines WHERE file_id = $1 AND line IN (
@@ -212,6 +218,9 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 			return n, err
 		}
 		n += tag.RowsAffected()
+		if tag.RowsAffected() == 0 { // left for a later pass (as batches above)
+			seen[id] = true
+		}
 	}
 	return n, ctx.Err()
 }
