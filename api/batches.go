@@ -332,6 +332,9 @@ func (s *Server) createBatch(c echo.Context) error {
 	}
 	b, err := s.batches.CreateBatch(ctx, &store.CreateBatchParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token, InputFileID: fid, Endpoint: req.Endpoint,
 		Window: 24 * time.Hour, Metadata: req.Metadata})
+	if errors.Is(err, store.ErrNotFound) { // the file expired (or was deleted) meanwhile
+		return fileNotFound(req.InputFileID)
+	}
 	if errors.Is(err, store.ErrCallerGone) {
 		return callerGone()
 	}

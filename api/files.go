@@ -102,9 +102,14 @@ func (s *Server) uploadFile(c echo.Context) error {
 				return invalid(name, "invalid_request", "The field %s is given more than once.", name)
 			}
 			seen[name] = true
-			b, err := io.ReadAll(io.LimitReader(part, 64))
+			b, err := io.ReadAll(io.LimitReader(part, maxFieldBytes+1))
 			if err != nil {
 				return uploadError(err)
+			}
+			// Longer is refused, not cut: the first 64 bytes of a longer
+			// value ("7200", spaces, more) may read as a valid one.
+			if len(b) > maxFieldBytes {
+				return invalid(name, "invalid_request", "The field %s is longer than %d bytes.", name, maxFieldBytes)
 			}
 			v := strings.TrimSpace(string(b))
 			switch name {
@@ -154,6 +159,9 @@ func (s *Server) uploadFile(c echo.Context) error {
 	}
 	return c.JSON(http.StatusOK, s.renderFile(f))
 }
+
+// maxFieldBytes bounds an upload's form fields other than the file.
+const maxFieldBytes = 64
 
 // fileExpiry reads OpenAI's expires_after: anchor created_at and 3600 to
 // 2592000 seconds. Without it an upload takes retention.uploads (OpenAI's

@@ -177,7 +177,7 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 	// What usage the deployment reports is priced, and charged to the caller.
 	settle := func(u *broker.Usage) {
 		ev.PromptTokens, ev.CompletionTokens = u.PromptTokens, u.CompletionTokens
-		ev.CostNanos = s.prices.Cost(res.Deployment.Name, *u, false)
+		ev.CostNanos = s.prices.Cost(res.Deployment, *u, false)
 		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Nanos: ev.CostNanos}
 		s.prices.Record(key.TenantName, g.Name, ev.CostNanos)
 	}

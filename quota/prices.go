@@ -20,9 +20,11 @@ type Prices struct {
 	spent    *prometheus.CounterVec
 }
 
+// priceTable is keyed by deployment name or model. A deployment's model is
+// taken from the deployment itself, not from the table: a call in flight on
+// a deployment a reload removed or renamed is still priced by its model.
 type priceTable struct {
-	byName     map[string]price // deployment name or model
-	deployment map[string]string
+	byName map[string]price
 }
 
 type price struct {
@@ -45,31 +47,28 @@ func NewPrices(cfg *config.Config, reg prometheus.Registerer) *Prices {
 // Reload prices calls with cfg's table from now on. The currency is not
 // reloaded: budgets were leased in it.
 func (p *Prices) Reload(cfg *config.Config) {
-	t := &priceTable{byName: map[string]price{}, deployment: map[string]string{}}
+	t := &priceTable{byName: map[string]price{}}
 	for _, pr := range cfg.Pricing.Prices {
 		t.byName[pr.Match] = price{in: pr.Input * 1e3, cached: *pr.CachedInput * 1e3, out: pr.Output * 1e3, batch: pr.BatchDiscount}
-	}
-	for _, d := range cfg.Deployments {
-		t.deployment[d.Name] = d.Model
 	}
 	p.t.Store(t)
 }
 
 // of is a deployment's price: its own entry, else its model's.
-func (p *Prices) of(deployment string) (price, bool) {
+func (p *Prices) of(d *broker.Deployment) (price, bool) {
 	t := p.t.Load()
-	if pr, ok := t.byName[deployment]; ok {
+	if pr, ok := t.byName[d.Name]; ok {
 		return pr, true
 	}
-	pr, ok := t.byName[t.deployment[deployment]]
+	pr, ok := t.byName[d.Model]
 	return pr, ok
 }
 
 // Cost is what usage on a deployment cost; batch applies the deployment's
 // batch discount. Embeddings are priced by their input alone (they have no
 // output tokens).
-func (p *Prices) Cost(deployment string, u broker.Usage, batch bool) int64 {
-	pr, ok := p.of(deployment)
+func (p *Prices) Cost(d *broker.Deployment, u broker.Usage, batch bool) int64 {
+	pr, ok := p.of(d)
 	if !ok {
 		return 0
 	}
@@ -94,7 +93,7 @@ func (p *Prices) Record(tenant, model string, nanos int64) {
 func (p *Prices) Estimate(g *broker.Group, tokens int) int64 {
 	most := 0.0
 	for _, d := range g.Deployments() {
-		if pr, ok := p.of(d.Name); ok {
+		if pr, ok := p.of(d); ok {
 			most = max(most, pr.in, pr.out)
 		}
 	}

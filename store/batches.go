@@ -290,16 +290,24 @@ func (s *Store) CreateBatch(ctx context.Context, p *CreateBatchParams) (*Batch, 
 		meta = p.Metadata
 	}
 	// Only for a live tenant and key, waiting behind a deletion of the
-	// tenant in progress (see InsertJob).
-	tag, err := s.pool.Exec(ctx, `WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
-		INSERT INTO batches (id, tenant_id, key_id, input_file_id, endpoint, completion_window, status, metadata, expires_at)
-		SELECT $1, t.id, $7, $3, $4, '24h', 'validating', $5, now() + $6::interval FROM t
-		WHERE $7::uuid IS NULL OR $8 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $7 AND revoked_at IS NULL)`,
-		id, p.TenantID, p.InputFileID, p.Endpoint, meta, p.Window.String(), nullUUID(p.KeyID), p.TokenCaller)
+	// tenant in progress (see InsertJob), and an input file that has not
+	// expired (the sweeper may be removing its lines).
+	var made, fileLive bool
+	err := s.pool.QueryRow(ctx, `WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE),
+		f AS (SELECT id FROM files WHERE id = $3 AND tenant_id = $2 AND (expires_at IS NULL OR expires_at > now()) FOR SHARE),
+		b AS (INSERT INTO batches (id, tenant_id, key_id, input_file_id, endpoint, completion_window, status, metadata, expires_at)
+			SELECT $1, t.id, $7, f.id, $4, '24h', 'validating', $5, now() + $6::interval FROM t, f
+			WHERE $7::uuid IS NULL OR $8 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $7 AND revoked_at IS NULL)
+			RETURNING id)
+		SELECT EXISTS (SELECT 1 FROM b), EXISTS (SELECT 1 FROM f)`,
+		id, p.TenantID, p.InputFileID, p.Endpoint, meta, p.Window.String(), nullUUID(p.KeyID), p.TokenCaller).Scan(&made, &fileLive)
 	if err != nil {
 		return nil, fmt.Errorf("store: create batch: %w", err)
 	}
-	if tag.RowsAffected() == 0 {
+	if !fileLive {
+		return nil, ErrNotFound
+	}
+	if !made {
 		return nil, ErrCallerGone
 	}
 	return s.GetBatch(ctx, p.TenantID, id)

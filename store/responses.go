@@ -56,8 +56,12 @@ func (r *ResponseRoute) Upstream() string {
 // worker died) takes the new deployment and upstream id, but keeps its
 // first tenant: an id is never handed from one tenant to another.
 func (s *Store) RecordResponse(ctx context.Context, r *ResponseRoute, ttl time.Duration) error {
+	// Only for a tenant that still exists (locked until the insert
+	// commits): a response in flight when its tenant was purged is not
+	// recorded after the purge.
 	_, err := s.pool.Exec(ctx, `INSERT INTO response_routes (id, tenant_id, deployment, context_tokens, expires_at, upstream_id)
-		VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5), nullif($6, ''))
+		SELECT $1, $2, $3, $4, now() + make_interval(secs => $5), nullif($6, '')
+		WHERE EXISTS (SELECT 1 FROM tenants WHERE id = $2 FOR KEY SHARE)
 		ON CONFLICT (id) DO UPDATE SET context_tokens = EXCLUDED.context_tokens, expires_at = EXCLUDED.expires_at,
 			deployment = EXCLUDED.deployment, upstream_id = EXCLUDED.upstream_id
 			WHERE response_routes.tenant_id = EXCLUDED.tenant_id`,

@@ -286,7 +286,32 @@ func (s *Store) writeUsage(ctx context.Context, events []UsageEvent) error {
 }
 
 // writeUsageTx appends events to the ledger and the daily rollup inside tx.
+// Events of a tenant that no longer exists are dropped: a call in flight
+// when its tenant was purged ends after the purge, and its usage must not
+// bring the tenant's data back. The tenants written for are locked (FOR KEY
+// SHARE) until the end of tx, so a purge running meanwhile deletes the rows
+// after they are written (see PurgeTenant), never before.
 func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
+	tenants := make([]uuid.UUID, 0, 1)
+	for _, e := range events {
+		if !slices.Contains(tenants, e.TenantID) {
+			tenants = append(tenants, e.TenantID)
+		}
+	}
+	trows, err := tx.Query(ctx, `SELECT id FROM tenants WHERE id = ANY($1) FOR KEY SHARE`, tenants)
+	if err != nil {
+		return fmt.Errorf("lock usage tenants: %w", err)
+	}
+	live, err := pgx.CollectRows(trows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return fmt.Errorf("lock usage tenants: %w", err)
+	}
+	if len(live) < len(tenants) {
+		events = slices.DeleteFunc(slices.Clone(events), func(e UsageEvent) bool { return !slices.Contains(live, e.TenantID) })
+		if len(events) == 0 {
+			return nil
+		}
+	}
 	sums := map[rollupKey]*rollup{}
 	rows := make([][]any, len(events))
 	for i, e := range events {

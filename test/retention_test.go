@@ -6,6 +6,7 @@ import (
 	"io"
 	"mime/multipart"
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/levee-gw/levee/test/harness"
@@ -61,6 +62,10 @@ func TestFileExpiresAfter(t *testing.T) {
 		{{"expires_after[seconds]", "7200"}},
 		{{"expires_after[anchor]", "created_at"}, {"expires_after[seconds]", "7200"}, {"expires_after[seconds]", "2592000"}},
 		{{"purpose", "batch"}},
+		// A value longer than a field holds is refused, not cut to what
+		// looks valid ("7200", then spaces, then more).
+		{{"expires_after[anchor]", "created_at"}, {"expires_after[seconds]", "7200" + strings.Repeat(" ", 70) + "99999999"}},
+		{{"expires_after[anchor]", "created_at" + strings.Repeat(" ", 60) + "x"}, {"expires_after[seconds]", "7200"}},
 	} {
 		code, f := uploadWith(t, env, bad...)
 		e, _ := f["error"].(map[string]any)

@@ -624,7 +624,7 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 	var cost int64
 	if hasUsage {
 		res.Finish(&u, nil)
-		cost = w.prices.Cost(res.Deployment.Name, u, job.Priority == "batch")
+		cost = w.prices.Cost(res.Deployment, u, job.Priority == "batch")
 		spent = quota.Usage{Tokens: int64(u.PromptTokens + u.CompletionTokens), Nanos: cost}
 	} else {
 		res.Finish(nil, nil)

@@ -12,12 +12,22 @@ import (
 	"github.com/levee-gw/levee/gateway"
 )
 
-// reloadOnHangup reloads the config file at path into g on each SIGHUP
-// until ctx ends. An invalid file is logged with the field at fault and
-// counted; the running configuration stays.
-func reloadOnHangup(ctx context.Context, g *gateway.Gateway, path string, getenv func(string) string, log *slog.Logger) {
+// catchHangup takes SIGHUP from now on, before the process has read its
+// config: a SIGHUP's default is to end the process, and one sent while it
+// starts (migrating, waiting for NATS) would take it down. A SIGHUP caught
+// before reloadOnHangup is then a reload, as the file may have changed
+// after it was read.
+func catchHangup() chan os.Signal {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	return hup
+}
+
+// reloadOnHangup reloads the config file at path into g on each SIGHUP
+// that hup (from catchHangup) receives, until ctx ends. An invalid file is
+// logged with the field at fault and counted; the running configuration
+// stays.
+func reloadOnHangup(ctx context.Context, hup chan os.Signal, g *gateway.Gateway, path string, getenv func(string) string, log *slog.Logger) {
 	go func() {
 		defer signal.Stop(hup)
 		for {

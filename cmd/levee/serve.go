@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"log/slog"
+	"os/signal"
 
 	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/gateway"
@@ -16,6 +17,8 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	hup := catchHangup()
+	defer signal.Stop(hup)
 	cfg, st, err := loadAndOpen(ctx, *path, getenv)
 	if err != nil {
 		return err
@@ -25,7 +28,7 @@ func cmdServe(ctx context.Context, args []string, log *slog.Logger, getenv func(
 	if err != nil {
 		return err
 	}
-	reloadOnHangup(ctx, g, *path, getenv, log)
+	reloadOnHangup(ctx, hup, g, *path, getenv, log)
 	log.Info("levee is serving", "addr", g.Addr, "deployments", len(cfg.Deployments))
 	return g.Run(ctx)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"log/slog"
+	"os/signal"
 
 	"github.com/levee-gw/levee/gateway"
 )
@@ -17,6 +18,8 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	hup := catchHangup()
+	defer signal.Stop(hup)
 	cfg, st, err := loadAndOpen(ctx, *path, getenv)
 	if err != nil {
 		return err
@@ -26,7 +29,7 @@ func cmdWorker(ctx context.Context, args []string, log *slog.Logger, getenv func
 	if err != nil {
 		return err
 	}
-	reloadOnHangup(ctx, g, *path, getenv, log)
+	reloadOnHangup(ctx, hup, g, *path, getenv, log)
 	log.Info("levee worker running", "deployments", len(cfg.Deployments), "concurrency", cfg.Worker.Concurrency)
 	return g.Run(ctx)
 }
