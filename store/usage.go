@@ -292,9 +292,11 @@ func (s *Store) writeUsage(ctx context.Context, events []UsageEvent) error {
 // SHARE) until the end of tx, so a purge running meanwhile deletes the rows
 // after they are written (see PurgeTenant), never before.
 func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
-	tenants := make([]uuid.UUID, 0, 1)
+	seen := make(map[uuid.UUID]bool, 4)
+	tenants := make([]uuid.UUID, 0, 4)
 	for _, e := range events {
-		if !slices.Contains(tenants, e.TenantID) {
+		if !seen[e.TenantID] {
+			seen[e.TenantID] = true
 			tenants = append(tenants, e.TenantID)
 		}
 	}
@@ -307,7 +309,11 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 		return fmt.Errorf("lock usage tenants: %w", err)
 	}
 	if len(live) < len(tenants) {
-		events = slices.DeleteFunc(slices.Clone(events), func(e UsageEvent) bool { return !slices.Contains(live, e.TenantID) })
+		alive := make(map[uuid.UUID]bool, len(live))
+		for _, id := range live {
+			alive[id] = true
+		}
+		events = slices.DeleteFunc(slices.Clone(events), func(e UsageEvent) bool { return !alive[e.TenantID] })
 		if len(events) == 0 {
 			return nil
 		}
