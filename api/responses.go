@@ -79,7 +79,9 @@ func (s *Server) pinResponse(ctx context.Context, key *store.Key, req *broker.Re
 	if !ok {
 		return nil, "", responseNotFound(param, req.PreviousResponseID)
 	}
-	if !slices.Contains(g.Deployments(), d) {
+	// By name: a reload between the two lookups may have replaced the
+	// deployment's record with an equal one of new settings.
+	if !slices.ContainsFunc(g.Deployments(), func(x *broker.Deployment) bool { return x.Name == d.Name }) {
 		return nil, "", invalid(strings.TrimSuffix(param, "previous_response_id")+"model", "model_mismatch",
 			"Response '%s' was made by another model than %q: continue it with the model that made it.", strictjson.Clip(req.PreviousResponseID), strictjson.Clip(g.Name))
 	}
