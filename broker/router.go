@@ -161,7 +161,17 @@ func (b *Broker) Reload(cfg *config.Config) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.circuitConf = cfg.Circuit
-	b.r.Store(b.build(cfg, b.r.Load()))
+	old := b.r.Load()
+	next := b.build(cfg, old)
+	b.r.Store(next)
+	// A removed deployment's series go, as its gauges do (its calls in
+	// flight may still add a point, which the next reload clears).
+	for name := range old.deps {
+		if next.deps[name] == nil {
+			b.metrics.failovers.DeletePartialMatch(prometheus.Labels{"deployment": name})
+			b.metrics.latency.DeletePartialMatch(prometheus.Labels{"deployment": name})
+		}
+	}
 }
 
 func newGroup(name string, p config.Model, ds []*Deployment) *Group {

@@ -100,6 +100,16 @@ func TestSIGHUPReloadsWithCallsInFlight(t *testing.T) {
 		return err == nil && resp.StatusCode == 200
 	})
 
+	// One call ended on b, so it has latency series for the reload to clear.
+	first := chat(20)
+	first["model"] = "only-b"
+	if resp, raw := call(t, base, "/v1/chat/completions", env.APIKey, first); resp.StatusCode != 200 {
+		t.Fatalf("a call on b: %d %s", resp.StatusCode, raw)
+	}
+	if v := metric(t, base, "levee_upstream_duration_seconds_count", `deployment="b"`); v != 1 {
+		t.Fatalf("b's latency count is %v before the reload", v)
+	}
+
 	// Calls in flight on both deployments when the file changes.
 	var wg sync.WaitGroup
 	type result struct {
@@ -123,7 +133,7 @@ func TestSIGHUPReloadsWithCallsInFlight(t *testing.T) {
 	}
 	harness.Eventually(t, 5*time.Second, "the calls to reach the deployments", func() bool {
 		s := env.Sim.Stats()
-		return s["a"].Calls >= 4 && s["b"].Calls >= 4
+		return s["a"].Calls >= 4 && s["b"].Calls >= 5
 	})
 	usedBefore := metric(t, base, "levee_deployment_used_tokens", `deployment="a"`)
 	if usedBefore <= 0 {
@@ -140,8 +150,10 @@ func TestSIGHUPReloadsWithCallsInFlight(t *testing.T) {
 	if used := metric(t, base, "levee_deployment_used_tokens", `deployment="a"`); used < usedBefore {
 		t.Fatalf("deployment a's window went from %v to %v tokens: an unchanged deployment must keep it", usedBefore, used)
 	}
-	if v := metric(t, base, "levee_deployment_used_tokens", `deployment="b"`); v != -1 {
-		t.Fatalf("a removed deployment is still reported: %v", v)
+	for _, name := range []string{"levee_deployment_used_tokens", "levee_upstream_duration_seconds_count"} {
+		if v := metric(t, base, name, `deployment="b"`); v != -1 {
+			t.Fatalf("a removed deployment is still reported in %s: %v", name, v)
+		}
 	}
 	wg.Wait()
 	close(results)
