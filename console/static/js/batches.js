@@ -2,7 +2,7 @@
 // files to download, and cancel.
 import { h, append, clear, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
 import { api, download } from './api.js';
-import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog } from './ui.js';
+import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog, follow } from './ui.js';
 import { metadataTable } from './jobs.js';
 
 const STATUSES = ['validating', 'failed', 'in_progress', 'finalizing', 'completed', 'expired', 'cancelling', 'cancelled'];
@@ -64,22 +64,7 @@ export async function detail(main, { params, signal }) {
   const slot = h('div');
   const view = h('div');
   main.append(heading(`Batch ${id}`), h('p', {}, h('a', { href: route('batches') }, '← All batches')), slot, view);
-  for (;;) {
-    let b;
-    try {
-      b = await api(`/batches/${encodeURIComponent(id)}`, { signal });
-    } catch (err) {
-      if (signal.aborted) return;
-      slot.replaceChildren(errorBox(err));
-      if (err.status === 404) return;
-      await sleep(2000, signal);
-      continue;
-    }
-    draw(view, b, slot);
-    if (!OPEN.has(b.status)) return;
-    await sleep(2000, signal);
-    if (signal.aborted) return;
-  }
+  await follow(`/batches/${encodeURIComponent(id)}`, { slot, signal, isOpen: (x) => OPEN.has(x.status), draw: (x) => draw(view, x, slot) });
 }
 
 function draw(view, b, slot) {

@@ -2,7 +2,7 @@
 // deployment, usage and result; cancel it.
 import { h, append, clear, route, withQuery, fmtInt, fmtTime, sleep } from './dom.js';
 import { api } from './api.js';
-import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog } from './ui.js';
+import { errorBox, field, input, select, table, facts, heading, busy, badge, announce, confirmDialog, follow } from './ui.js';
 
 const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'];
 
@@ -78,23 +78,7 @@ export async function detail(main, { params, signal }) {
   const view = h('div');
   main.append(heading(`Job ${id}`), h('p', {}, h('a', { href: route('jobs') }, '← All jobs')), slot, view);
   // Open jobs are read again every two seconds until they end.
-  for (;;) {
-    let j;
-    try {
-      j = await api(`/jobs/${encodeURIComponent(id)}`, { signal });
-    } catch (err) {
-      if (signal.aborted) return;
-      slot.replaceChildren(errorBox(err));
-      if (err.status === 404) return;
-      await sleep(2000, signal);
-      continue;
-    }
-    slot.replaceChildren();
-    draw(view, j, slot);
-    if (!OPEN.has(j.status)) return;
-    await sleep(2000, signal);
-    if (signal.aborted) return;
-  }
+  await follow(`/jobs/${encodeURIComponent(id)}`, { slot, signal, isOpen: (x) => OPEN.has(x.status), draw: (x) => draw(view, x, slot) });
 }
 
 function draw(view, j, slot) {

@@ -1,6 +1,7 @@
 // Shared widgets: fields, tables, dialogs, messages. All text goes in as
 // text (see dom.js).
-import { h, uid, clear } from './dom.js';
+import { h, uid, clear, sleep } from './dom.js';
+import { api } from './api.js';
 
 export function announce(message) {
   const el = document.getElementById('status');
@@ -168,4 +169,26 @@ export async function busy(form, slot, fn) {
 // heading makes the page's h1, which takes the focus when the page changes.
 export function heading(text) {
   return h('h1', { tabindex: -1 }, text);
+}
+
+// follow reads path every two seconds and draws what it reads, until
+// isOpen says it has ended, it is not found, or the page is left (signal).
+export async function follow(path, { slot, signal, isOpen, draw }) {
+  for (;;) {
+    let v;
+    try {
+      v = await api(path, { signal });
+    } catch (err) {
+      if (signal.aborted) return;
+      slot.replaceChildren(errorBox(err));
+      if (err.status === 404) return;
+      await sleep(2000, signal);
+      continue;
+    }
+    slot.replaceChildren();
+    draw(v);
+    if (!isOpen(v)) return;
+    await sleep(2000, signal);
+    if (signal.aborted) return;
+  }
 }
