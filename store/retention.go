@@ -95,14 +95,14 @@ func (s *Store) Sweep(ctx context.Context, now time.Time, r Retention) (Swept, e
 	return out, nil
 }
 
-// sweepChunks runs a DELETE taking ($1 cutoff, $2 limit) until it deletes
-// fewer than limit rows. Rows another sweeper holds do not shorten a chunk
-// (the LIMIT is above the row locking, so skipped rows are replaced by the
-// next ones): a short chunk is the end of what is due.
-func (s *Store) sweepChunks(ctx context.Context, sql string, cutoff time.Time, limit int) (int64, error) {
+// sweepChunks runs a DELETE taking ($1 what: a cutoff or an id, $2 limit)
+// until it deletes fewer than limit rows. Rows another sweeper holds do not
+// shorten a chunk (the LIMIT is above the row locking, so skipped rows are
+// replaced by the next ones): a short chunk is the end of what is due.
+func (s *Store) sweepChunks(ctx context.Context, sql string, what any, limit int) (int64, error) {
 	var total int64
 	for {
-		tag, err := s.pool.Exec(ctx, sql, cutoff, limit)
+		tag, err := s.pool.Exec(ctx, sql, what, limit)
 		if err != nil {
 			return total, err
 		}
@@ -129,7 +129,7 @@ func (s *Store) sweepBatches(ctx context.Context, cutoff time.Time, limit int, o
 		if err != nil {
 			return n, err
 		}
-		jobs, err := s.sweepChunksOf(ctx, `DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE batch_id = $1 LIMIT $2 FOR UPDATE SKIP LOCKED)`, id, limit)
+		jobs, err := s.sweepChunks(ctx, `DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE batch_id = $1 LIMIT $2 FOR UPDATE SKIP LOCKED)`, id, limit)
 		out["batch_jobs"] += jobs
 		if err != nil {
 			return n, err
@@ -173,21 +173,6 @@ func keys(m map[uuid.UUID]bool) []uuid.UUID {
 	return out
 }
 
-// sweepChunksOf is sweepChunks for a DELETE taking ($1 id, $2 limit).
-func (s *Store) sweepChunksOf(ctx context.Context, sql string, id uuid.UUID, limit int) (int64, error) {
-	var total int64
-	for {
-		tag, err := s.pool.Exec(ctx, sql, id, limit)
-		if err != nil {
-			return total, err
-		}
-		total += tag.RowsAffected()
-		if tag.RowsAffected() < int64(limit) || ctx.Err() != nil {
-			return total, ctx.Err()
-		}
-	}
-}
-
 // sweepFiles removes uploads past their expires_at: their lines a chunk at
 // a time, then the file.
 func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Swept) (int64, error) {
@@ -208,7 +193,7 @@ func (s *Store) sweepFiles(ctx context.Context, now time.Time, limit int, out Sw
 		}
 		// Checked again by each chunk: a batch created on the file meanwhile
 		// stops its deletion.
-		lines, err := s.sweepChunksOf(ctx, `DELETE FROM file_lines WHERE file_id = $1 AND line IN (
+		lines, err := s.sweepChunks(ctx, `DELETE FROM file_lines WHERE file_id = $1 AND line IN (
 			SELECT line FROM file_lines WHERE file_id = $1 ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)
 			AND EXISTS (SELECT 1 FROM files f WHERE f.id = $1`+notValidating+`)`, id, limit*10)
 		out["file_lines"] += lines
@@ -346,7 +331,7 @@ func (s *Store) PurgeTenant(ctx context.Context, id uuid.UUID, batch int, actor 
 		{"response_routes", `DELETE FROM response_routes WHERE id IN (SELECT id FROM response_routes WHERE tenant_id = $1 LIMIT $2)`},
 	}
 	for _, c := range chunked {
-		n, err := s.sweepChunksOf(ctx, c.sql, id, batch)
+		n, err := s.sweepChunks(ctx, c.sql, id, batch)
 		out[c.kind] += n
 		if err != nil {
 			return out, fmt.Errorf("store: purge %s: %w", c.kind, err)
