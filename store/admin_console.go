@@ -36,18 +36,26 @@ type AdminListJobsParams struct {
 	Limit int
 }
 
+// filters builds a WHERE clause of only the conditions given, each with
+// its argument numbered in turn ($? in cond).
+type filters struct {
+	where []string
+	args  []any
+}
+
+func (f *filters) add(cond string, v any) {
+	f.args = append(f.args, v)
+	f.where = append(f.where, strings.ReplaceAll(cond, "$?", "$"+strconv.Itoa(len(f.args))))
+}
+
 // AdminListJobs returns up to Limit jobs, without their bodies and results,
 // and whether more follow.
 func (s *Store) AdminListJobs(ctx context.Context, p *AdminListJobsParams) ([]*Job, bool, error) {
 	// The conditions are written for the filters given only, so the
 	// planner sees each query's real shape (a tenant's goes by
 	// jobs_tenant) rather than one generic plan full of "$n IS NULL OR".
-	var where []string
-	var args []any
-	arg := func(cond string, v any) {
-		args = append(args, v)
-		where = append(where, strings.ReplaceAll(cond, "$?", "$"+strconv.Itoa(len(args))))
-	}
+	var f filters
+	arg := f.add
 	if p.After != uuid.Nil {
 		arg("id < $?", p.After)
 	}
@@ -66,11 +74,11 @@ func (s *Store) AdminListJobs(ctx context.Context, p *AdminListJobsParams) ([]*J
 	if p.BatchID != uuid.Nil {
 		arg("batch_id = $?", p.BatchID)
 	} else {
-		where = append(where, "batch_id IS NULL")
+		f.where = append(f.where, "batch_id IS NULL")
 	}
-	args = append(args, p.Limit+1)
-	q := `SELECT ` + jobSummaryColumns + ` FROM jobs WHERE ` + strings.Join(where, " AND ") + ` ORDER BY id DESC LIMIT $` + strconv.Itoa(len(args))
-	rows, err := s.pool.Query(ctx, q, args...)
+	f.args = append(f.args, p.Limit+1)
+	q := `SELECT ` + jobSummaryColumns + ` FROM jobs WHERE ` + strings.Join(f.where, " AND ") + ` ORDER BY id DESC LIMIT $` + strconv.Itoa(len(f.args))
+	rows, err := s.pool.Query(ctx, q, f.args...)
 	if err != nil {
 		return nil, false, fmt.Errorf("store: admin list jobs: %w", err)
 	}
@@ -113,12 +121,8 @@ type AdminListBatchesParams struct {
 // AdminListBatches returns up to Limit batches with live counts, and
 // whether more follow.
 func (s *Store) AdminListBatches(ctx context.Context, p *AdminListBatchesParams) ([]*Batch, bool, error) {
-	where := []string{"true"}
-	var args []any
-	arg := func(cond string, v any) {
-		args = append(args, v)
-		where = append(where, strings.ReplaceAll(cond, "$?", "$"+strconv.Itoa(len(args))))
-	}
+	f := filters{where: []string{"true"}}
+	arg := f.add
 	if p.After != uuid.Nil {
 		arg("b.id < $?", p.After)
 	}
@@ -128,9 +132,9 @@ func (s *Store) AdminListBatches(ctx context.Context, p *AdminListBatchesParams)
 	if p.Status != "" {
 		arg("b.status = $?", p.Status)
 	}
-	args = append(args, p.Limit+1)
-	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+batchFrom+` WHERE `+strings.Join(where, " AND ")+
-		` ORDER BY b.id DESC LIMIT $`+strconv.Itoa(len(args)), args...)
+	f.args = append(f.args, p.Limit+1)
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+batchFrom+` WHERE `+strings.Join(f.where, " AND ")+
+		` ORDER BY b.id DESC LIMIT $`+strconv.Itoa(len(f.args)), f.args...)
 	if err != nil {
 		return nil, false, fmt.Errorf("store: admin list batches: %w", err)
 	}
