@@ -139,19 +139,18 @@ func TestLeveeWorkerProcessDrainsQueue(t *testing.T) {
 	if done := waitJob(t, env, env.APIKey, j.ID, 20*time.Second); done.Status != "succeeded" {
 		t.Fatalf("%+v", done)
 	}
-	resp, err := http.Get("http://" + metrics + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The worker counts a job just after recording its end, so a poll may
+	// see the job ended a moment before the counter appears.
 	for _, want := range []string{"levee_jobs_finished_total", "levee_queue_depth", "levee_queue_oldest_age_seconds", "levee_worker_tokens_total"} {
-		if !strings.Contains(string(raw), want) {
-			t.Fatalf("worker metrics lack %s", want)
-		}
+		harness.Eventually(t, 5*time.Second, "worker metric "+want, func() bool {
+			resp, err := http.Get("http://" + metrics + "/metrics")
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			raw, err := io.ReadAll(resp.Body)
+			return err == nil && strings.Contains(string(raw), want)
+		})
 	}
 }
 
