@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/levee-gw/levee/broker"
@@ -27,6 +28,7 @@ import (
 // JobStore keeps jobs.
 type JobStore interface {
 	InsertJob(ctx context.Context, p *store.InsertJobParams) (*store.Job, bool, error)
+	InsertJobs(ctx context.Context, ps []*store.InsertJobParams) ([]store.InsertedJob, bool, error)
 	GetJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
 	ListJobs(ctx context.Context, p *store.ListJobsParams) ([]*store.Job, bool, error)
 	CancelJob(ctx context.Context, tenant, id uuid.UUID) (*store.Job, error)
@@ -46,6 +48,7 @@ type JobQueue interface {
 // there, else later, from Postgres.
 type Outbox interface {
 	Publish(ctx context.Context, j *store.Job) bool
+	PublishMany(ctx context.Context, jobs []*store.Job) int
 }
 
 const jobPrefix = "job_"
@@ -158,7 +161,7 @@ func (s *Server) queueUnavailable() *Error {
 		Message: "The job queue is not available on this gateway.", RetryAfter: time.Second}
 }
 
-// submitJob is POST /v1/jobs.
+// submitJob is POST /v1/jobs: one job, or an array of them.
 func (s *Server) submitJob(c echo.Context) error {
 	if s.queue == nil {
 		return s.queueUnavailable()
@@ -168,39 +171,142 @@ func (s *Server) submitJob(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	if t := bytes.TrimLeft(raw, " \t\r\n"); len(t) > 0 && t[0] == '[' {
+		return s.submitJobs(c, raw)
+	}
 	var jr jobRequest
 	if err := decodeJSON(raw, &jr); err != nil {
 		return err
 	}
+	ctx := c.Request().Context()
+	p, err := s.jobParams(ctx, key, &jr, nil)
+	if err != nil {
+		return err
+	}
+	if p.IdempotencyKey, err = idempotencyKey(c.Request()); err != nil {
+		return err
+	}
+	j, created, err := s.enqueue(ctx, p, nil)
+	if err != nil {
+		return err
+	}
+	c.Response().Header().Set("Location", "/v1/jobs/"+jobPrefix+j.ID.String())
+	o := renderJob(j)
+	if o.Webhook != nil && created {
+		o.Webhook.Secret = p.WebhookSecret // shown once, when the job is created
+	}
+	return c.JSON(http.StatusAccepted, o)
+}
+
+// maxBulkJobs bounds the jobs of one bulk submit.
+const maxBulkJobs = 1000
+
+// submitJobs is POST /v1/jobs with an array: up to maxBulkJobs jobs, each
+// validated as a single submit, stored in one statement and published
+// together. It is all or nothing: one invalid job refuses the call, naming
+// it ("[3].body.model"), and none is stored. An Idempotency-Key names the
+// whole array: job i is kept under the key and i, so a retried array
+// returns the same jobs.
+func (s *Server) submitJobs(c echo.Context, raw []byte) error {
+	key := keyOf(c)
+	ctx := c.Request().Context()
+	var items []json.RawMessage
+	if err := decodeJSON(raw, &items); err != nil {
+		return err
+	}
+	if len(items) == 0 {
+		return invalid("", "invalid_request", "The array of jobs is empty.")
+	}
+	if len(items) > maxBulkJobs {
+		return invalid("", "too_many_jobs", "At most %d jobs may be submitted in one call; this one has %d.", maxBulkJobs, len(items))
+	}
+	idem, err := idempotencyKey(c.Request())
+	if err != nil {
+		return err
+	}
+	checked := map[string]error{} // webhook URLs, checked once a call
+	ps := make([]*store.InsertJobParams, len(items))
+	for i, item := range items {
+		at := "[" + strconv.Itoa(i) + "]"
+		var jr jobRequest
+		if t := bytes.TrimSpace(item); len(t) == 0 || t[0] != '{' {
+			return invalid(at, "invalid_request", "Each job must be a JSON object, as a single submit's body.")
+		}
+		if err := decodeJSON(item, &jr); err != nil {
+			return within(err, at)
+		}
+		p, err := s.jobParams(ctx, key, &jr, checked)
+		if err != nil {
+			return within(err, at)
+		}
+		if idem != "" {
+			// A unit separator cannot be in a single submit's key
+			// (printable ASCII), so the two never collide.
+			p.IdempotencyKey = idem + "\x1f" + strconv.Itoa(i)
+		}
+		ps[i] = p
+	}
+	jobs, created, err := s.enqueueMany(ctx, ps)
+	if err != nil {
+		return err
+	}
+	data := make([]*jobObject, len(jobs))
+	for i, j := range jobs {
+		data[i] = renderJob(j)
+		if data[i].Webhook != nil && created[i] {
+			data[i].Webhook.Secret = ps[i].WebhookSecret
+		}
+	}
+	return c.JSON(http.StatusAccepted, map[string]any{"object": "list", "data": data})
+}
+
+// within names a bulk submit's job in its error's param.
+func within(err error, at string) error {
+	var e *Error
+	if !errors.As(err, &e) {
+		return err
+	}
+	ne := *e
+	ne.Param = at
+	if e.Param != "" {
+		ne.Param = at + "." + e.Param
+	}
+	return &ne
+}
+
+// jobParams validates a job request as the job its key may submit. checked,
+// when not nil, keeps the verdicts on webhook URLs already checked in this
+// call.
+func (s *Server) jobParams(ctx context.Context, key *store.Key, jr *jobRequest, checked map[string]error) (*store.InsertJobParams, error) {
 	op, ok := jobEndpoints[jr.Endpoint]
 	if !ok {
-		return invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; got %q.", strictjson.Clip(jr.Endpoint))
+		return nil, invalid("endpoint", "invalid_endpoint", "endpoint must be one of /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; got %q.", strictjson.Clip(jr.Endpoint))
 	}
 	if len(bytes.TrimSpace(jr.Body)) == 0 || bytes.TrimSpace(jr.Body)[0] != '{' {
-		return invalid("body", "invalid_request", "body must be the JSON object of the call, as sent to %s.", jr.Endpoint)
+		return nil, invalid("body", "invalid_request", "body must be the JSON object of the call, as sent to %s.", jr.Endpoint)
 	}
 	g, req, err := s.checkCall(op, jr.Body, "body.")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// A job is a call too: its key must be allowed the call's endpoint
 	// group and model, as well as jobs.
 	if err := allowGroup(key, op.Group()); err != nil {
-		return err
+		return nil, err
 	}
 	if err := s.allowModel(key, g, "body.model"); err != nil {
-		return err
+		return nil, err
 	}
 	if req.Stream {
-		return invalid("body.stream", "invalid_request", "A job cannot stream; leave stream unset.")
+		return nil, invalid("body.stream", "invalid_request", "A job cannot stream; leave stream unset.")
 	}
 	if req.Background {
-		return invalid("body.background", "invalid_request", "A job is already in the background; leave background unset.")
+		return nil, invalid("body.background", "invalid_request", "A job is already in the background; leave background unset.")
 	}
 	// A job continuing a stored response runs where it is stored.
 	// Its worker names the continued response as the deployment knows it.
-	if g, _, err = s.pinResponse(c.Request().Context(), key, req, g, "body.previous_response_id"); err != nil {
-		return err
+	if g, _, err = s.pinResponse(ctx, key, req, g, "body.previous_response_id"); err != nil {
+		return nil, err
 	}
 	prio := jr.Priority
 	if prio == "" {
@@ -210,41 +316,35 @@ func (s *Server) submitJob(c echo.Context) error {
 		}
 	}
 	if prio != "normal" && prio != "low" {
-		return invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", strictjson.Clip(prio))
+		return nil, invalid("priority", "invalid_priority", "priority must be normal or low, not %q.", strictjson.Clip(prio))
 	}
 	if err := allowPriority(key, prio, "priority"); err != nil {
-		return err
+		return nil, err
 	}
 	if err := checkMetadata(jr.Metadata); err != nil {
-		return err
+		return nil, err
 	}
-	hook, hookSecret := "", ""
+	p := &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token, Endpoint: jr.Endpoint,
+		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata}
 	if jr.Webhook != nil {
-		if err := s.guard.Check(c.Request().Context(), jr.Webhook.URL); err != nil {
-			return invalid("webhook.url", "invalid_url", "%v.", err)
+		err, seen := checked[jr.Webhook.URL]
+		if !seen {
+			err = s.guard.Check(ctx, jr.Webhook.URL)
+			if checked != nil {
+				checked[jr.Webhook.URL] = err
+			}
 		}
-		hook, hookSecret = jr.Webhook.URL, jr.Webhook.Secret
-		if hookSecret == "" {
-			hookSecret = webhook.NewSecret()
-		} else if !webhook.ValidSecret(hookSecret) {
-			return invalid("webhook.secret", "invalid_secret", "webhook.secret must be whsec_ followed by base64 of 24 to 64 bytes.")
+		if err != nil {
+			return nil, invalid("webhook.url", "invalid_url", "%v.", err)
+		}
+		p.WebhookURL, p.WebhookSecret = jr.Webhook.URL, jr.Webhook.Secret
+		if p.WebhookSecret == "" {
+			p.WebhookSecret = webhook.NewSecret()
+		} else if !webhook.ValidSecret(p.WebhookSecret) {
+			return nil, invalid("webhook.secret", "invalid_secret", "webhook.secret must be whsec_ followed by base64 of 24 to 64 bytes.")
 		}
 	}
-	idem, err := idempotencyKey(c.Request())
-	if err != nil {
-		return err
-	}
-	j, created, err := s.enqueue(c.Request().Context(), &store.InsertJobParams{TenantID: key.TenantID, KeyID: key.ID, TokenCaller: key.Token, Endpoint: jr.Endpoint,
-		Model: g.Name, Body: jr.Body, Priority: prio, Metadata: jr.Metadata, WebhookURL: hook, WebhookSecret: hookSecret, IdempotencyKey: idem}, nil)
-	if err != nil {
-		return err
-	}
-	c.Response().Header().Set("Location", "/v1/jobs/"+jobPrefix+j.ID.String())
-	o := renderJob(j)
-	if o.Webhook != nil && created {
-		o.Webhook.Secret = hookSecret // shown once, when the job is created
-	}
-	return c.JSON(http.StatusAccepted, o)
+	return p, nil
 }
 
 // checkCall validates a job's call body the way the synchronous path does.
@@ -340,6 +440,49 @@ func (s *Server) enqueue(ctx context.Context, p *store.InsertJobParams, beforePu
 		}
 	}
 	return j, created, nil
+}
+
+// enqueueMany accepts the jobs of a bulk submit, all or none, and publishes
+// those it created together (see enqueue).
+func (s *Server) enqueueMany(ctx context.Context, ps []*store.InsertJobParams) ([]*store.Job, []bool, error) {
+	for _, p := range ps {
+		p.PublishClaim = outbox.InlineClaim
+	}
+	res, ok, err := s.jobs.InsertJobs(ctx, ps)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !ok {
+		for i, r := range res {
+			switch {
+			case errors.Is(r.Err, store.ErrCallerGone):
+				return nil, nil, callerGone()
+			case errors.Is(r.Err, store.ErrIdempotencyMismatch):
+				return nil, nil, &Error{Status: http.StatusConflict, Type: "invalid_request_error", Param: "Idempotency-Key", Code: "idempotency_key_reused",
+					Message: fmt.Sprintf("This Idempotency-Key was already used with a different array (job %d differs); nothing was accepted.", i)}
+			case r.Err != nil:
+				return nil, nil, r.Err
+			}
+		}
+	}
+	jobs, created := make([]*store.Job, len(res)), make([]bool, len(res))
+	var fresh []*store.Job
+	for i, r := range res {
+		jobs[i], created[i] = r.Job, r.Created
+		if r.Created {
+			fresh = append(fresh, r.Job)
+		}
+	}
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(tracing.AttrTenant.String(jobs[0].TenantID.String()), attribute.Int("levee.jobs", len(jobs)))
+	}
+	if len(fresh) > 0 {
+		s.outbox.PublishMany(ctx, fresh)
+		if s.wake != nil {
+			s.wake()
+		}
+	}
+	return jobs, created, nil
 }
 
 func jobNotFound(id string) *Error {

@@ -78,6 +78,30 @@ func (r *Relay) Publish(ctx context.Context, j *store.Job) bool {
 	return false
 }
 
+// PublishMany publishes just-accepted jobs together while their client
+// waits, as Publish does one, and says how many are confirmed.
+func (r *Relay) PublishMany(ctx context.Context, jobs []*store.Job) int {
+	if !r.q.Connected() {
+		r.Wake()
+		return 0
+	}
+	refs := make([]queue.JobRef, len(jobs))
+	for i, j := range jobs {
+		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
+	}
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), inlineWait)
+	done, err := r.q.PublishMany(pctx, refs)
+	cancel()
+	for _, id := range done {
+		r.st.MarkPublishedSoon(id)
+	}
+	if err != nil {
+		r.log.Debug("publishing jobs at once failed; relays will", "published", len(done), "of", len(jobs), "err", err)
+		r.Wake()
+	}
+	return len(done)
+}
+
 // Wake makes the relay look for unpublished jobs now.
 func (r *Relay) Wake() {
 	select {

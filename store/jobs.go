@@ -116,68 +116,172 @@ type InsertJobParams struct {
 // accepted.
 var ErrCallerGone = errors.New("store: the tenant is deleted or the key revoked")
 
+// InsertedJob is the outcome of one job of InsertJobs.
+type InsertedJob struct {
+	Job *Job
+	// Created is false for a job accepted earlier under the same
+	// Idempotency-Key (Job is that job).
+	Created bool
+	// Err is ErrIdempotencyMismatch or ErrCallerGone, or nil.
+	Err error
+}
+
 // InsertJob stores a queued job. With an idempotency key already used by the
 // tenant it returns that job (created false), or ErrIdempotencyMismatch when
 // the request differs; for a deleted tenant or a revoked key, ErrCallerGone.
+// Concurrent calls share one statement (see groupCommit).
 func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, error) {
-	h := sha256.New()
-	for _, part := range [][]byte{[]byte(p.Endpoint), {0}, []byte(p.Priority), {0}, p.Body, {0}, p.Metadata, {0}, []byte(p.WebhookURL)} {
-		h.Write(part)
+	if err := ctx.Err(); err != nil {
+		return nil, false, err
 	}
-	hash := h.Sum(nil)
-	id, err := uuid.NewV7()
+	r, err := s.inserts.do(p)
 	if err != nil {
 		return nil, false, err
 	}
-	if len(p.Metadata) == 0 {
-		p.Metadata = json.RawMessage("{}")
+	return r.Job, r.Created, r.Err
+}
+
+// InsertJobs stores jobs in one statement (a bulk submit) and returns their
+// outcomes in order, each as InsertJob's. It is all or nothing: when any
+// job has an Err (a reused Idempotency-Key, a caller gone), none is stored,
+// and the outcomes say which.
+func (s *Store) InsertJobs(ctx context.Context, ps []*InsertJobParams) ([]InsertedJob, bool, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, false, fmt.Errorf("store: insert jobs: %w", err)
 	}
-	var key, idem, hook, hookSecret any
-	if p.KeyID != uuid.Nil {
-		key = p.KeyID
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	out, err := insertJobs(ctx, tx, ps)
+	if err != nil {
+		return nil, false, err
 	}
-	if p.IdempotencyKey != "" {
-		idem = p.IdempotencyKey
+	for _, r := range out {
+		if r.Err != nil {
+			return out, false, nil
+		}
 	}
-	if p.WebhookURL != "" {
-		hook, hookSecret = p.WebhookURL, p.WebhookSecret
+	if err := tx.Commit(ctx); err != nil {
+		return nil, false, fmt.Errorf("store: insert jobs: %w", err)
+	}
+	return out, true, nil
+}
+
+// querier is a pool or a transaction.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func (s *Store) insertJobs(ctx context.Context, ps []*InsertJobParams) ([]InsertedJob, error) {
+	return insertJobs(ctx, s.pool, ps)
+}
+
+func insertJobs(ctx context.Context, q querier, ps []*InsertJobParams) ([]InsertedJob, error) {
+	n := len(ps)
+	var (
+		ids, tenants                                  = make([]uuid.UUID, n), make([]uuid.UUID, n)
+		keys, endpoints, models, prios, metas, hooks  = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		idems, secrets, claims                        = make([]string, n), make([]string, n), make([]string, n)
+		bodies, hashes                                = make([][]byte, n), make([][]byte, n)
+		tokenCallers, background                      = make([]bool, n), make([]bool, n)
+	)
+	for i, p := range ps {
+		h := sha256.New()
+		for _, part := range [][]byte{[]byte(p.Endpoint), {0}, []byte(p.Priority), {0}, p.Body, {0}, p.Metadata, {0}, []byte(p.WebhookURL)} {
+			h.Write(part)
+		}
+		hashes[i] = h.Sum(nil)
+		id, err := uuid.NewV7()
+		if err != nil {
+			return nil, err
+		}
+		ids[i], tenants[i] = id, p.TenantID
+		if p.KeyID != uuid.Nil {
+			keys[i] = p.KeyID.String()
+		}
+		endpoints[i], models[i], bodies[i], prios[i] = p.Endpoint, p.Model, p.Body, p.Priority
+		metas[i] = "{}"
+		if len(p.Metadata) > 0 {
+			metas[i] = string(p.Metadata)
+		}
+		if p.WebhookURL != "" {
+			hooks[i], secrets[i] = p.WebhookURL, p.WebhookSecret
+		}
+		idems[i], claims[i] = p.IdempotencyKey, p.PublishClaim.String()
+		tokenCallers[i], background[i] = p.TokenCaller, p.Background
 	}
 	// A job is accepted only for a tenant that is not deleted and a key
-	// that is not revoked. The tenant's row is share-locked: a deletion in
-	// progress (which locks it for update, then cancels the tenant's jobs)
-	// is waited for and then seen, so no job slips in behind it.
-	j, err := scanJob(s.pool.QueryRow(ctx, `
-		WITH t AS (SELECT id FROM tenants WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
+	// that is not revoked. The tenants' rows are share-locked: a deletion
+	// in progress (which locks its tenant for update, then cancels the
+	// tenant's jobs) is waited for and then seen, so no job slips in
+	// behind it. Two jobs of one statement under one Idempotency-Key are
+	// one job: the second is skipped, and found below.
+	rows, err := q.Query(ctx, `
+		WITH p AS (
+			SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::text[],
+				$9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bool[], $15::bool[])
+			AS p(id, tenant_id, key_id, endpoint, model, body, body_hash, priority, metadata, webhook_url, idempotency_key, webhook_secret,
+				publish_claim, token_caller, background)
+		), t AS (
+			SELECT id FROM tenants WHERE id IN (SELECT tenant_id FROM p) AND deleted_at IS NULL ORDER BY id FOR SHARE
+		)
 		INSERT INTO jobs (id, tenant_id, key_id, endpoint, model, body, body_hash, priority, status, metadata, webhook_url, idempotency_key, webhook_secret, publish_claim, background)
-		SELECT $1, t.id, $3, $4, $5, $6, $7, $8, 'queued', $9, $10, $11, $12, now() + $13::interval, $15 FROM t
-		WHERE $3::uuid IS NULL OR $14 OR EXISTS (SELECT 1 FROM api_keys WHERE id = $3 AND revoked_at IS NULL)
+		SELECT p.id, p.tenant_id, nullif(p.key_id, '')::uuid, p.endpoint, p.model, p.body, p.body_hash, p.priority, 'queued', p.metadata::jsonb,
+			nullif(p.webhook_url, ''), nullif(p.idempotency_key, ''), nullif(p.webhook_secret, ''), now() + p.publish_claim::interval, p.background
+		FROM p JOIN t ON t.id = p.tenant_id
+		WHERE p.key_id = '' OR p.token_caller OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = nullif(p.key_id, '')::uuid AND k.revoked_at IS NULL)
+		ORDER BY p.id
 		ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING `+jobColumns,
-		id, p.TenantID, key, p.Endpoint, p.Model, p.Body, hash, p.Priority, p.Metadata, hook, idem, hookSecret, p.PublishClaim.String(), p.TokenCaller, p.Background))
-	if err == nil {
-		return j, true, nil
+		ids, tenants, keys, endpoints, models, bodies, hashes, prios, metas, hooks, idems, secrets, claims, tokenCallers, background)
+	if err != nil {
+		return nil, fmt.Errorf("store: insert jobs: %w", err)
 	}
-	if !errors.Is(err, ErrNotFound) {
-		return nil, false, fmt.Errorf("store: insert job: %w", err)
+	inserted, err := collectJobs(rows)
+	if err != nil {
+		return nil, fmt.Errorf("store: insert jobs: %w", err)
 	}
-	if p.IdempotencyKey == "" {
-		return nil, false, ErrCallerGone
+	byID := make(map[uuid.UUID]*Job, len(inserted))
+	for _, j := range inserted {
+		byID[j.ID] = j
 	}
+	out := make([]InsertedJob, n)
+	for i, p := range ps {
+		if j := byID[ids[i]]; j != nil {
+			out[i] = InsertedJob{Job: j, Created: true}
+			continue
+		}
+		if p.IdempotencyKey == "" {
+			out[i].Err = ErrCallerGone
+			continue
+		}
+		j, err := idempotentJob(ctx, q, p.TenantID, p.IdempotencyKey, hashes[i])
+		if err != nil && !errors.Is(err, ErrIdempotencyMismatch) && !errors.Is(err, ErrCallerGone) {
+			return nil, err
+		}
+		out[i] = InsertedJob{Job: j, Err: err}
+	}
+	return out, nil
+}
+
+// idempotentJob is the job a tenant accepted earlier under an Idempotency-Key:
+// ErrIdempotencyMismatch (with the job) when its request hashed otherwise,
+// ErrCallerGone when there is none (the insert was refused for its caller).
+func idempotentJob(ctx context.Context, q querier, tenant uuid.UUID, key string, hash []byte) (*Job, error) {
 	var existing []byte
-	j, err = scanJob(s.pool.QueryRow(ctx, `SELECT `+jobColumns+` FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2`, p.TenantID, p.IdempotencyKey))
-	if errors.Is(err, ErrNotFound) {
-		return nil, false, ErrCallerGone
+	j := &Job{}
+	err := q.QueryRow(ctx, `SELECT `+jobColumns+`, body_hash FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2`, tenant, key).
+		Scan(append(j.dest(), &existing)...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, ErrCallerGone
 	}
 	if err != nil {
-		return nil, false, fmt.Errorf("store: idempotent job: %w", err)
-	}
-	if err := s.pool.QueryRow(ctx, `SELECT body_hash FROM jobs WHERE id = $1`, j.ID).Scan(&existing); err != nil {
-		return nil, false, fmt.Errorf("store: idempotent job: %w", err)
+		return nil, fmt.Errorf("store: idempotent job: %w", err)
 	}
 	if string(existing) != string(hash) {
-		return j, false, ErrIdempotencyMismatch
+		return j, ErrIdempotencyMismatch
 	}
-	return j, false, nil
+	return j, nil
 }
 
 // MarkPublished records that jobs' messages reached JetStream.
@@ -254,7 +358,7 @@ func (s *Store) ListJobs(ctx context.Context, p *ListJobsParams) ([]*Job, bool, 
 func (s *Store) CancelJob(ctx context.Context, tenant, id uuid.UUID) (*Job, error) {
 	_, err := s.pool.Exec(ctx, `WITH j AS (UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_until = NULL
 		WHERE id = $1 AND tenant_id = $2 AND `+isOpen+`
-		RETURNING id, tenant_id, webhook_url, webhook_secret, batch_id, status, background, response_status), e AS (`+jobEventSQL+`) SELECT 1`, id, tenant)
+		RETURNING id, tenant_id, webhook_url, webhook_secret, batch_id, status, background, response_status), ev AS MATERIALIZED (`+jobEventSQL+`) SELECT 1`, id, tenant)
 	if err != nil {
 		return nil, fmt.Errorf("store: cancel job: %w", err)
 	}
@@ -277,26 +381,94 @@ const (
 
 // StartJob claims a job for one attempt, holding it until lease. It fails
 // with ErrJobTerminal when the job has ended and ErrJobLeased while another
-// worker's lease is live.
+// worker's lease is live. Concurrent calls share one statement.
 func (s *Store) StartJob(ctx context.Context, id uuid.UUID, lease time.Duration) (*Job, error) {
-	j, err := scanJob(s.pool.QueryRow(ctx, `UPDATE jobs SET status = 'running', attempts = attempts + 1,
-			started_at = coalesce(started_at, now()), lease_until = now() + $2::interval
-		WHERE id = $1 AND `+isClaimable+`
-		RETURNING `+jobColumns, id, lease.String()))
-	if err == nil {
-		return j, nil
+	if err := ctx.Err(); err != nil {
+		return nil, err
 	}
-	if !errors.Is(err, ErrNotFound) {
+	r, err := s.starts.do(startCall{id: id, lease: lease})
+	if err != nil {
 		return nil, fmt.Errorf("store: start job: %w", err)
 	}
-	cur, err := s.JobByID(ctx, id)
+	return r.job, r.err
+}
+
+type startCall struct {
+	id    uuid.UUID
+	lease time.Duration
+}
+
+type started struct {
+	job *Job
+	err error
+}
+
+func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error) {
+	out := make([]started, len(in))
+	// Two deliveries of one job in one statement would both seem to
+	// claim it: the second goes alone, after, and finds it leased.
+	var ids []uuid.UUID
+	var leases []string
+	at := map[uuid.UUID]int{}
+	var again []int
+	for i, c := range in {
+		if _, dup := at[c.id]; dup {
+			again = append(again, i)
+			continue
+		}
+		at[c.id] = i
+		ids, leases = append(ids, c.id), append(leases, c.lease.String())
+	}
+	rows, err := s.pool.Query(ctx, `UPDATE jobs SET status = 'running', attempts = attempts + 1,
+			started_at = coalesce(started_at, now()), lease_until = now() + p.lease::interval
+		FROM unnest($1::uuid[], $2::text[]) AS p(job_id, lease)
+		WHERE jobs.id = ANY($1) AND jobs.id = p.job_id AND `+isClaimable+`
+		RETURNING `+jobColumns, ids, leases)
 	if err != nil {
 		return nil, err
 	}
-	if cur.Terminal() {
-		return cur, ErrJobTerminal
+	claimed, err := collectJobs(rows)
+	if err != nil {
+		return nil, err
 	}
-	return cur, ErrJobLeased
+	for _, j := range claimed {
+		out[at[j.ID]].job = j
+		delete(at, j.ID)
+	}
+	if len(at) > 0 {
+		// Not claimed: ended, leased by a live worker, or gone.
+		rest := make([]uuid.UUID, 0, len(at))
+		for id := range at {
+			rest = append(rest, id)
+		}
+		rows, err := s.pool.Query(ctx, `SELECT `+jobColumns+` FROM jobs WHERE id = ANY($1)`, rest)
+		if err != nil {
+			return nil, err
+		}
+		cur, err := collectJobs(rows)
+		if err != nil {
+			return nil, err
+		}
+		for _, j := range cur {
+			i := at[j.ID]
+			out[i].job, out[i].err = j, ErrJobLeased
+			if j.Terminal() {
+				out[i].err = ErrJobTerminal
+			}
+			delete(at, j.ID)
+		}
+		for _, i := range at {
+			out[i].err = ErrNotFound
+		}
+	}
+	for _, i := range again {
+		r, err := s.startJobs(ctx, in[i:i+1])
+		if err != nil {
+			return nil, err
+		}
+		out[i] = r[0]
+	}
+	return out, nil
 }
 
 // ExtendLease keeps a long-running job held. It reports false when the job
@@ -343,58 +515,124 @@ type FinishJobParams struct {
 
 // FinishJob records an outcome exactly once: one statement ends the job only
 // if it is still running and, only from the row that update returns, writes
-// its usage row and its rollup. A single statement is atomic, and costs one
-// round trip. It returns false when the job had already ended (a redelivery,
-// or a cancel that came first): nothing is written then.
+// its usage row and its rollup. A single statement is atomic. It returns
+// false when the job had already ended (a redelivery, or a cancel that came
+// first): nothing is written then. Concurrent calls share one statement,
+// whose rollup adds each (tenant, day, model, key, deployment) once.
 func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error) {
-	status := p.ResultStatus
-	if status == 0 && p.Status == JobFailed {
-		status = 502
+	if err := ctx.Err(); err != nil {
+		return false, err
 	}
-	isErr := 0
-	if status >= 400 {
-		isErr = 1
+	applied, err := s.finishes.do(p)
+	if err != nil {
+		return false, fmt.Errorf("store: finish job: %w", err)
 	}
-	var n int
-	err := s.pool.QueryRow(ctx, `
-		WITH j AS (
-			UPDATE jobs SET status = $2, deployment = nullif($3, ''), result_status = nullif($4, 0), result_body = $5,
-				error_code = nullif($6, ''), error_message = nullif($7, ''), prompt_tokens = $8, completion_tokens = $9,
-				cost_nanos = $14, finished_at = now(), lease_until = NULL, response_status = nullif($15, '')
-			WHERE id = $1 AND `+isRunning+`
-			RETURNING id, tenant_id, key_id, model, endpoint, priority, finished_at, webhook_url, webhook_secret, batch_id, status, background, response_status
-		), e AS (`+jobEventSQL+`), u AS (
+	return applied, nil
+}
+
+func (s *Store) finishJobs(ctx context.Context, ps []*FinishJobParams) ([]bool, error) {
+	n := len(ps)
+	var (
+		ids                                                  = make([]uuid.UUID, 0, n)
+		statuses, deployments, codes, messages, respStatuses = make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+		resultStatuses, prompts, completions, httpStatuses   = make([]int32, 0, n), make([]int32, 0, n), make([]int32, 0, n), make([]int32, 0, n)
+		attempts, isErr                                      = make([]int32, 0, n), make([]int32, 0, n)
+		latencies, costs                                     = make([]int64, 0, n), make([]int64, 0, n)
+		bodies                                               = make([][]byte, 0, n)
+		at                                                   = make(map[uuid.UUID]int, n)
+		again                                                []int
+	)
+	for i, p := range ps {
+		// A second outcome of one job in one statement must not seem
+		// applied too: it goes alone, after, and finds the job ended.
+		if _, dup := at[p.ID]; dup {
+			again = append(again, i)
+			continue
+		}
+		at[p.ID] = i
+		status := p.ResultStatus
+		if status == 0 && p.Status == JobFailed {
+			status = 502
+		}
+		e := int32(0)
+		if status >= 400 {
+			e = 1
+		}
+		ids, statuses, deployments = append(ids, p.ID), append(statuses, p.Status), append(deployments, p.Deployment)
+		resultStatuses, bodies = append(resultStatuses, int32(p.ResultStatus)), append(bodies, p.ResultBody)
+		codes, messages = append(codes, p.ErrorCode), append(messages, p.ErrorMessage)
+		prompts, completions = append(prompts, int32(p.PromptTokens)), append(completions, int32(p.CompletionTokens))
+		httpStatuses, latencies, attempts = append(httpStatuses, int32(status)), append(latencies, p.Latency.Microseconds()), append(attempts, int32(max(p.Attempts, 1)))
+		isErr, costs, respStatuses = append(isErr, e), append(costs, p.CostNanos), append(respStatuses, p.ResponseStatus)
+	}
+	// The rollup's rows are taken in one order by every statement, so two
+	// statements adding to the same rows wait for each other instead of
+	// deadlocking.
+	rows, err := s.pool.Query(ctx, `
+		WITH p AS (
+			SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::int[],
+				$10::int[], $11::bigint[], $12::int[], $13::int[], $14::bigint[], $15::text[])
+			AS p(job_id, new_status, new_deployment, new_result_status, new_result_body, new_error_code, new_error_message, new_prompt,
+				new_completion, http_status, latency_us, attempt_count, is_error, new_cost, new_response_status)
+		), j AS (
+			UPDATE jobs SET status = p.new_status, deployment = nullif(p.new_deployment, ''), result_status = nullif(p.new_result_status, 0),
+				result_body = p.new_result_body, error_code = nullif(p.new_error_code, ''), error_message = nullif(p.new_error_message, ''),
+				prompt_tokens = p.new_prompt, completion_tokens = p.new_completion, cost_nanos = p.new_cost, finished_at = now(),
+				lease_until = NULL, response_status = nullif(p.new_response_status, '')
+			FROM p
+			WHERE jobs.id = ANY($1) AND jobs.id = p.job_id AND `+isRunning+`
+			RETURNING jobs.id, jobs.tenant_id, jobs.key_id, jobs.model, jobs.endpoint, jobs.priority, jobs.finished_at, jobs.webhook_url,
+				jobs.webhook_secret, jobs.batch_id, jobs.status, jobs.background, jobs.response_status,
+				p.new_deployment, p.new_prompt, p.new_completion, p.http_status, p.latency_us, p.attempt_count, p.is_error, p.new_cost
+		), ev AS MATERIALIZED (`+jobEventSQL+`), u AS (
 			INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
 				status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos)
-			SELECT finished_at, 'job_' || id, tenant_id, key_id, $3, model, endpoint, $10, $8, $9, $11, priority, $12, $14 FROM j
+			SELECT finished_at, 'job_' || id, tenant_id, key_id, new_deployment, model, endpoint, http_status, new_prompt, new_completion,
+				latency_us, priority, attempt_count, new_cost FROM j
 		), r AS (
 			INSERT INTO usage_daily (tenant_id, day, model, key_id, deployment, requests, errors, prompt_tokens, completion_tokens, cost_nanos)
-			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), $3, 1, $13, $8, $9, $14 FROM j
+			SELECT tenant_id, (finished_at AT TIME ZONE 'UTC')::date, model, coalesce(key_id, '00000000-0000-0000-0000-000000000000'), new_deployment,
+				count(*), sum(is_error), sum(new_prompt), sum(new_completion), sum(new_cost)
+			FROM j GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
 			ON CONFLICT (tenant_id, day, model, key_id, deployment) DO UPDATE SET
-				requests = usage_daily.requests + 1,
+				requests = usage_daily.requests + EXCLUDED.requests,
 				errors = usage_daily.errors + EXCLUDED.errors,
 				prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
 				completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
 				cost_nanos = usage_daily.cost_nanos + EXCLUDED.cost_nanos
 		)
-		SELECT count(*) FROM j`,
-		p.ID, p.Status, p.Deployment, p.ResultStatus, p.ResultBody, p.ErrorCode, p.ErrorMessage, p.PromptTokens, p.CompletionTokens,
-		status, p.Latency.Microseconds(), max(p.Attempts, 1), isErr, p.CostNanos, p.ResponseStatus).Scan(&n)
+		SELECT id FROM j`,
+		ids, statuses, deployments, resultStatuses, bodies, codes, messages, prompts, completions,
+		httpStatuses, latencies, attempts, isErr, costs, respStatuses)
 	if err != nil {
-		return false, fmt.Errorf("store: finish job: %w", err)
+		return nil, err
 	}
-	return n == 1, nil
+	ended, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, err
+	}
+	out := make([]bool, n)
+	for _, id := range ended {
+		out[at[id]] = true
+	}
+	for _, i := range again {
+		r, err := s.finishJobs(ctx, ps[i:i+1])
+		if err != nil {
+			return nil, err
+		}
+		out[i] = r[0]
+	}
+	return out, nil
 }
 
-// jobEventSQL emits the webhook event of the jobs in CTE j (not a batch's
+// jobEventSQL (as CTE ev) emits the webhook event of the jobs in CTE j (not a batch's
 // lines: batches have their own events), only when someone will receive it,
 // and its deliveries: to the job's own webhook.url if it has one, else to
 // the tenant's matching endpoints.
 // It runs inside the statement that ends the job, so the outbox row exists
 // exactly when the job has ended.
 const jobEventSQL = `
-	INSERT INTO webhook_events (id, tenant_id, type, data)
-	SELECT gen_random_uuid(), j.tenant_id, j.event, j.data FROM (
+	SELECT gen_random_uuid() AS event_id, j.tenant_id, j.webhook_url, j.webhook_secret, j.event, j.data FROM (
 		-- A background response's events are OpenAI's: response.completed,
 		-- incomplete, failed or cancelled, naming the response.
 		SELECT j.*, CASE WHEN j.background THEN 'response.' || CASE j.status
@@ -406,13 +644,16 @@ const jobEventSQL = `
 	WHERE j.batch_id IS NULL AND (j.webhook_url IS NOT NULL OR EXISTS (
 		SELECT 1 FROM webhook_endpoints we WHERE we.tenant_id = j.tenant_id AND we.enabled
 			AND (cardinality(we.events) = 0 OR j.event = ANY (we.events))))
-	RETURNING id, tenant_id, type
+), e AS (
+	INSERT INTO webhook_events (id, tenant_id, type, data) SELECT event_id, tenant_id, event, data FROM ev
 ), d AS (
+	-- Each event's deliveries, joined by the event: one statement may end
+	-- many jobs.
 	INSERT INTO webhook_deliveries (id, event_id, tenant_id, endpoint_id, url, secret)
-	SELECT gen_random_uuid(), e.id, e.tenant_id, NULL, j.webhook_url, j.webhook_secret FROM e, j WHERE j.webhook_url IS NOT NULL
+	SELECT gen_random_uuid(), ev.event_id, ev.tenant_id, NULL, ev.webhook_url, ev.webhook_secret FROM ev WHERE ev.webhook_url IS NOT NULL
 	UNION ALL
-	SELECT gen_random_uuid(), e.id, e.tenant_id, we.id, we.url, NULL FROM e, j, webhook_endpoints we
-	WHERE j.webhook_url IS NULL AND we.tenant_id = e.tenant_id AND we.enabled AND (cardinality(we.events) = 0 OR e.type = ANY (we.events))`
+	SELECT gen_random_uuid(), ev.event_id, ev.tenant_id, we.id, we.url, NULL FROM ev JOIN webhook_endpoints we ON we.tenant_id = ev.tenant_id
+	WHERE ev.webhook_url IS NULL AND we.enabled AND (cardinality(we.events) = 0 OR ev.event = ANY (we.events))`
 
 // ClaimUnpublished takes up to limit queued jobs whose publish is not
 // confirmed and whose claim has passed — accepted while NATS was away, or by

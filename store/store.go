@@ -32,6 +32,11 @@ var (
 type Store struct {
 	pool *pgxpool.Pool
 
+	// Concurrent job inserts, claims and outcomes share statements.
+	inserts  *groupCommit[*InsertJobParams, InsertedJob]
+	starts   *groupCommit[startCall, started]
+	finishes *groupCommit[*FinishJobParams, bool]
+
 	markOnce sync.Once
 	marks    chan uuid.UUID
 	markDone chan struct{}
@@ -56,7 +61,11 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
-	return &Store{pool: pool}, nil
+	s := &Store{pool: pool}
+	s.inserts = &groupCommit[*InsertJobParams, InsertedJob]{flush: s.insertJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	s.starts = &groupCommit[startCall, started]{flush: s.startJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	s.finishes = &groupCommit[*FinishJobParams, bool]{flush: s.finishJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	return s, nil
 }
 
 // Close writes pending publish marks and closes the pool.

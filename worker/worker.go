@@ -287,9 +287,13 @@ const maxBatch = 16
 // delays: over its key's limit, or backing off) does not answer a no-wait
 // pull at all, and the client gives up only after a second. Waiting for it
 // would stall every tenant's dispatch, so a pull unanswered for fetchStall
-// marks the consumer saturated, and it is skipped for saturatedFor.
+// is checked: a consumer at its MaxAckPending is marked saturated and
+// skipped for saturatedFor; one that is merely slow (a busy server, or a
+// replicated consumer, whose answers here took 50–120 ms) is waited for, up
+// to fetchGiveUp.
 const (
 	fetchStall   = 50 * time.Millisecond
+	fetchGiveUp  = time.Second
 	saturatedFor = 2 * time.Second
 )
 
@@ -307,6 +311,7 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 	var out []jetstream.Msg
 	stall := time.NewTimer(fetchStall)
 	defer stall.Stop()
+	checked := false
 	msgs := batch.Messages()
 	for {
 		select {
@@ -323,6 +328,11 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 			}
 			out = append(out, m)
 		case <-stall.C:
+			if !checked && !w.atMaxAckPending(ctx, c) {
+				checked = true
+				stall.Reset(fetchGiveUp - fetchStall)
+				continue
+			}
 			w.saturated[saturationKey(prio, model, tenant)] = time.Now().Add(saturatedFor)
 			w.m.saturated.Inc()
 			// Anything the pull still brings goes straight back.
@@ -334,6 +344,18 @@ func (w *Worker) fetch(ctx context.Context, prio, model string, tenant uuid.UUID
 			return out
 		}
 	}
+}
+
+// atMaxAckPending asks the server whether a consumer holds as many
+// unacknowledged messages as it may (true when it cannot tell).
+func (w *Worker) atMaxAckPending(ctx context.Context, c jetstream.Consumer) bool {
+	ctx, cancel := context.WithTimeout(ctx, fetchGiveUp-fetchStall)
+	defer cancel()
+	info, err := c.Info(ctx)
+	if err != nil {
+		return true
+	}
+	return info.Config.MaxAckPending > 0 && info.NumAckPending >= info.Config.MaxAckPending
 }
 
 func saturationKey(prio, model string, tenant uuid.UUID) string {
