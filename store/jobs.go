@@ -179,11 +179,11 @@ func (s *Store) insertJobs(ctx context.Context, ps []*InsertJobParams) ([]Insert
 func insertJobs(ctx context.Context, q querier, ps []*InsertJobParams) ([]InsertedJob, error) {
 	n := len(ps)
 	var (
-		ids, tenants                                  = make([]uuid.UUID, n), make([]uuid.UUID, n)
-		keys, endpoints, models, prios, metas, hooks  = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-		idems, secrets, claims                        = make([]string, n), make([]string, n), make([]string, n)
-		bodies, hashes                                = make([][]byte, n), make([][]byte, n)
-		tokenCallers, background                      = make([]bool, n), make([]bool, n)
+		ids, tenants                                 = make([]uuid.UUID, n), make([]uuid.UUID, n)
+		keys, endpoints, models, prios, metas, hooks = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		idems, secrets, claims                       = make([]string, n), make([]string, n), make([]string, n)
+		bodies, hashes                               = make([][]byte, n), make([][]byte, n)
+		tokenCallers, background                     = make([]bool, n), make([]bool, n)
 	)
 	for i, p := range ps {
 		h := sha256.New()
