@@ -212,6 +212,16 @@ func (s *Server) submitJobs(c echo.Context, raw []byte) error {
 	ctx := c.Request().Context()
 	var items []json.RawMessage
 	if err := decodeJSON(raw, &items); err != nil {
+		// strictjson names a field of the third job "2.field".
+		var e *Error
+		if errors.As(err, &e) {
+			if i, rest, ok := strings.Cut(e.Param, "."); ok {
+				if _, aerr := strconv.Atoi(i); aerr == nil {
+					return within(&Error{Status: e.Status, Type: e.Type, Code: e.Code, Param: rest,
+						Message: strings.Replace(e.Message, e.Param, "["+i+"]."+rest, 1)}, "["+i+"]")
+				}
+			}
+		}
 		return err
 	}
 	if len(items) == 0 {
