@@ -179,7 +179,7 @@ func (s *Store) insertJobs(ctx context.Context, ps []*InsertJobParams) ([]Insert
 func insertJobs(ctx context.Context, q querier, ps []*InsertJobParams) ([]InsertedJob, error) {
 	n := len(ps)
 	var (
-		ids, tenants                                 = make([]uuid.UUID, n), make([]uuid.UUID, n)
+		ids, tenants                                 = make([][16]byte, n), make([][16]byte, n)
 		keys, endpoints, models, prios, metas, hooks = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 		idems, secrets, claims                       = make([]string, n), make([]string, n), make([]string, n)
 		bodies, hashes                               = make([][]byte, n), make([][]byte, n)
@@ -195,7 +195,7 @@ func insertJobs(ctx context.Context, q querier, ps []*InsertJobParams) ([]Insert
 		if err != nil {
 			return nil, err
 		}
-		ids[i], tenants[i] = id, p.TenantID
+		ids[i], tenants[i] = id, p.TenantID // as [16]byte: pgx encodes uuid.UUID through its string
 		if p.KeyID != uuid.Nil {
 			keys[i] = p.KeyID.String()
 		}
@@ -247,7 +247,7 @@ func insertJobs(ctx context.Context, q querier, ps []*InsertJobParams) ([]Insert
 	}
 	out := make([]InsertedJob, n)
 	for i, p := range ps {
-		if j := byID[ids[i]]; j != nil {
+		if j := byID[uuid.UUID(ids[i])]; j != nil {
 			out[i] = InsertedJob{Job: j, Created: true}
 			continue
 		}
@@ -286,8 +286,21 @@ func idempotentJob(ctx context.Context, q querier, tenant uuid.UUID, key string,
 
 // MarkPublished records that jobs' messages reached JetStream.
 func (s *Store) MarkPublished(ctx context.Context, ids ...uuid.UUID) error {
-	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = now() WHERE id = ANY($1)`, ids)
+	// A job that started meanwhile was marked by its start (StartJob): not
+	// writing it again spares a row version and its index entries.
+	_, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = now()
+		WHERE id = ANY($1) AND (CASE WHEN status = 'queued' THEN published_at IS NULL ELSE false END)`, rawUUIDs(ids))
 	return err
+}
+
+// rawUUIDs are ids as pgx encodes fastest: uuid.UUID goes through its
+// string form (driver.Valuer), [16]byte straight to binary.
+func rawUUIDs(ids []uuid.UUID) [][16]byte {
+	out := make([][16]byte, len(ids))
+	for i, id := range ids {
+		out[i] = id
+	}
+	return out
 }
 
 // ForgetPublished clears every queued job's publish mark, so they are all
@@ -407,7 +420,7 @@ func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error
 	out := make([]started, len(in))
 	// Two deliveries of one job in one statement would both seem to
 	// claim it: the second goes alone, after, and finds it leased.
-	var ids []uuid.UUID
+	var ids [][16]byte
 	var leases []string
 	at := map[uuid.UUID]int{}
 	var again []int
@@ -419,8 +432,10 @@ func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error
 		at[c.id] = i
 		ids, leases = append(ids, c.id), append(leases, c.lease.String())
 	}
+	// A started job's message was published: its start is its publish
+	// mark too, so most jobs need no separate mark (MarkPublishedSoon).
 	rows, err := s.pool.Query(ctx, `UPDATE jobs SET status = 'running', attempts = attempts + 1,
-			started_at = coalesce(started_at, now()), lease_until = now() + p.lease::interval
+			started_at = coalesce(started_at, now()), lease_until = now() + p.lease::interval, published_at = coalesce(published_at, now())
 		FROM unnest($1::uuid[], $2::text[]) AS p(job_id, lease)
 		WHERE jobs.id = ANY($1) AND jobs.id = p.job_id AND `+isClaimable+`
 		RETURNING `+jobColumns, ids, leases)
@@ -437,7 +452,7 @@ func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error
 	}
 	if len(at) > 0 {
 		// Not claimed: ended, leased by a live worker, or gone.
-		rest := make([]uuid.UUID, 0, len(at))
+		rest := make([][16]byte, 0, len(at))
 		for id := range at {
 			rest = append(rest, id)
 		}
@@ -533,7 +548,7 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 func (s *Store) finishJobs(ctx context.Context, ps []*FinishJobParams) ([]bool, error) {
 	n := len(ps)
 	var (
-		ids                                                  = make([]uuid.UUID, 0, n)
+		ids                                                  = make([][16]byte, 0, n)
 		statuses, deployments, codes, messages, respStatuses = make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
 		resultStatuses, prompts, completions, httpStatuses   = make([]int32, 0, n), make([]int32, 0, n), make([]int32, 0, n), make([]int32, 0, n)
 		attempts, isErr                                      = make([]int32, 0, n), make([]int32, 0, n)

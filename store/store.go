@@ -77,9 +77,11 @@ func (s *Store) Close() {
 	s.pool.Close()
 }
 
-// MarkPublishedSoon records, within a few tens of milliseconds and batched
-// with others, that a job's message reached JetStream. Only the sweeper
-// reads the mark, and it waits far longer than that.
+// MarkPublishedSoon records, within a second and batched with others, that a
+// job's message reached JetStream. Only outbox relays read the mark, and they
+// leave a new job to its own process for longer (outbox.InlineClaim). The
+// mark waits markDelay first: a job that starts by then was marked by its
+// start, and is not written again.
 func (s *Store) MarkPublishedSoon(id uuid.UUID) {
 	s.markOnce.Do(func() {
 		s.marks, s.markDone = make(chan uuid.UUID, 4096), make(chan struct{})
@@ -88,33 +90,43 @@ func (s *Store) MarkPublishedSoon(id uuid.UUID) {
 	s.marks <- id
 }
 
+const markDelay = 500 * time.Millisecond
+
 func (s *Store) markLoop() {
 	defer close(s.markDone)
-	var ids []uuid.UUID
-	t := time.NewTicker(20 * time.Millisecond)
+	type mark struct {
+		id uuid.UUID
+		at time.Time
+	}
+	var waiting []mark
+	t := time.NewTicker(markDelay / 5)
 	defer t.Stop()
-	flush := func() {
-		if len(ids) == 0 {
-			return
+	flush := func(before time.Time) {
+		n := 0
+		for n < len(waiting) && !waiting[n].at.After(before) {
+			n++
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = s.MarkPublished(ctx, ids...) // a lost mark only means a harmless republish
-		cancel()
-		ids = ids[:0]
+		for start := 0; start < n; start += 1000 {
+			ids := make([]uuid.UUID, 0, min(1000, n-start))
+			for _, m := range waiting[start:min(start+1000, n)] {
+				ids = append(ids, m.id)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = s.MarkPublished(ctx, ids...) // a lost mark only means a harmless republish
+			cancel()
+		}
+		waiting = append(waiting[:0], waiting[n:]...)
 	}
 	for {
 		select {
 		case id, ok := <-s.marks:
 			if !ok {
-				flush()
+				flush(time.Now())
 				return
 			}
-			ids = append(ids, id)
-			if len(ids) >= 1000 {
-				flush()
-			}
-		case <-t.C:
-			flush()
+			waiting = append(waiting, mark{id, time.Now()})
+		case now := <-t.C:
+			flush(now.Add(-markDelay))
 		}
 	}
 }
