@@ -62,7 +62,7 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	s := &Store{pool: pool}
-	s.inserts = &groupCommit[*InsertJobParams, InsertedJob]{flush: s.insertJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	s.inserts = &groupCommit[*InsertJobParams, InsertedJob]{flush: s.insertJobs, max: groupMax, limit: insertFlushes, timeout: groupTimeout}
 	s.starts = &groupCommit[startCall, started]{flush: s.startJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
 	s.finishes = &groupCommit[*FinishJobParams, bool]{flush: s.finishJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
 	return s, nil
