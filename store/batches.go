@@ -242,21 +242,24 @@ type Batch struct {
 	PromptTokens, CompletionTokens, CostNanos int64
 }
 
-const batchColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completion_window, b.status, b.metadata, b.errors, b.total,
-	b.output_file_id, b.error_file_id, b.created_at, b.in_progress_at, b.expires_at, b.finalizing_at, b.completed_at, b.failed_at,
-	b.expired_at, b.cancelling_at, b.cancelled_at,
+const batchColumns = batchOwnColumns + `,
 	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status = 'succeeded'),
 	(SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.status IN ('failed', 'cancelled')),
 	u.prompt, u.completion, u.cost`
+
+const batchOwnColumns = `b.id, b.tenant_id, b.input_file_id, b.endpoint, b.completion_window, b.status, b.metadata, b.errors, b.total,
+	b.output_file_id, b.error_file_id, b.created_at, b.in_progress_at, b.expires_at, b.finalizing_at, b.completed_at, b.failed_at,
+	b.expired_at, b.cancelling_at, b.cancelled_at`
+
+// batchColumnsWithoutCounts is batchColumns for the runner, which reads open
+// batches twice a second and needs only their state: counting a large
+// batch's jobs took it 40–90 ms of Postgres each time.
+const batchColumnsWithoutCounts = batchOwnColumns + `, 0, 0, 0::bigint, 0::bigint, 0::bigint`
 
 // batchFrom is the FROM clause batchColumns read: the batch and its jobs'
 // usage so far.
 const batchFrom = ` FROM batches b, LATERAL (SELECT coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion,
 	coalesce(sum(cost_nanos), 0) AS cost FROM jobs j WHERE j.batch_id = b.id) u`
-
-// batchFromWithoutUsage is batchFrom for readers that need no usage (the
-// runner, twice a second).
-const batchFromWithoutUsage = ` FROM batches b, LATERAL (SELECT 0::bigint AS prompt, 0::bigint AS completion, 0::bigint AS cost) u`
 
 func scanBatch(row pgx.Row) (*Batch, error) {
 	b := &Batch{}
@@ -337,7 +340,7 @@ func (s *Store) ListBatches(ctx context.Context, tenant, after uuid.UUID, limit 
 
 // OpenBatches lists batches a manager must move on (any tenant).
 func (s *Store) OpenBatches(ctx context.Context) ([]*Batch, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+batchColumns+batchFromWithoutUsage+` WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY b.id`)
+	rows, err := s.pool.Query(ctx, `SELECT `+batchColumnsWithoutCounts+` FROM batches b WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY b.id`)
 	if err != nil {
 		return nil, err
 	}
