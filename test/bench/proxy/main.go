@@ -20,12 +20,14 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -48,22 +50,61 @@ func main() {
 	flag.StringVar(&simAddrFlag, "sim-addr", "", "fixed simulator address (default: a free port)")
 	flag.StringVar(&viaFlag, "via", "", "measure through this base URL instead of Levee (e.g. another proxy in front of -sim-addr)")
 	flag.Parse()
-	if err := run(*rate, *dur, *rounds, *ramp, *gwEnv); err != nil {
+	// What the run starts is stopped also when the bench is interrupted: a
+	// gateway, a simulator or a Postgres left behind would load the machine
+	// under every later measurement.
+	cl := &cleanups{}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sig
+		fmt.Fprintln(os.Stderr, "bench: interrupted; stopping what it started")
+		cl.run()
+		os.Exit(130)
+	}()
+	err := run(cl, *rate, *dur, *rounds, *ramp, *gwEnv)
+	cl.run()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
+	}
+}
+
+// cleanups are run once, the last added first.
+type cleanups struct {
+	mu   sync.Mutex
+	fs   []func()
+	done bool
+}
+
+func (c *cleanups) add(f func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.fs = append(c.fs, f)
+}
+
+func (c *cleanups) run() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return
+	}
+	c.done = true
+	for i := len(c.fs) - 1; i >= 0; i-- {
+		c.fs[i]()
 	}
 }
 
 var simAddrFlag, viaFlag, bEnvFlag, bBinFlag, hopFlag, loadgenFlag string
 var limitsFlag bool
 
-func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
+func run(cl *cleanups, rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "levee-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	cl.add(func() { os.RemoveAll(dir) })
 	_ = os.Chmod(dir, 0o755)
 	bin := filepath.Join(dir, "levee")
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/levee").CombinedOutput(); err != nil {
@@ -73,7 +114,7 @@ func run(rate int, dur time.Duration, rounds int, ramp, gwEnv string) error {
 	if err != nil {
 		return err
 	}
-	defer pg.Stop()
+	cl.add(func() { pg.Stop() })
 
 	simAddr, gwAddr := freeAddr(), freeAddr()
 	if simAddrFlag != "" {
@@ -102,7 +143,7 @@ models:
 	if err != nil {
 		return err
 	}
-	defer stop(simProc)
+	cl.add(func() { stop(simProc) })
 	// serve starts a gateway on addr with extra environment and waits until
 	// it is ready; gateways start one after another, since each migrates.
 	serve := func(bin, addr, name, extraEnv string) (*exec.Cmd, error) {
@@ -124,7 +165,7 @@ models:
 	if err != nil {
 		return err
 	}
-	defer stop(gwProc)
+	cl.add(func() { stop(gwProc) })
 	// B is a second gateway: the same binary with other environment, or
 	// another binary.
 	var bAddr, bName string
@@ -139,7 +180,7 @@ models:
 		if err != nil {
 			return err
 		}
-		defer stop(bProc)
+		cl.add(func() { stop(bProc) })
 		bPid = bProc.Process.Pid
 	}
 	var hopAddr string
@@ -153,7 +194,7 @@ models:
 		if err != nil {
 			return err
 		}
-		defer stop(hopProc)
+		cl.add(func() { stop(hopProc) })
 		if err := waitTCP(hopAddr); err != nil {
 			return err
 		}
@@ -163,7 +204,7 @@ models:
 	if err != nil {
 		return err
 	}
-	defer st.Close()
+	cl.add(st.Close)
 	if _, err := st.CreateTenant(ctx, &store.CreateTenantParams{Name: "bench"}); err != nil {
 		return err
 	}
