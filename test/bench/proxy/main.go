@@ -290,8 +290,22 @@ models:
 	for r := 0; r < rounds; r++ {
 		for i := range paths {
 			p := paths[(i+r)%len(paths)]
+			var cpu0 time.Duration
+			if p.pid != 0 {
+				if cpu0, err = readCPU(p.pid); err != nil {
+					return fmt.Errorf("%s's CPU time: %w", p.name, err)
+				}
+			}
 			res := load(client, p.t, rate, dur)
 			p.rounds = append(p.rounds, res)
+			if p.pid != 0 {
+				cpu1, err := readCPU(p.pid)
+				if err != nil {
+					return fmt.Errorf("%s's CPU time: %w", p.name, err)
+				}
+				p.cpu += cpu1 - cpu0
+				p.calls += res.ok
+			}
 			if res.errors > 0 {
 				failures = append(failures, fmt.Sprintf("round %d: %d of %s's calls failed", r+1, res.errors, p.name))
 			}
@@ -343,7 +357,7 @@ models:
 				p.added(d, 50, true).Round(time.Microsecond), p.added(d, 99, true).Round(time.Microsecond))
 		}
 		if p.pid != 0 {
-			fmt.Printf("  RSS %d MB (peak %d MB)", median(p.rss)>>20, p.hwm>>20)
+			fmt.Printf("  RSS %d MB (peak %d MB)  CPU %v per call", median(p.rss)>>20, p.hwm>>20, (p.cpu / time.Duration(max(p.calls, 1))).Round(time.Microsecond))
 		}
 		fmt.Println()
 	}
@@ -591,6 +605,39 @@ type path struct {
 	rounds []*result
 	rss    []int64 // VmRSS after each of its rounds
 	hwm    int64   // VmHWM after the last round
+	// cpu is the process's CPU time (user and system, every thread) over
+	// its rounds, for calls calls: unlike latency, it hardly moves with
+	// what else the machine runs, so A/B runs compare by it too.
+	cpu   time.Duration
+	calls int
+}
+
+// readCPU reads a process's user plus system time from /proc/PID/stat.
+func readCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, field 2, is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	// utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100
+	// on Linux).
+	var ticks int64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond, nil
 }
 
 // median is the median over rounds of the path's q-th percentile.
