@@ -275,12 +275,12 @@ models:
 	// The paths take turns, one round each, in an order that rotates every
 	// round: on 2 shared cores the machine drifts between windows, and a
 	// fixed order would hand one path the same place in every drift.
-	paths := []*path{{name: "direct", t: direct}, {name: "levee", t: levee, pid: gwProc.Process.Pid}}
+	paths := []*path{{name: "direct", t: direct}, {name: "levee", t: levee, pid: gwProc.Process.Pid, metrics: "http://" + gwAddr + "/metrics"}}
 	if viaFlag != "" {
 		paths[1].pid = 0 // not a Levee process
 	}
 	if bAddr != "" {
-		paths = append(paths, &path{name: "B", t: bt, pid: bPid})
+		paths = append(paths, &path{name: "B", t: bt, pid: bPid, metrics: "http://" + bAddr + "/metrics"})
 	}
 	if hopAddr != "" {
 		paths = append(paths, &path{name: "hop", t: ht})
@@ -291,9 +291,13 @@ models:
 		for i := range paths {
 			p := paths[(i+r)%len(paths)]
 			var cpu0 time.Duration
+			var rt0 goRuntime
 			if p.pid != 0 {
 				if cpu0, err = readCPU(p.pid); err != nil {
 					return fmt.Errorf("%s's CPU time: %w", p.name, err)
+				}
+				if rt0, err = readGoRuntime(p.metrics); err != nil {
+					return fmt.Errorf("%s's metrics: %w", p.name, err)
 				}
 			}
 			res := load(client, p.t, rate, dur)
@@ -303,8 +307,14 @@ models:
 				if err != nil {
 					return fmt.Errorf("%s's CPU time: %w", p.name, err)
 				}
+				rt1, err := readGoRuntime(p.metrics)
+				if err != nil {
+					return fmt.Errorf("%s's metrics: %w", p.name, err)
+				}
 				p.cpu += cpu1 - cpu0
 				p.calls += res.ok
+				p.allocated += rt1.allocated - rt0.allocated
+				p.gcs += rt1.gcs - rt0.gcs
 			}
 			if res.errors > 0 {
 				failures = append(failures, fmt.Sprintf("round %d: %d of %s's calls failed", r+1, res.errors, p.name))
@@ -357,7 +367,10 @@ models:
 				p.added(d, 50, true).Round(time.Microsecond), p.added(d, 99, true).Round(time.Microsecond))
 		}
 		if p.pid != 0 {
-			fmt.Printf("  RSS %d MB (peak %d MB)  CPU %v per call", median(p.rss)>>20, p.hwm>>20, (p.cpu / time.Duration(max(p.calls, 1))).Round(time.Microsecond))
+			calls := float64(max(p.calls, 1))
+			fmt.Printf("  RSS %d MB (peak %d MB)  per call: CPU %v, %.1f KB allocated; %.0f GC cycles in its %v of rounds",
+				median(p.rss)>>20, p.hwm>>20, (p.cpu / time.Duration(calls)).Round(time.Microsecond), p.allocated/calls/1024,
+				p.gcs, time.Duration(rounds)*dur)
 		}
 		fmt.Println()
 	}
@@ -610,6 +623,49 @@ type path struct {
 	// what else the machine runs, so A/B runs compare by it too.
 	cpu   time.Duration
 	calls int
+	// metrics is the gateway's /metrics: the Go runtime's bytes allocated
+	// and GC cycles over its rounds.
+	metrics        string
+	allocated, gcs float64
+}
+
+type goRuntime struct{ allocated, gcs float64 }
+
+// readGoRuntime reads the bytes a gateway has allocated and the GC cycles
+// it has run, from its Prometheus metrics.
+func readGoRuntime(url string) (goRuntime, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return goRuntime{}, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return goRuntime{}, err
+	}
+	var g goRuntime
+	found := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		name, v, ok := strings.Cut(line, " ")
+		var dst *float64
+		switch name {
+		case "go_memstats_alloc_bytes_total":
+			dst = &g.allocated
+		case "go_gc_duration_seconds_count":
+			dst = &g.gcs
+		}
+		if !ok || dst == nil {
+			continue
+		}
+		if *dst, err = strconv.ParseFloat(strings.TrimSpace(v), 64); err != nil {
+			return goRuntime{}, fmt.Errorf("%s: %w", name, err)
+		}
+		found++
+	}
+	if found != 2 {
+		return goRuntime{}, fmt.Errorf("%s has no go_memstats_alloc_bytes_total or go_gc_duration_seconds_count", url)
+	}
+	return g, nil
 }
 
 // readCPU reads a process's user plus system time from /proc/PID/stat.
