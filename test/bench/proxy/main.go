@@ -335,6 +335,9 @@ models:
 			// between windows.
 			pair := loadMany(client, []target{levee, lt}, rate, dur)
 			u, lq := pair[0], pair[1]
+			if lq.errors+u.errors > 0 {
+				failures = append(failures, fmt.Sprintf("round %d: %d of the limited tenant's calls and %d of the others' alongside failed", r+1, lq.errors, u.errors))
+			}
 			fmt.Printf("  round %d  limited tenant p50 %-9v p99 %-9v errors %d | alongside, unlimited p50 %-9v p99 %-9v\n",
 				r+1, lq.p(50), lq.p(99), lq.errors, u.p(50), u.p(99))
 			qAdd50, qAdd99 = append(qAdd50, lq.p(50)-u.p(50)), append(qAdd99, lq.p(99)-u.p(99))
