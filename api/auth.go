@@ -39,6 +39,11 @@ type keyCache struct {
 	// lookups bounds the database lookups in flight, so a flood of new
 	// keys from many addresses takes part of the pool, never all of it.
 	lookups chan struct{}
+	// timeout bounds a lookup's wait on Postgres (0: the caller's context
+	// alone). It is applied only when the cache does not answer: a
+	// context with a deadline costs a timer and several allocations, on
+	// every call if made up front.
+	timeout time.Duration
 }
 
 type cachedKey struct {
@@ -108,6 +113,11 @@ func (kc *keyCache) lookup(ctx context.Context, secret string, take func() (refu
 	}
 	if bad && now.Before(b.until) {
 		return nil, errUnknownKey
+	}
+	if kc.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, kc.timeout)
+		defer cancel()
 	}
 	select {
 	case kc.lookups <- struct{}{}:
@@ -285,9 +295,7 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 			}
 			return s.admitCaller(c, k, ip, next)
 		}
-		ctx, cancel := s.dbContext(c.Request().Context())
-		k, err := s.keys.lookup(ctx, secret, func() (func(), bool) { return s.failures.take(ip) })
-		cancel()
+		k, err := s.keys.lookup(c.Request().Context(), secret, func() (func(), bool) { return s.failures.take(ip) })
 		var expired *expiredKeyError
 		switch {
 		case errors.As(err, &expired):

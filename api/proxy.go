@@ -24,27 +24,49 @@ import (
 func (s *Server) readBody(c echo.Context) ([]byte, error) {
 	r := c.Request()
 	limit := s.cfg.MaxBodyBytes
-	tooLarge := &Error{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large",
-		Message: fmt.Sprintf("Request body is larger than the limit of %d bytes.", limit)}
+	tooLarge := func() error {
+		return &Error{Status: http.StatusRequestEntityTooLarge, Type: "invalid_request_error", Code: "request_too_large",
+			Message: fmt.Sprintf("Request body is larger than the limit of %d bytes.", limit)}
+	}
 	if r.ContentLength > limit {
-		return nil, tooLarge
+		return nil, tooLarge()
 	}
 	n := r.ContentLength
 	if n < 0 || n > 1<<20 {
 		n = 4096
 	}
-	buf := bytes.NewBuffer(make([]byte, 0, n+1))
-	_, err := buf.ReadFrom(http.MaxBytesReader(c.Response(), r.Body, limit))
+	// One byte more than announced, so the read that meets the end needs
+	// no larger buffer (bytes.Buffer.ReadFrom would grow any buffer with
+	// less than 512 bytes free: a copy of every small body).
+	b, err := readInto(make([]byte, 0, n+1), http.MaxBytesReader(c.Response(), r.Body, limit))
 	var mbe *http.MaxBytesError
 	switch {
 	case errors.As(err, &mbe):
-		return nil, tooLarge
+		return nil, tooLarge()
 	case errors.Is(err, errBodyTooSlow):
 		return nil, bodyTooSlow()
 	case err != nil:
 		return nil, invalid("", "invalid_body", "Could not read the request body.")
 	}
-	return buf.Bytes(), nil
+	return b, nil
+}
+
+// readInto is io.ReadAll into b's spare capacity, growing it only when
+// full.
+func readInto(b []byte, r io.Reader) ([]byte, error) {
+	for {
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = nil
+			}
+			return b, err
+		}
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+	}
 }
 
 // proxyAzure serves /openai/deployments/{deployment}/{op}: the deployment in
@@ -216,7 +238,9 @@ func (s *Server) proxy(c echo.Context, op broker.Op, g *broker.Group) (err error
 		return nil
 	}
 
-	raw, readErr := io.ReadAll(io.LimitReader(res.Resp.Body, broker.MaxResponseBody))
+	// raw is the buffered response's own memory: used only until the
+	// body is closed, when this handler returns.
+	raw, readErr := broker.ReadBody(res.Resp)
 	if readErr != nil {
 		res.Finish(nil, readErr)
 		return &Error{Status: http.StatusBadGateway, Type: "server_error", Code: "upstream_error",

@@ -130,6 +130,7 @@ func New(o Options) *Server {
 		uploads: newUploadSlots(o.Config.HTTP.MaxUploadsPerTenant, o.Config.HTTP.MaxUploads, o.Log), idBase: uuid.NewString()[:8] + "-",
 		admin: o.Admin, admins: newAdminCache(o.Config.Auth.AdminKey), used: newLastUse(), adminUsed: newLastUse(),
 		oidc: o.OIDC, tenants: &tenantCache{m: map[string]tenantEntry{}}, tracer: o.Tracer}
+	s.keys.timeout = o.Config.DatabaseTimeout
 	s.metrics = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "levee_requests_total", Help: "Proxied calls by model and final status.",

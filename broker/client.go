@@ -246,10 +246,7 @@ func (c *Client) Buffered(ctx context.Context, d *config.Deployment, op Op, body
 		}
 		return nil, fmt.Errorf("deployment %s: %w", d.Name, err)
 	}
-	h := make(http.Header, 12)
-	for k, v := range resp.Header.All() {
-		h.Add(string(k), string(v))
-	}
+	h := copyHeader(&resp.Header)
 	b := resp.Body()
 	return &http.Response{
 		Status:        strconv.Itoa(resp.StatusCode()) + " " + http.StatusText(resp.StatusCode()),
@@ -259,8 +256,45 @@ func (c *Client) Buffered(ctx context.Context, d *config.Deployment, op Op, body
 		ProtoMinor:    1,
 		Header:        h,
 		ContentLength: int64(len(b)),
-		Body:          &pooledBody{Reader: bytes.NewReader(b), resp: resp},
+		Body:          &pooledBody{Reader: bytes.NewReader(b), buf: b, resp: resp},
 	}, nil
+}
+
+// knownHeaders are the names of headers deployments usually send, in
+// canonical form: copying a response's headers takes its name from here
+// rather than allocating it for every header of every call.
+var knownHeaders = func() map[string]string {
+	m := map[string]string{}
+	for _, k := range []string{"Content-Type", "Content-Length", "Date", "Server", "Connection", "X-Request-Id", "Apim-Request-Id",
+		"X-Ms-Region", "X-Ms-Client-Request-Id", "X-Ms-Deployment-Name", "X-Ms-Rai-Invoked", "X-Content-Type-Options",
+		"Strict-Transport-Security", "Azureml-Model-Session", "Ms-Azureml-Model-Time", "Cmp-Upstream-Response-Duration",
+		"Openai-Organization", "Openai-Processing-Ms", "Openai-Version", "Openai-Project", "Retry-After", "Retry-After-Ms",
+		"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Limit-Requests", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Remaining-Requests",
+		"X-Ratelimit-Reset-Tokens", "X-Ratelimit-Reset-Requests", "Cache-Control", "Cf-Ray", "Set-Cookie"} {
+		m[k] = k
+	}
+	return m
+}()
+
+// copyHeader makes a fasthttp response's headers an http.Header, every
+// value kept, with one allocation per value and one for all their slices.
+func copyHeader(rh *fasthttp.ResponseHeader) http.Header {
+	n := rh.Len()
+	h := make(http.Header, n)
+	vals := make([]string, 0, n)
+	for k, v := range rh.All() {
+		key, ok := knownHeaders[string(k)]
+		if !ok {
+			key = http.CanonicalHeaderKey(string(k))
+		}
+		if prev, ok := h[key]; ok {
+			h[key] = append(prev, string(v))
+			continue
+		}
+		vals = append(vals, string(v))
+		h[key] = vals[len(vals)-1 : len(vals) : len(vals)]
+	}
+	return h
 }
 
 // isDirect reports whether d's endpoint is reached without an HTTP proxy.
@@ -282,8 +316,21 @@ func (c *Client) isDirect(d *config.Deployment) bool {
 // its pool when closed.
 type pooledBody struct {
 	*bytes.Reader
+	buf  []byte
 	once sync.Once
 	resp *fasthttp.Response
+}
+
+// ReadBody reads a response's whole body, at most MaxResponseBody bytes. A
+// buffered response's body is in memory already and is returned as it is,
+// not copied: it is valid until the body is closed.
+func ReadBody(resp *http.Response) ([]byte, error) {
+	if b, ok := resp.Body.(*pooledBody); ok {
+		rest := b.buf[len(b.buf)-b.Len():]
+		_, _ = b.Seek(0, io.SeekEnd)
+		return rest, nil
+	}
+	return io.ReadAll(io.LimitReader(resp.Body, MaxResponseBody))
 }
 
 func (b *pooledBody) Close() error {
@@ -359,7 +406,13 @@ func ParseUsage(body []byte) (Usage, bool) {
 		Usage
 		responseUsage
 	}
-	if err := json.NewDecoder(bytes.NewReader(rest)).Decode(&both); err != nil {
+	// Only the object is decoded: a json.Decoder over the rest would
+	// allocate its own buffer on every call.
+	end := objectEnd(rest)
+	if end < 0 {
+		return u, false
+	}
+	if err := json.Unmarshal(rest[:end], &both); err != nil {
 		return u, false
 	}
 	u = both.Usage
@@ -375,6 +428,36 @@ func ParseUsage(body []byte) (Usage, bool) {
 		u.TotalTokens = u.PromptTokens + u.CompletionTokens
 	}
 	return u, true
+}
+
+// objectEnd is the length of the JSON object b starts with, or -1 when it
+// does not end within b. Brackets inside strings are skipped; whether the
+// object is valid JSON is left to the decoder.
+func objectEnd(b []byte) int {
+	depth, inString := 0, false
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if inString {
+			switch c {
+			case '\\':
+				i++
+			case '"':
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+		case '{', '[':
+			depth++
+		case '}', ']':
+			if depth--; depth == 0 {
+				return i + 1
+			}
+		}
+	}
+	return -1
 }
 
 // WithDefaultMaxTokens gives a call that sets no ceiling on what it

@@ -226,7 +226,7 @@ func ParseRequest(op Op, body []byte) (*Request, error) {
 		}
 		r.messages = make([]message, len(w.Messages))
 		for i, m := range w.Messages {
-			if err := r.messages[i].parse(m, fmt.Sprintf("messages[%d].content", i)); err != nil {
+			if err := r.messages[i].parse(m, func() string { return fmt.Sprintf("messages[%d].content", i) }); err != nil {
 				return nil, err
 			}
 		}
@@ -266,21 +266,29 @@ func badJSON(err error, prefix string) error {
 
 // parse reads a chat message's content: a string, null, or an array of
 // content parts (strictly, like the body: a part's "TEXT" is refused).
-func (m *message) parse(w wireMessage, param string) error {
+// param names the content in an error; it is made only for one.
+func (m *message) parse(w wireMessage, param func() string) error {
 	m.role, m.name = w.Role, w.Name
 	raw := bytes.TrimSpace(w.Content)
 	switch {
 	case len(raw) == 0 || string(raw) == "null":
 	case raw[0] == '"':
+		if len(raw) >= 2 && raw[len(raw)-1] == '"' && bytes.IndexByte(raw, '\\') < 0 {
+			// The body passed strictjson: a string without escapes is its
+			// bytes between the quotes, with nothing left to decode.
+			m.texts = append(m.texts, string(raw[1:len(raw)-1]))
+			break
+		}
 		var s string
 		if err := json.Unmarshal(raw, &s); err != nil {
-			return &BadRequestError{Param: param, Msg: param + " must be a string or an array of content parts."}
+			p := param()
+			return &BadRequestError{Param: p, Msg: p + " must be a string or an array of content parts."}
 		}
 		m.texts = append(m.texts, s)
 	case raw[0] == '[':
 		var parts []contentPart
 		if err := strictjson.Unmarshal(raw, &parts); err != nil {
-			return badJSON(err, param)
+			return badJSON(err, param())
 		}
 		// Each part's own bytes, to count what is not text by its size.
 		var raws []json.RawMessage
@@ -302,7 +310,8 @@ func (m *message) parse(w wireMessage, param string) error {
 			}
 		}
 	default:
-		return &BadRequestError{Param: param, Msg: param + " must be a string or an array of content parts."}
+		p := param()
+		return &BadRequestError{Param: p, Msg: p + " must be a string or an array of content parts."}
 	}
 	return nil
 }

@@ -201,6 +201,10 @@ func TestParseUsage(t *testing.T) {
 		{`{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 99}"}}]}`, 0, 0, 0, 0, false},
 		{`{"choices":[],"usage":null}`, 0, 0, 0, 0, false},
 		{`not json "usage":{"prompt_tokens":`, 0, 0, 0, 0, false},
+		// Only the object is read: brackets in its strings and what follows it do not count.
+		{`{"usage":{"prompt_tokens":5,"completion_tokens":6,"note":"} \"{[","x":[{}]},"id":"chatcmpl-1"}`, 5, 6, 11, 0, true},
+		{`{"usage":{"prompt_tokens":5,"completion_tokens":6`, 0, 0, 0, 0, false},
+		{`{"usage":{"prompt_tokens":5,"completion_tokens":6]}`, 0, 0, 0, 0, false},
 	} {
 		got, ok := ParseUsage([]byte(tc.body))
 		if ok != tc.ok || (ok && (got.PromptTokens != tc.prompt || got.CompletionTokens != tc.completion || got.TotalTokens != tc.total || got.CachedTokens() != tc.hit)) {

@@ -128,7 +128,7 @@ func parseResponses(body []byte) (*Request, error) {
 				continue
 			}
 			var m message
-			if err := m.parse(wireMessage{Role: it.Role, Content: it.Content}, param+".content"); err != nil {
+			if err := m.parse(wireMessage{Role: it.Role, Content: it.Content}, func() string { return param + ".content" }); err != nil {
 				return nil, err
 			}
 			r.messages = append(r.messages, m)

@@ -16,7 +16,7 @@ import (
 )
 
 // migrated starts a private cluster and returns a migrated store on it.
-func migrated(t *testing.T) (*dev.Postgres, *store.Store, string) {
+func migrated(t testing.TB) (*dev.Postgres, *store.Store, string) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("needs Postgres")
@@ -36,7 +36,7 @@ func migrated(t *testing.T) (*dev.Postgres, *store.Store, string) {
 	return pg, st, dir
 }
 
-func startCluster(t *testing.T, dir string, port int) *dev.Postgres {
+func startCluster(t testing.TB, dir string, port int) *dev.Postgres {
 	t.Helper()
 	pg, err := dev.StartPostgres(context.Background(), dir, dev.PostgresOptions{Ephemeral: true, Port: port})
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // UsageEvent is one call's line in the ledger, success or failure.
@@ -239,7 +240,13 @@ func (l *Ledger) write(flushes <-chan chan struct{}) {
 			l.mu.Lock()
 			l.pending = l.pending[n:]
 			if len(l.pending) == 0 {
-				l.pending = nil // let a burst's backing array go
+				// Written through: the next events fill the same array from
+				// its start (no new array, growing, every flush) unless a
+				// burst made it large, which is let go.
+				l.pending = nil
+				if cap(batch) <= 2*l.cfg.BatchSize {
+					l.pending = batch[:0]
+				}
 			}
 			l.mu.Unlock()
 		}
@@ -281,6 +288,32 @@ type rollupKey struct {
 
 type rollup struct{ requests, errors, prompt, completion, cost int64 }
 
+// usageSource feeds events to COPY one row at a time into one reused
+// slice (pgx encodes each row before it asks for the next). The ids go as
+// pgtype.UUID, which pgx encodes as it is: a uuid.UUID goes through
+// driver.Valuer, a string and a parse back, about 35 allocations per row,
+// most of a flush's garbage.
+type usageSource struct {
+	events []UsageEvent
+	i      int
+	vals   []any
+}
+
+func (s *usageSource) Next() bool {
+	if s.i >= len(s.events) {
+		return false
+	}
+	e := &s.events[s.i]
+	s.i++
+	s.vals = append(s.vals[:0], e.At, e.RequestID, pgtype.UUID{Bytes: e.TenantID, Valid: true}, pgtype.UUID{Bytes: e.KeyID, Valid: e.KeyID != uuid.Nil},
+		e.Deployment, e.Model, e.Operation, int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(),
+		e.Priority, int32(max(e.Attempts, 1)), e.CostNanos)
+	return true
+}
+
+func (s *usageSource) Values() ([]any, error) { return s.vals, nil }
+func (s *usageSource) Err() error             { return nil }
+
 func (s *Store) writeUsage(ctx context.Context, events []UsageEvent) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return writeUsageTx(ctx, tx, events) })
 }
@@ -319,14 +352,7 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 		}
 	}
 	sums := map[rollupKey]*rollup{}
-	rows := make([][]any, len(events))
-	for i, e := range events {
-		var key any
-		if e.KeyID != uuid.Nil {
-			key = e.KeyID
-		}
-		rows[i] = []any{e.At, e.RequestID, e.TenantID, key, e.Deployment, e.Model, e.Operation,
-			int32(e.Status), int32(e.PromptTokens), int32(e.CompletionTokens), e.Latency.Microseconds(), e.Priority, int32(max(e.Attempts, 1)), e.CostNanos}
+	for _, e := range events {
 		k := rollupKey{e.TenantID, e.At.UTC().Truncate(24 * time.Hour), e.Model, e.KeyID, e.Deployment}
 		r := sums[k]
 		if r == nil {
@@ -341,13 +367,15 @@ func writeUsageTx(ctx context.Context, tx pgx.Tx, events []UsageEvent) error {
 		r.completion += int64(e.CompletionTokens)
 		r.cost += e.CostNanos
 	}
-	if len(rows) == 1 {
+	src := &usageSource{events: events, vals: make([]any, 0, len(usageColumns))}
+	if len(events) == 1 {
 		// One row (a finished job): an INSERT is cheaper than a COPY round.
+		src.Next()
 		if _, err := tx.Exec(ctx, `INSERT INTO usage_events (created_at, request_id, tenant_id, key_id, deployment, model, operation,
-			status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)`, rows[0]...); err != nil {
+			status, prompt_tokens, completion_tokens, latency_us, priority, attempts, cost_nanos) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)`, src.vals...); err != nil {
 			return fmt.Errorf("insert usage: %w", err)
 		}
-	} else if _, err := tx.CopyFrom(ctx, pgx.Identifier{"usage_events"}, usageColumns, pgx.CopyFromRows(rows)); err != nil {
+	} else if _, err := tx.CopyFrom(ctx, pgx.Identifier{"usage_events"}, usageColumns, src); err != nil {
 		return fmt.Errorf("copy usage: %w", err)
 	}
 	b := &pgx.Batch{}
