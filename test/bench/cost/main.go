@@ -166,6 +166,8 @@ func start(ctx context.Context, f *dev.File) (*env, error) {
 	}
 	e.nats = exec.Command(self, "-nats-child", filepath.Join(dir, "nats"))
 	e.nats.Stderr = os.Stderr
+	// The child goes with this process, however it ends.
+	e.nats.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if e.natsIn, err = e.nats.StdinPipe(); err != nil {
 		return nil, err
 	}
@@ -650,6 +652,7 @@ func tenantRun(ctx context.Context, n, jobs int) (*tenantPoint, error) {
 	var half map[uuid.UUID]int
 	var natsPeak int64
 	deadline := time.Now().Add(15 * time.Minute)
+	lastDone, progressAt := -1, time.Now()
 	for {
 		rows, err := pool.Query(ctx, `SELECT tenant_id, count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status IN ('queued','running')) FROM jobs GROUP BY tenant_id`)
 		if err != nil {
@@ -690,8 +693,19 @@ func tenantRun(ctx context.Context, n, jobs int) (*tenantPoint, error) {
 			}
 			break
 		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("gave up with %d jobs open", open)
+		all := sum + done[small[0].id]
+		if all != lastDone {
+			lastDone, progressAt = all, time.Now()
+		}
+		if stalled := time.Since(progressAt); stalled > time.Minute || time.Now().After(deadline) {
+			var stuck []string
+			for _, t := range append(ts, small...) {
+				if done[t.id] < jobs/n {
+					stuck = append(stuck, t.id.String())
+				}
+			}
+			st, _ := e.stream(ctx)
+			return nil, fmt.Errorf("no job ended for %v with %d open; %d tenants not done (first: %v); stream: %+v", stalled.Round(time.Second), open, len(stuck), stuck[:min(3, len(stuck))], st)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
