@@ -1123,6 +1123,7 @@ type depPoint struct {
 	cpuPerCallUS                             float64
 	shareMsgs, shareBytes                    float64
 	jobsRate, jobsShareMsgs                  float64
+	jobsSubmitRate                           float64
 	rssMB                                    float64
 }
 
@@ -1154,6 +1155,7 @@ func sweepDeployments(ctx context.Context, counts []int) error {
 		{"capacity-sharing msgs/s at 500 sync calls/s", func(p depPoint) float64 { return p.shareMsgs }, fmtN, true},
 		{"  bytes/s", func(p depPoint) float64 { return p.shareBytes }, fmtN, true},
 		{"jobs/s end to end (5,000 jobs, workers on)", func(p depPoint) float64 { return p.jobsRate }, fmtN, true},
+		{"  of which submits accepted/s", func(p depPoint) float64 { return p.jobsSubmitRate }, fmtN, true},
 		{"  capacity-sharing msgs/s meanwhile", func(p depPoint) float64 { return p.jobsShareMsgs }, fmtN, true},
 		{"gateway+workers RSS, peak", func(p depPoint) float64 { return p.rssMB }, fmtMB, true},
 	}
@@ -1272,11 +1274,23 @@ func depRun(ctx context.Context, n int) (*depPoint, error) {
 
 	// Jobs end to end with the workers on.
 	const jobs = 5000
+	if profileDir != "" {
+		f, err := os.Create(filepath.Join(profileDir, fmt.Sprintf("jobs-%d-deployments.pprof", n)))
+		if err != nil {
+			return nil, err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return nil, err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	m0 = msgs.Load()
 	t0 = time.Now()
-	if _, _, err := e.submitMany(jobs, 32, func(int) string { return e.s.APIKey }, jobBody("low")); err != nil {
+	_, submitted, err := e.submitMany(jobs, 32, func(int) string { return e.s.APIKey }, jobBody("low"))
+	if err != nil {
 		return nil, err
 	}
+	p.jobsSubmitRate = jobs / submitted.Seconds()
 	pool := e.s.Store.Pool()
 	for {
 		var open int
