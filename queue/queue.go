@@ -140,6 +140,7 @@ type Queue struct {
 
 	mu        sync.Mutex
 	consumers map[string]jetstream.Consumer
+	stream    jetstream.Stream // for Pending, once looked up
 	onLost    func() (int64, error)
 }
 
@@ -410,9 +411,21 @@ func (q *Queue) Pending(ctx context.Context) (map[string]uint64, error) {
 	// client's default five, is what it may cost them.
 	ctx, cancel := context.WithTimeout(ctx, pendingTimeout)
 	defer cancel()
-	s, err := q.js.Stream(ctx, q.cfg.Stream)
-	if err != nil {
-		return nil, err
+	// The stream's handle is kept: getting one is a round trip of its own
+	// (a stream info without subjects), on every dispatch pass. A handle
+	// is only the stream's name, so it stays good if the stream is made
+	// again.
+	q.mu.Lock()
+	s := q.stream
+	q.mu.Unlock()
+	if s == nil {
+		var err error
+		if s, err = q.js.Stream(ctx, q.cfg.Stream); err != nil {
+			return nil, err
+		}
+		q.mu.Lock()
+		q.stream = s
+		q.mu.Unlock()
 	}
 	info, err := s.Info(ctx, jetstream.WithSubjectFilter(q.prefix+".>"))
 	if err != nil {
