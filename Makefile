@@ -2,7 +2,7 @@
 GO ?= go
 GOFILES = $(shell git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.levee/*')
 
-.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch bench-scale sdk-node deploy-check
+.PHONY: help build run test lint chaos bench bench-go bench-jobs bench-levelling bench-levelling-responses bench-batch bench-scale bench-cost sdk-node deploy-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench-batch: ## a 50,000-line batch end to end: wall time, lines/s, output check
 
 bench-scale: ## hot paths on an empty database vs one filled with 10M finished jobs (COPY), and a retention pass under claims (LEVEE_SCALE_JOBS to change)
 	$(GO) run ./test/bench/scale -jobs $${LEVEE_SCALE_JOBS:-10000000}
+
+bench-cost: ## how cost grows with the work: 1 → 1,000 tenants, 0 → 1M queued jobs, 2 → 50 deployments (flags: go run ./test/bench/cost -h)
+	$(GO) run ./test/bench/cost $(BENCH_COST_FLAGS)
 
 bench-go: ## Go micro-benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./broker/ ./api/

@@ -122,6 +122,11 @@ func clusterStarting(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
+// maxConsumers is the jobs stream's consumer limit: high enough never to be
+// what bounds the tenants with queued work (consumer_idle removes the idle
+// ones), and set, because a stream that sets none gets the server's default.
+const maxConsumers = 1_000_000
+
 // startupWait bounds how long Open waits for JetStream to answer at all.
 const startupWait = 30 * time.Second
 
@@ -135,6 +140,7 @@ type Queue struct {
 
 	mu        sync.Mutex
 	consumers map[string]jetstream.Consumer
+	stream    jetstream.Stream // for Pending, once looked up
 	onLost    func() (int64, error)
 }
 
@@ -223,6 +229,12 @@ func (q *Queue) ensureStream(ctx context.Context) error {
 		Storage:     jetstream.FileStorage,
 		Replicas:    q.cfg.Replicas,
 		Duplicates:  q.cfg.Duplicates,
+		// One consumer per (priority, model, tenant) with work: the
+		// server's default limit (1,000 per stream unless the stream or
+		// the account sets one) would leave the 1,001st tenant's jobs
+		// queued forever. An account limit, if the operator sets one,
+		// still applies.
+		MaxConsumers: maxConsumers,
 	}
 	s, err := q.js.Stream(ctx, q.cfg.Stream)
 	missing := errors.Is(err, jetstream.ErrStreamNotFound)
@@ -235,7 +247,8 @@ func (q *Queue) ensureStream(ctx context.Context) error {
 	if !missing {
 		have := s.CachedInfo().Config
 		if have.Description == want.Description && slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
-			have.Storage == want.Storage && have.Replicas == want.Replicas && have.Duplicates == want.Duplicates {
+			have.Storage == want.Storage && have.Replicas == want.Replicas && have.Duplicates == want.Duplicates &&
+			have.MaxConsumers == want.MaxConsumers {
 			return nil
 		}
 	}
@@ -398,9 +411,21 @@ func (q *Queue) Pending(ctx context.Context) (map[string]uint64, error) {
 	// client's default five, is what it may cost them.
 	ctx, cancel := context.WithTimeout(ctx, pendingTimeout)
 	defer cancel()
-	s, err := q.js.Stream(ctx, q.cfg.Stream)
-	if err != nil {
-		return nil, err
+	// The stream's handle is kept: getting one is a round trip of its own
+	// (a stream info without subjects), on every dispatch pass. A handle
+	// is only the stream's name, so it stays good if the stream is made
+	// again.
+	q.mu.Lock()
+	s := q.stream
+	q.mu.Unlock()
+	if s == nil {
+		var err error
+		if s, err = q.js.Stream(ctx, q.cfg.Stream); err != nil {
+			return nil, err
+		}
+		q.mu.Lock()
+		q.stream = s
+		q.mu.Unlock()
 	}
 	info, err := s.Info(ctx, jetstream.WithSubjectFilter(q.prefix+".>"))
 	if err != nil {
