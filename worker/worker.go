@@ -6,6 +6,7 @@
 package worker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -155,6 +156,15 @@ func (w *Worker) Run(ctx context.Context) error {
 		if w.b.Generation() != w.gen {
 			w.refreshGroups()
 		}
+		if !w.anyRoom() {
+			// No model's deployments can take a background call: reading
+			// the queue (milliseconds with many tenants) would be wasted.
+			select {
+			case <-ctx.Done():
+			case <-time.After(15 * time.Millisecond):
+			}
+			continue
+		}
 		if time.Since(refreshed) > 20*time.Millisecond {
 			p, err := w.q.Pending(ctx)
 			if err != nil {
@@ -185,6 +195,22 @@ func (w *Worker) Run(ctx context.Context) error {
 		<-done
 	}
 	return nil
+}
+
+// anyRoom reports whether some model's deployments could take a background
+// call now, beyond the calls dispatched but not yet charged.
+func (w *Worker) anyRoom() bool {
+	now := time.Now()
+	for model, g := range w.groups {
+		est := w.estimate(model)
+		w.mu.Lock()
+		unreserved := w.unreserved[model]
+		w.mu.Unlock()
+		if unreserved != nil && g.BackgroundSlots(now, est)-int(unreserved.Load())/est > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // dispatch takes at most one message per model with room, from the highest
@@ -226,7 +252,8 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 			if len(tenants) == 0 {
 				continue
 			}
-			slices.SortFunc(tenants, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
+			// The same order as their text, without making it.
+			slices.SortFunc(tenants, func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) })
 			key := prio + "/" + model
 			start := w.cursor[key]
 			// A tenant at its own limit keeps its jobs queued: the others
