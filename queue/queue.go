@@ -298,6 +298,9 @@ func Token(s string) string {
 	return string(b)
 }
 
+// MaxAckPending is how many messages one consumer may have unanswered.
+func (q *Queue) MaxAckPending() int { return q.cfg.MaxAckPending }
+
 // Subject is where a job of this priority, model and tenant is published.
 func (q *Queue) Subject(priority, model string, tenant uuid.UUID) string {
 	return q.prefix + "." + priority + "." + Token(model) + "." + tenant.String()

@@ -82,13 +82,17 @@ type Worker struct {
 	unreserved map[string]*atomic.Int64              // tokens dispatched but not yet reserved
 	wake       chan struct{}
 	saturated  map[string]time.Time // consumers to skip until then (see fetch)
+	// held counts, per consumer, the messages this process has fetched and
+	// not yet answered: a consumer's MaxAckPending counts them, so fetching
+	// past it would only stall the pull (and set the tenant aside).
+	held map[string]*atomic.Int64
 }
 
 // New builds a worker pool; reg may be nil.
 func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, prices *quota.Prices, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
 	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
-		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}}
+		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}, held: map[string]*atomic.Int64{}}
 	w.refreshGroups()
 	w.m = newMetrics(reg, st)
 	if reg != nil {
@@ -270,22 +274,33 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					continue
 				}
 				eligible = true
+				if cap(w.sem) == len(w.sem) {
+					return dispatched
+				}
+				ck := saturationKey(prio, model, tenants[i])
+				held := w.held[ck]
+				if held == nil {
+					held = &atomic.Int64{}
+					w.held[ck] = held
+				}
 				// Up to maxBatch messages a turn: few enough that tenants
 				// still alternate, many enough to save round trips.
-				want := min(slots, maxBatch, cap(w.sem)-len(w.sem), room)
-				if want == 0 {
-					return dispatched
+				want := min(slots, maxBatch, cap(w.sem)-len(w.sem), room, w.q.MaxAckPending()-int(held.Load()))
+				if want <= 0 {
+					continue // its messages in flight here end soon
 				}
 				msgs := w.fetch(ctx, prio, model, tenants[i], want)
 				if len(msgs) == 0 {
 					continue
 				}
 				w.cursor[key] = i + 1
+				held.Add(int64(len(msgs)))
 				for _, msg := range msgs {
 					select {
 					case w.sem <- struct{}{}:
 					case <-ctx.Done():
 						_ = msg.Nak()
+						held.Add(-1)
 						continue
 					}
 					unreserved.Add(int64(est))
@@ -293,6 +308,7 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					go func() {
 						defer wg.Done()
 						defer func() { <-w.sem }()
+						defer held.Add(-1)
 						w.process(work, msg, model, est, unreserved)
 					}()
 					dispatched++
