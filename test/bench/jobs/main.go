@@ -237,4 +237,3 @@ func loadavg() string {
 	f := strings.Fields(string(raw))
 	return strings.Join(f[:3], " ")
 }
-
