@@ -23,7 +23,8 @@ import (
 type Store interface {
 	ClaimUnpublished(ctx context.Context, limit int, claim time.Duration) ([]*store.Job, error)
 	MarkPublished(ctx context.Context, ids ...uuid.UUID) error
-	MarkPublishedSoon(id uuid.UUID)
+	PublishEpoch() int64
+	MarkPublishedSoon(id uuid.UUID, epoch int64)
 }
 
 // Publisher is the queue the relay feeds.
@@ -65,11 +66,12 @@ func New(st Store, q Publisher, log *slog.Logger) *Relay {
 // confirmed; if not, relays publish it (the job is already durable).
 func (r *Relay) Publish(ctx context.Context, j *store.Job) bool {
 	if r.q.Connected() {
+		epoch := r.st.PublishEpoch()
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), inlineWait)
 		err := r.q.Publish(pctx, j.ID, j.Priority, j.Model, j.TenantID)
 		cancel()
 		if err == nil {
-			r.st.MarkPublishedSoon(j.ID)
+			r.st.MarkPublishedSoon(j.ID, epoch)
 			return true
 		}
 		r.log.Debug("publishing a job at once failed; relays will", "job", j.ID, "err", err)
@@ -89,11 +91,12 @@ func (r *Relay) PublishMany(ctx context.Context, jobs []*store.Job) int {
 	for i, j := range jobs {
 		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
 	}
+	epoch := r.st.PublishEpoch()
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), inlineWait)
 	done, err := r.q.PublishMany(pctx, refs)
 	cancel()
 	for _, id := range done {
-		r.st.MarkPublishedSoon(id)
+		r.st.MarkPublishedSoon(id, epoch)
 	}
 	if err != nil {
 		r.log.Debug("publishing jobs at once failed; relays will", "published", len(done), "of", len(jobs), "err", err)
@@ -142,10 +145,12 @@ func (r *Relay) relay(ctx context.Context) int {
 	for i, j := range jobs {
 		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
 	}
+	epoch := r.st.PublishEpoch()
 	pctx, cancel := context.WithTimeout(ctx, relayClaim)
 	done, perr := r.q.PublishMany(pctx, refs)
 	cancel()
-	if len(done) > 0 {
+	// A stream lost meanwhile took these messages with it: no mark.
+	if len(done) > 0 && r.st.PublishEpoch() == epoch {
 		if err := r.st.MarkPublished(context.WithoutCancel(ctx), done...); err != nil {
 			// Unmarked, they are published again after the claim: the
 			// message id makes that harmless.

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 )
@@ -30,18 +31,19 @@ type groupCommit[In, Out any] struct {
 }
 
 type groupCall[In, Out any] struct {
+	ctx  context.Context
 	in   In
 	out  Out
 	err  error
 	done chan struct{}
 }
 
-// do runs in (with others) and returns its result. It does not take a
-// context: once queued, a call is flushed whatever its caller does, so no
-// statement is abandoned half-way for one caller of many; flushes are bounded
-// by g.timeout instead.
-func (g *groupCommit[In, Out]) do(in In) (Out, error) {
-	c := &groupCall[In, Out]{in: in, done: make(chan struct{})}
+// do runs in (with others) and returns its result. A call whose ctx ends
+// before its statement starts is not run; one whose statement has started
+// waits for it, and a statement gives up at the earliest deadline of the
+// calls in it (or g.timeout).
+func (g *groupCommit[In, Out]) do(ctx context.Context, in In) (Out, error) {
+	c := &groupCall[In, Out]{ctx: ctx, in: in, done: make(chan struct{})}
 	g.mu.Lock()
 	g.pending = append(g.pending, c)
 	lead := g.flushing < g.limit
@@ -52,7 +54,20 @@ func (g *groupCommit[In, Out]) do(in In) (Out, error) {
 	if lead {
 		g.run(c)
 	}
-	<-c.done
+	select {
+	case <-c.done:
+		return c.out, c.err
+	case <-ctx.Done():
+	}
+	g.mu.Lock()
+	if i := slices.Index(g.pending, c); i >= 0 {
+		g.pending = slices.Delete(g.pending, i, i+1)
+		g.mu.Unlock()
+		var zero Out
+		return zero, ctx.Err()
+	}
+	g.mu.Unlock()
+	<-c.done // its statement is running: it ends by this call's deadline
 	return c.out, c.err
 }
 
@@ -88,8 +103,20 @@ func (g *groupCommit[In, Out]) run(own *groupCall[In, Out]) {
 	}
 }
 
-func (g *groupCommit[In, Out]) exec(batch []*groupCall[In, Out]) {
-	ctx, cancel := context.WithTimeout(context.Background(), g.timeout)
+func (g *groupCommit[In, Out]) exec(all []*groupCall[In, Out]) {
+	batch := all[:0:0]
+	for _, c := range all {
+		if err := c.ctx.Err(); err != nil {
+			c.err = err // given up before its statement began
+			close(c.done)
+			continue
+		}
+		batch = append(batch, c)
+	}
+	if len(batch) == 0 {
+		return
+	}
+	ctx, cancel := g.context(batch)
 	defer cancel()
 	in := make([]In, len(batch))
 	for i, c := range batch {
@@ -112,7 +139,12 @@ func (g *groupCommit[In, Out]) exec(batch []*groupCall[In, Out]) {
 		return
 	}
 	for _, c := range batch {
-		ctx, cancel := context.WithTimeout(context.Background(), g.timeout)
+		if cerr := c.ctx.Err(); cerr != nil {
+			c.err = err
+			close(c.done)
+			continue
+		}
+		ctx, cancel := g.context([]*groupCall[In, Out]{c})
 		out, err := g.flush(ctx, []In{c.in})
 		cancel()
 		switch {
@@ -125,6 +157,18 @@ func (g *groupCommit[In, Out]) exec(batch []*groupCall[In, Out]) {
 		}
 		close(c.done)
 	}
+}
+
+// context is a statement's: not tied to any one caller's cancellation (the
+// others still want it), but ending at the earliest of their deadlines.
+func (g *groupCommit[In, Out]) context(batch []*groupCall[In, Out]) (context.Context, context.CancelFunc) {
+	deadline := time.Now().Add(g.timeout)
+	for _, c := range batch {
+		if d, ok := c.ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d
+		}
+	}
+	return context.WithDeadline(context.Background(), deadline)
 }
 
 // Group commit sizing. groupMax bounds one statement's rows, and so its size

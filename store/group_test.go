@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -35,7 +36,7 @@ func TestGroupCommit(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				got, err := g.do(i)
+				got, err := g.do(context.Background(), i)
 				if err != nil || got != i*10 {
 					errs <- errors.New("wrong result")
 				}
@@ -80,7 +81,7 @@ func TestGroupCommit(t *testing.T) {
 		results := make([]error, 6)
 		for i := range 6 {
 			wg.Add(1)
-			go func() { defer wg.Done(); _, results[i] = g.do(i) }()
+			go func() { defer wg.Done(); _, results[i] = g.do(context.Background(), i) }()
 			if i == 0 {
 				waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return calls == 1 })
 			}
@@ -104,5 +105,45 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("timed out")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// A call whose caller gives up before its statement starts is not run.
+func TestGroupCommitDropsCallsGivenUp(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var ran []int
+	g := &groupCommit[int, int]{max: 64, limit: 1, timeout: time.Second,
+		flush: func(_ context.Context, in []int) ([]int, error) {
+			mu.Lock()
+			first := len(ran) == 0
+			ran = append(ran, in...)
+			mu.Unlock()
+			if first {
+				<-release
+			}
+			return in, nil
+		}}
+	go func() { _, _ = g.do(context.Background(), 0) }()
+	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(ran) == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { _, err := g.do(ctx, 1); errc <- err }()
+	waitFor(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.pending) == 1 })
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("a call given up while waiting: %v", err)
+	}
+	go func() {
+		waitFor(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.pending) == 1 })
+		close(release)
+	}()
+	if _, err := g.do(context.Background(), 2); err != nil { // waits behind the held flush
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if slices.Contains(ran, 1) {
+		t.Fatalf("the call given up ran: %v", ran)
 	}
 }

@@ -134,7 +134,7 @@ func (s *Store) InsertJob(ctx context.Context, p *InsertJobParams) (*Job, bool, 
 	if err := ctx.Err(); err != nil {
 		return nil, false, err
 	}
-	r, err := s.inserts.do(p)
+	r, err := s.inserts.do(ctx, p)
 	if err != nil {
 		return nil, false, err
 	}
@@ -305,7 +305,12 @@ func rawUUIDs(ids []uuid.UUID) [][16]byte {
 
 // ForgetPublished clears every queued job's publish mark, so they are all
 // published again (after JetStream lost its stream), and says how many.
+// This process's marks not yet written were of messages in the lost stream:
+// they are dropped, and none is written while this runs.
 func (s *Store) ForgetPublished(ctx context.Context) (int64, error) {
+	s.markMu.Lock()
+	defer s.markMu.Unlock()
+	s.markEpoch.Add(1)
 	tag, err := s.pool.Exec(ctx, `UPDATE jobs SET published_at = NULL WHERE status = 'queued'`)
 	if err != nil {
 		return 0, fmt.Errorf("store: forget published: %w", err)
@@ -399,7 +404,7 @@ func (s *Store) StartJob(ctx context.Context, id uuid.UUID, lease time.Duration)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	r, err := s.starts.do(startCall{id: id, lease: lease})
+	r, err := s.starts.do(ctx, startCall{id: id, lease: lease})
 	if err != nil {
 		return nil, fmt.Errorf("store: start job: %w", err)
 	}
@@ -538,7 +543,7 @@ func (s *Store) FinishJob(ctx context.Context, p *FinishJobParams) (bool, error)
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
-	applied, err := s.finishes.do(p)
+	applied, err := s.finishes.do(ctx, p)
 	if err != nil {
 		return false, fmt.Errorf("store: finish job: %w", err)
 	}

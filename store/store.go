@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -37,9 +38,11 @@ type Store struct {
 	starts   *groupCommit[startCall, started]
 	finishes *groupCommit[*FinishJobParams, bool]
 
-	markOnce sync.Once
-	marks    chan uuid.UUID
-	markDone chan struct{}
+	markOnce  sync.Once
+	marks     chan publishMark
+	markMu    sync.Mutex // held by a mark's write and by ForgetPublished
+	markEpoch atomic.Int64
+	markDone  chan struct{}
 }
 
 // Open connects to url with a pool of at most maxConns connections (0: the
@@ -77,56 +80,70 @@ func (s *Store) Close() {
 	s.pool.Close()
 }
 
-// MarkPublishedSoon records, within a second and batched with others, that a
-// job's message reached JetStream. Only outbox relays read the mark, and they
-// leave a new job to its own process for longer (outbox.InlineClaim). The
-// mark waits markDelay first: a job that starts by then was marked by its
-// start, and is not written again.
-func (s *Store) MarkPublishedSoon(id uuid.UUID) {
+// PublishEpoch counts the times JetStream's stream was found lost
+// (ForgetPublished). Read it before publishing, and pass it to
+// MarkPublishedSoon: a mark of a message published into a stream that was
+// lost since is not written.
+func (s *Store) PublishEpoch() int64 { return s.markEpoch.Load() }
+
+// MarkPublishedSoon records, within a few tens of milliseconds and batched
+// with others, that a job's message reached JetStream. Only outbox relays
+// read the mark, and they leave a new job to its own process far longer
+// (outbox.InlineClaim). A job that started meanwhile was marked by its start
+// and is not written again.
+func (s *Store) MarkPublishedSoon(id uuid.UUID, epoch int64) {
 	s.markOnce.Do(func() {
-		s.marks, s.markDone = make(chan uuid.UUID, 4096), make(chan struct{})
+		s.marks, s.markDone = make(chan publishMark, 4096), make(chan struct{})
 		go s.markLoop()
 	})
-	s.marks <- id
+	s.marks <- publishMark{id, epoch}
 }
 
-const markDelay = 500 * time.Millisecond
+type publishMark struct {
+	id    uuid.UUID
+	epoch int64
+}
 
 func (s *Store) markLoop() {
 	defer close(s.markDone)
-	type mark struct {
-		id uuid.UUID
-		at time.Time
-	}
-	var waiting []mark
-	t := time.NewTicker(markDelay / 5)
+	var marks []publishMark
+	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
-	flush := func(before time.Time) {
-		n := 0
-		for n < len(waiting) && !waiting[n].at.After(before) {
-			n++
+	flush := func() {
+		if len(marks) == 0 {
+			return
 		}
-		for start := 0; start < n; start += 1000 {
-			ids := make([]uuid.UUID, 0, min(1000, n-start))
-			for _, m := range waiting[start:min(start+1000, n)] {
+		// Marks of a stream lost since are dropped: their jobs must be
+		// published again. Holding markMu keeps ForgetPublished from
+		// running between the check and the write.
+		s.markMu.Lock()
+		ids := make([]uuid.UUID, 0, len(marks))
+		for _, m := range marks {
+			if m.epoch == s.markEpoch.Load() {
 				ids = append(ids, m.id)
 			}
+		}
+		if len(ids) > 0 {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			_ = s.MarkPublished(ctx, ids...) // a lost mark only means a harmless republish
 			cancel()
 		}
-		waiting = append(waiting[:0], waiting[n:]...)
+		s.markMu.Unlock()
+		marks = marks[:0]
 	}
 	for {
 		select {
-		case id, ok := <-s.marks:
+		case m, ok := <-s.marks:
 			if !ok {
-				flush(time.Now())
+				flush()
 				return
 			}
-			waiting = append(waiting, mark{id, time.Now()})
-		case now := <-t.C:
-			flush(now.Add(-markDelay))
+			marks = append(marks, m)
+			if len(marks) >= 1000 {
+				flush()
+			}
+		case <-t.C:
+			flush()
 		}
 	}
 }

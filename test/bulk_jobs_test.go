@@ -150,10 +150,15 @@ func TestConcurrentSubmitsEachGetTheirJob(t *testing.T) {
 	const n = 120
 	ids := make([]string, n)
 	var wg sync.WaitGroup
+	// 16 at a time: enough to share statements, under the gateway's
+	// limits on one caller's requests in flight.
+	slots := make(chan struct{}, 16)
 	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			slots <- struct{}{}
+			defer func() { <-slots }()
 			var hdr []string
 			if i%3 == 0 {
 				hdr = []string{"Idempotency-Key", fmt.Sprintf("k%d", i/6)} // i and i+3 share a key
