@@ -41,6 +41,16 @@ type Capacity struct {
 	syncTokens, syncReqs window.Window
 	pace                 pacer
 
+	// The synchronous reserve (reserve.go): its policy, the forecast of
+	// synchronous demand, the rate the routing order sends here (as of
+	// bucket routedAt), and the reserve computed for bucket keepAt.
+	policy               reservePolicy
+	demTok, demReq       demand
+	routedAt             int64
+	routedTok, routedReq float64
+	keepAt               int64
+	keepTok, keepReq     int64
+
 	// chargedSync and chargedBackground count the tokens of committed
 	// calls, for metrics (a released call was never charged).
 	chargedSync, chargedBackground atomic.Int64
@@ -58,11 +68,14 @@ type pacer struct {
 // paceBurst is how many seconds of background rate may be taken at once.
 const paceBurst = 2.0
 
-// refill brings the pacer up to now and returns its rates per second.
-func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64) {
+// refill brings the pacer up to now and returns its rates per second: what
+// the deployment can take beyond its reserve, less the current synchronous
+// rate. c.mu must be held and the windows advanced.
+func (c *Capacity) refill(now time.Time) (tokRate, reqRate float64) {
 	share := c.pacers(now)
-	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.Total())/10) / share
-	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.Total())/10) / share
+	keepTok, keepReq := c.keep(window.Bucket(now))
+	tokRate = max(0, float64(c.tokenLimit-keepTok)/60-float64(c.syncTokens.Total())/10) / share
+	reqRate = max(0, float64(c.reqLimit-keepReq)/10-float64(c.syncReqs.Total())/10) / share
 	if c.pace.at.IsZero() {
 		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
 		return
@@ -121,6 +134,8 @@ func (c *Capacity) advance(b int64) {
 	c.reqs.Advance(b)
 	c.syncTokens.Advance(b)
 	c.syncReqs.Advance(b)
+	c.demTok.advance(b)
+	c.demReq.advance(b)
 }
 
 // apply folds another process's charges into this view; pacing says that
@@ -137,6 +152,11 @@ func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil 
 		c.reqs.Add(bk, d.Requests)
 		c.syncTokens.Add(bk, d.SyncTokens)
 		c.syncReqs.Add(bk, d.SyncRequests)
+		if d.SyncRequests > 0 && d.SyncTokens > 0 {
+			// Merged charges: their mean size stands for each call's.
+			c.demTok.add(b, float64(d.SyncTokens), float64(d.SyncTokens)/float64(d.SyncRequests))
+			c.demReq.add(b, float64(d.SyncRequests), 1)
+		}
 	}
 	if blockedUntil.After(c.blockedUntil) {
 		c.blockedUntil = blockedUntil
@@ -190,25 +210,28 @@ func (r *Reservation) Tokens() int64 { return r.tokens }
 // Reserve charges est tokens and one request if both fit. When they do not, it
 // returns when they will (zero when est can never fit).
 func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Time) {
-	return c.reserve(now, est, 0, false)
+	return c.reserve(now, est, false)
 }
 
-// ReserveBackground is Reserve for queue workers: it leaves a share (keep) of
-// the limits untouched for synchronous traffic, and it is paced so that
-// background calls take, per second, only what the deployment can serve
-// beyond that reserve and the current synchronous rate.
-func (c *Capacity) ReserveBackground(now time.Time, est int, keep float64) (*Reservation, bool, time.Time) {
-	return c.reserve(now, est, keep, true)
+// ReserveBackground is Reserve for queue workers: it leaves the synchronous
+// reserve (SetReserve) untouched, and it is paced so that background calls
+// take, per second, only what the deployment can serve beyond that reserve
+// and the current synchronous rate.
+func (c *Capacity) ReserveBackground(now time.Time, est int) (*Reservation, bool, time.Time) {
+	return c.reserve(now, est, true)
 }
 
-func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool) (*Reservation, bool, time.Time) {
+func (c *Capacity) reserve(now time.Time, est int, background bool) (*Reservation, bool, time.Time) {
 	b := window.Bucket(now)
 	e := int64(est)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
-	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.advance(b)
+	tokLimit, reqLimit := c.tokenLimit, c.reqLimit
+	if background {
+		keepTok, keepReq := c.keep(b)
+		tokLimit, reqLimit = tokLimit-keepTok, reqLimit-keepReq
+	}
 	if now.Before(c.blockedUntil) {
 		return nil, false, c.blockedUntil
 	}
@@ -219,7 +242,7 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 		// A call is let through while the balance is positive and pays its
 		// whole estimate, so the balance may go into debt: calls larger than
 		// the burst still pass, and the average rate stays bounded.
-		tokRate, reqRate := c.refill(now, keep)
+		tokRate, reqRate := c.refill(now)
 		if c.pace.tokens <= 0 || c.pace.reqs <= 0 {
 			wait := time.Second
 			if tokRate > 0 && reqRate > 0 {
@@ -246,6 +269,8 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 		d.SyncTokens, d.SyncRequests = e, 1
 		c.syncTokens.Add(b, e)
 		c.syncReqs.Add(b, 1)
+		c.demTok.add(b, float64(e), float64(e))
+		c.demReq.add(b, 1, 1)
 	}
 	c.record(d)
 	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
@@ -340,20 +365,24 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 	return c.tokenLimit - c.tokens.Total(), c.reqLimit - c.reqs.Total()
 }
 
-// Slots is how many background calls of est tokens fit now: above the kept
-// share of the windows, and within the background pace.
-func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
-	tok, req := c.Headroom(now)
-	tokLimit, reqLimit := c.Limits()
-	tok -= int64(keep * float64(tokLimit))
-	req -= int64(keep * float64(reqLimit))
-	if tok < int64(est) || req < 1 {
-		return 0
-	}
+// Slots is how many background calls of est tokens fit now: above the
+// synchronous reserve, and within the background pace.
+func (c *Capacity) Slots(now time.Time, est int) int {
 	b := window.Bucket(now)
 	c.mu.Lock()
 	c.advance(b)
-	c.refill(now, keep)
+	if now.Before(c.blockedUntil) {
+		c.mu.Unlock()
+		return 0
+	}
+	keepTok, keepReq := c.keep(b)
+	tok := c.tokenLimit - c.tokens.Total() - keepTok
+	req := c.reqLimit - c.reqs.Total() - keepReq
+	if tok < int64(est) || req < 1 {
+		c.mu.Unlock()
+		return 0
+	}
+	c.refill(now)
 	pt, pr := c.pace.tokens, c.pace.reqs
 	c.mu.Unlock()
 	if pt <= 0 || pr <= 0 {
@@ -384,6 +413,7 @@ func (c *Capacity) Limits() (tokens, requestsPer10s int64) {
 func (c *Capacity) SetLimits(tpm, rpm int) {
 	c.mu.Lock()
 	c.tokenLimit, c.reqLimit = int64(tpm), int64(max((rpm+5)/6, 1))
+	c.keepAt = 0
 	c.mu.Unlock()
 }
 
