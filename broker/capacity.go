@@ -48,8 +48,10 @@ type Capacity struct {
 	demTok, demReq       demand
 	routedAt             int64
 	routedTok, routedReq float64
+	routedSpills         bool
 	keepAt               int64
 	keepTok, keepReq     int64
+	paceTok, paceReq     float64
 
 	// chargedSync and chargedBackground count the tokens of committed
 	// calls, for metrics (a released call was never charged).
@@ -68,14 +70,31 @@ type pacer struct {
 // paceBurst is how many seconds of background rate may be taken at once.
 const paceBurst = 2.0
 
+// paceSlack is how far above the steady rate an automatic reserve's pacer
+// lets background calls go.
+const paceSlack = 1.25
+
 // refill brings the pacer up to now and returns its rates per second: what
 // the deployment can take beyond its reserve, less the current synchronous
 // rate. c.mu must be held and the windows advanced.
 func (c *Capacity) refill(now time.Time) (tokRate, reqRate float64) {
 	share := c.pacers(now)
-	keepTok, keepReq := c.keep(window.Bucket(now))
-	tokRate = max(0, float64(c.tokenLimit-keepTok)/60-float64(c.syncTokens.Total())/10) / share
-	reqRate = max(0, float64(c.reqLimit-keepReq)/10-float64(c.syncReqs.Total())/10) / share
+	b := window.Bucket(now)
+	keepTok, keepReq := c.keep(b)
+	syncTok, syncReq := float64(c.syncTokens.Total())/10, float64(c.syncReqs.Total())/10
+	tokRate = max(0, float64(c.tokenLimit-keepTok)/60-syncTok) / share
+	reqRate = max(0, float64(c.reqLimit-keepReq)/10-syncReq) / share
+	if c.policy.auto {
+		// The sustainable rate (keep) instead of the steady one, less the
+		// synchronous rate forecast: what came lately, or what the
+		// routing order is about to send (the first tier of a group whose
+		// demand rises).
+		if rt, rr, ok := c.routed(b); ok {
+			syncTok, syncReq = rt, rr
+		}
+		tokRate = max(0, c.paceTok-syncTok) / share
+		reqRate = max(0, c.paceReq-syncReq) / share
+	}
 	if c.pace.at.IsZero() {
 		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
 		return
@@ -202,6 +221,9 @@ type Reservation struct {
 	tokens     int64
 	done       bool
 	foreground bool
+	// heldTok and heldReq are what the windows held right after the
+	// charge: the deployment's own counts in its answer are as of then.
+	heldTok, heldReq int64
 }
 
 // Tokens is the charged estimate.
@@ -273,7 +295,7 @@ func (c *Capacity) reserve(now time.Time, est int, background bool) (*Reservatio
 		c.demReq.add(b, 1, 1)
 	}
 	c.record(d)
-	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
+	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background, heldTok: c.tokens.Total(), heldReq: c.reqs.Total()}, true, time.Time{}
 }
 
 // Commit reconciles the charge with the tokens the call really used. A
@@ -334,6 +356,34 @@ func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int
 	}
 	if remainingRequests >= 0 {
 		if d := (c.reqLimit - remainingRequests) - c.reqs.Total(); d > 0 {
+			c.reqs.Add(b, d)
+		}
+	}
+}
+
+// Observe is Capacity.Observe for the remaining counts in the answer to r's
+// call. The deployment counted them when it admitted the call, and the
+// answer comes seconds later, when this view has let go of what left the
+// window meanwhile: compared with the view now, every stale count would
+// look like a charge this view missed, and the view would creep above the
+// deployment's. So they are compared with what the view held when the call
+// was charged.
+func (r *Reservation) Observe(now time.Time, remainingTokens, remainingRequests int64) {
+	if r == nil {
+		return
+	}
+	c := r.c
+	b := window.Bucket(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.advance(b)
+	if remainingTokens >= 0 {
+		if d := (c.tokenLimit - remainingTokens) - r.heldTok; d > 0 {
+			c.tokens.Add(b, d)
+		}
+	}
+	if remainingRequests >= 0 {
+		if d := (c.reqLimit - remainingRequests) - r.heldReq; d > 0 {
 			c.reqs.Add(b, d)
 		}
 	}

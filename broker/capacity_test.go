@@ -295,3 +295,32 @@ func TestAnotherProcessSyncTrafficSlowsThisPacer(t *testing.T) {
 		t.Fatalf("b's background took %d tokens in 5 s beside a's 400/s of sync; want about 5 × 550", got)
 	}
 }
+
+// TestObserveComparesWithTheViewWhenCharged: a deployment's remaining
+// count is as of when it admitted the call. Read seconds later, after this
+// view let old charges go, it must not be taken for charges the view
+// missed; a count that shows what the view really missed still is.
+func TestObserveComparesWithTheViewWhenCharged(t *testing.T) {
+	c := NewCapacity(10_000, 60_000)
+	if _, ok, _ := c.Reserve(t0, 4_000); !ok {
+		t.Fatal("refused")
+	}
+	later := t0.Add(59 * time.Second)
+	r, ok, _ := c.Reserve(later, 1_000)
+	if !ok {
+		t.Fatal("refused")
+	}
+	// The deployment admitted the call holding both charges: 5,000 left.
+	// The answer comes 2 s later, when the first charge has left the view.
+	answered := later.Add(2 * time.Second)
+	r.Observe(answered, 5_000, -1)
+	if tok, _ := c.Headroom(answered); tok != 9_000 {
+		t.Fatalf("headroom %d after a stale count, want 9,000 (only the second call held)", tok)
+	}
+	// Another client's 2,000 tokens the view never saw are charged.
+	r2, _, _ := c.Reserve(answered, 1_000)
+	r2.Observe(answered.Add(time.Second), 6_000, -1)
+	if tok, _ := c.Headroom(answered.Add(time.Second)); tok != 6_000 {
+		t.Fatalf("headroom %d, want 6,000 after a count showing 2,000 more", tok)
+	}
+}

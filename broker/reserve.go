@@ -46,7 +46,8 @@ const reserveZ = 3
 
 // Time constants of the demand forecast, in seconds.
 const (
-	tauFast    = 2.0   // the rate's EWMA: how fast the forecast sees a rise
+	tauShort   = 1     // the rate's quick EWMA, for a rise beyond its noise
+	tauFast    = 4     // the rate's EWMA
 	tauDown    = 30.0  // how slowly the forecast comes down after one
 	tauVar     = 10.0  // the EWMA of the rate's variance
 	tauLargest = 300.0 // how long a large call keeps the reserve up
@@ -59,8 +60,15 @@ const routedFor = 4 // buckets
 // checked over, in buckets: up to the span of the minute and of the
 // 10-second window.
 var (
-	tokenHorizons   = []int{1, 2, 4, 8, 16, 32, 60, 120, 240}
-	requestHorizons = []int{1, 2, 4, 8, 16, 40}
+	tokenHorizons   = []int{1, 2, 4, 8, 16, 32}
+	requestHorizons = []int{1, 2, 4, 8, 16, 32}
+)
+
+// tokenPaceHorizons and requestPaceHorizons are the horizons the pace is
+// sustainable over, in buckets: 1 s to the span of each window.
+var (
+	tokenPaceHorizons   = []int{4, 8, 16, 32, 60, 120, 240}
+	requestPaceHorizons = []int{4, 8, 16, 40}
 )
 
 // reservePolicy is a deployment's reserve: fixed, or automatic within its
@@ -83,8 +91,9 @@ func newReservePolicy(r config.SyncReserve, floor, cap float64) reservePolicy {
 type demand struct {
 	bucket  int64   // the bucket being counted
 	cur     float64 // what arrived in it so far
+	short   float64 // quick EWMA of the rate per second
 	fast    float64 // EWMA of the rate per second
-	peak    float64 // the forecast rate: up with fast at once, down slowly
+	peak    float64 // the forecast rate: up at once (rate), down slowly
 	vari    float64 // EWMA of the squared deviation of the rate from fast
 	largest float64 // the largest single charge, decaying
 	started bool
@@ -112,31 +121,83 @@ func (d *demand) advance(b int64) {
 	n := min(b-d.bucket, int64(tauLargest/dt))
 	x := d.cur / dt
 	for i := int64(0); i < n; i++ {
+		d.short += (x - d.short) * (1 - math.Exp(-dt/tauShort))
 		d.fast += (x - d.fast) * (1 - math.Exp(-dt/tauFast))
 		d.vari += ((x-d.fast)*(x-d.fast) - d.vari) * (1 - math.Exp(-dt/tauVar))
-		d.peak = max(d.fast, d.peak-(d.peak-d.fast)*(1-math.Exp(-dt/tauDown)))
+		r := d.rate()
+		d.peak = max(r, d.peak-(d.peak-r)*(1-math.Exp(-dt/tauDown)))
 		x = 0
 	}
 	if b-d.bucket > n {
-		d.fast, d.peak, d.vari = 0, 0, 0
+		d.short, d.fast, d.peak, d.vari = 0, 0, 0, 0
 	}
 	d.largest *= math.Exp(-float64(b-d.bucket) * dt / tauLargest)
 	d.cur, d.bucket = 0, b
 }
 
+// rate is the current rate: the EWMA, or the quick one when it is above
+// by more than twice its noise (a rise seen within a second or two, not a
+// burst of a steady rate).
+func (d *demand) rate() float64 {
+	noise := math.Sqrt(d.vari * window.Width.Seconds() / (2 * tauShort))
+	return max(d.fast, d.short-2*noise)
+}
+
 // need is the reserve the forecast asks of a window: the largest shortfall
 // over the horizons between forecast arrivals (at rate mu) and what win
 // releases.
-func (d *demand) need(win *window.Window, mu float64, horizons []int) float64 {
+// A deployment whose calls spill to another (spills) needs room only for
+// the mean: its bursts, and a call too large for what it has left, go on
+// to the next deployment, whose own forecast sees them.
+func (d *demand) need(win *window.Window, mu float64, spills bool, horizons []int) float64 {
 	dt := window.Width.Seconds()
-	sd := math.Sqrt(d.vari)
+	// Calls arriving independently vary at least as a Poisson process of
+	// calls of the largest size at rate mu: that bound follows a rise at
+	// once, while the measured variance takes a while.
+	sd, largest := math.Sqrt(max(d.vari, mu*d.largest/dt)), d.largest
+	if spills {
+		sd, largest = 0, 0
+	}
 	var k float64
 	for _, n := range horizons {
 		h := float64(n) * dt
-		k = max(k, mu*h+reserveZ*sd*math.Sqrt(h*dt)+d.largest-float64(win.Expiring(n)))
+		k = max(k, mu*h+reserveZ*sd*math.Sqrt(h*dt)+largest-float64(win.Expiring(n)))
 	}
 	return k
 }
+
+// sustainable is the rate per second calls can be charged at from now on
+// without filling win above target sooner than it releases room: the
+// least, over the horizons h, of (target − what it holds + E(h)) / h. An
+// empty window is filled at target/span, so its charges leave as evenly as
+// they came; a gap in what will be released (the end of a fill, a pause) is
+// filled ahead by spreading the calls before it; a pulse about to leave is
+// replaced over the horizons after it, not at once. Synchronous calls take
+// their share of it (refill).
+func sustainable(win *window.Window, target int64, horizons []int) float64 {
+	room := float64(target - win.Total())
+	r := math.Inf(1)
+	for _, n := range horizons {
+		r = min(r, (room+float64(win.Expiring(n)))/(float64(n)*window.Width.Seconds()))
+	}
+	// Over the whole span every charge leaves, so room left unused (calls
+	// came slower than forecast) would never be taken back: a little of it
+	// is, over refillIn. Only near the target: a window filling from
+	// empty fills at target/span, or its end would leave a gap in what the
+	// window releases a span later.
+	if room > 0 && room <= refillNear*float64(target) {
+		r += min(room, refillShare*float64(target)) / refillIn.Seconds()
+	}
+	return max(r, 0)
+}
+
+// refillShare and refillIn bound how fast a sustainable pace takes back
+// room left unused: at most this share of the target, over this time.
+const (
+	refillShare = 0.02
+	refillIn    = 10 * time.Second
+	refillNear  = 0.1 // of the target: closer than that, the window is not filling from empty
+)
 
 // SetReserve sets what the deployment keeps free for synchronous calls: a
 // fixed share, or auto within floor and cap (shares of its limits).
@@ -160,14 +221,28 @@ func (c *Capacity) keep(b int64) (tokens, requests int64) {
 		c.keepReq = int64(p.fixed * float64(c.reqLimit))
 	} else {
 		muTok, muReq := c.demTok.peak, c.demReq.peak
-		if b-c.routedAt <= routedFor {
-			muTok, muReq = max(muTok, c.routedTok), max(muReq, c.routedReq)
+		spills := false
+		if rt, rr, ok := c.routed(b); ok {
+			muTok, muReq, spills = max(muTok, rt), max(muReq, rr), c.routedSpills
+			if spills {
+				// Only the mean matters here, and the local forecast's
+				// quick rise follows bursts that spill anyway.
+				muTok, muReq = rt, rr
+			}
+		}
+		// The floor is kept where synchronous calls end up: a deployment
+		// whose calls spill to another needs none.
+		floor := p.floor
+		if spills {
+			floor = 0
 		}
 		clamp := func(k float64, limit int64) int64 {
-			return int64(math.Ceil(min(max(k, p.floor*float64(limit)), p.cap*float64(limit))))
+			return int64(math.Ceil(min(max(k, floor*float64(limit)), p.cap*float64(limit))))
 		}
-		c.keepTok = clamp(c.demTok.need(&c.tokens, muTok, tokenHorizons), c.tokenLimit)
-		c.keepReq = clamp(c.demReq.need(&c.reqs, muReq, requestHorizons), c.reqLimit)
+		c.keepTok = clamp(c.demTok.need(&c.tokens, muTok, spills, tokenHorizons), c.tokenLimit)
+		c.keepReq = clamp(c.demReq.need(&c.reqs, muReq, spills, requestHorizons), c.reqLimit)
+		c.paceTok = sustainable(&c.tokens, c.tokenLimit-c.keepTok, tokenPaceHorizons)
+		c.paceReq = sustainable(&c.reqs, c.reqLimit-c.keepReq, requestPaceHorizons)
 	}
 	c.keepAt = b
 	return c.keepTok, c.keepReq
@@ -184,27 +259,37 @@ func (c *Capacity) SyncReserve(now time.Time) float64 {
 	return float64(k) / float64(max(c.tokenLimit, 1))
 }
 
-// demandRate is the forecast synchronous rate of the deployment's own
+// routed is the rate the routing order sends here, if set lately.
+func (c *Capacity) routed(b int64) (tokens, requests float64, ok bool) {
+	if b-c.routedAt > routedFor {
+		return 0, 0, false
+	}
+	return c.routedTok, c.routedReq, true
+}
+
+// demandRate is the current synchronous rate of the deployment's own
 // arrivals: tokens and requests per second.
 func (c *Capacity) demandRate(now time.Time) (tokens, requests float64) {
 	b := window.Bucket(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.advance(b)
-	return c.demTok.peak, c.demReq.peak
+	return c.demTok.rate(), c.demReq.rate()
 }
 
 // route sets the synchronous rate the routing order sends this deployment,
-// as forecast in bucket b; several groups routing to it within one bucket
-// count by the largest.
-func (c *Capacity) route(b int64, tokens, requests float64) {
+// as forecast in bucket b, and whether its calls spill to another
+// deployment when it is full; several groups routing to it within one
+// bucket count by the largest rate, and it spills only if it does in all.
+func (c *Capacity) route(b int64, tokens, requests float64, spills bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if b > c.routedAt {
-		c.routedAt, c.routedTok, c.routedReq = b, tokens, requests
+		c.routedAt, c.routedTok, c.routedReq, c.routedSpills = b, tokens, requests, spills
 		return
 	}
 	c.routedTok, c.routedReq = max(c.routedTok, tokens), max(c.routedReq, requests)
+	c.routedSpills = c.routedSpills && spills
 }
 
 // route forecasts the synchronous demand each of the group's deployments
@@ -226,7 +311,14 @@ func (g *Group) route(now time.Time) {
 			tok, req = tok+dt, req+dr
 		}
 	}
-	for _, t := range g.tiers {
+	for i, t := range g.tiers {
+		// A tier's calls spill to a later tier that can take them.
+		spills := false
+		for _, later := range g.tiers[i+1:] {
+			for _, d := range later {
+				spills = spills || d.circuit.ready(now)
+			}
+		}
 		weight := 0
 		for _, d := range t {
 			if d.circuit.ready(now) {
@@ -244,7 +336,7 @@ func (g *Group) route(now time.Time) {
 			share := float64(d.Weight) / float64(weight)
 			lt, lr := d.Capacity.Limits()
 			at, ar := min(tok*share, float64(lt)/60), min(req*share, float64(lr)/10)
-			d.Capacity.route(b, at, ar)
+			d.Capacity.route(b, at, ar, spills)
 			takenTok, takenReq = takenTok+at, takenReq+ar
 		}
 		tok, req = max(tok-takenTok, 0), max(req-takenReq, 0)

@@ -544,7 +544,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		if d.API == config.OpenAI {
 			rr = -1 // OpenAI's request count is per minute, not per 10 s
 		}
-		d.Capacity.Observe(b.now(), rt, rr)
+		res.Observe(b.now(), rt, rr)
 		if span != nil {
 			span.SetAttributes(tracing.AttrStatus.Int(resp.StatusCode))
 			trace.SpanFromContext(ctx).SetAttributes(tracing.AttrDeployment.String(d.Name), tracing.AttrAttempts.Int(attempts))
