@@ -71,8 +71,8 @@ func TestExpiring(t *testing.T) {
 		want int64
 	}{
 		{0, 0}, {6, 0}, // buckets 4..9 hold nothing
-		{7, 4},         // bucket 10 leaves within 7 buckets
-		{9, 10},        // and bucket 12 within 9: everything
+		{7, 4},  // bucket 10 leaves within 7 buckets
+		{9, 10}, // and bucket 12 within 9: everything
 		{100, 10},
 	} {
 		if got := w.Expiring(tt.n); got != tt.want {
