@@ -381,6 +381,10 @@ type Call struct {
 	// EstimateEncoding (for the caller's own limits): not counted again.
 	Estimated        int
 	EstimateEncoding string
+	// Charged, when set, is called once the call is charged to a
+	// deployment, before it is sent (a worker counts dispatched calls
+	// until the capacity view holds them).
+	Charged func()
 }
 
 // Estimate is what the call will be charged on the group's first
@@ -483,6 +487,10 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		}
 		tried = append(tried, d)
 		attempts++
+		if c.Charged != nil {
+			c.Charged()
+			c.Charged = nil
+		}
 		start := b.now()
 		send := b.client.Buffered
 		if c.Req.Stream || c.Background {

@@ -93,6 +93,7 @@ func main() {
 	} else {
 		fmt.Printf("  configuration: worker.sync_reserve %s\n", reserve)
 	}
+	started := time.Now()
 	var results []*result
 	for _, name := range strings.Split(*scenarios, ",") {
 		sc, ok := scenarioNamed(strings.TrimSpace(name))
@@ -105,7 +106,7 @@ func main() {
 		}
 		results = append(results, r)
 	}
-	fmt.Println("\nsummary")
+	fmt.Printf("\nsummary (%v in all)\n", time.Since(started).Round(time.Second))
 	unmeasured := false
 	for _, r := range results {
 		for _, g := range r.goals {
@@ -415,8 +416,8 @@ func run(o options, reserve config.SyncReserve, sc scenario) (*result, error) {
 			line := fmt.Sprintf("    t=%3.0fs", time.Since(t0).Seconds())
 			for _, d := range s.Gateway.Broker.Deployments() {
 				minute, _, _ := d.Capacity.Charged(time.Now())
-				line += fmt.Sprintf("  %s %5.1f%% (Levee's view %5.1f%%, reserve %4.1f%%)", d.Name, 100*float64(st[d.Name].WindowTokens)/float64(st[d.Name].TPM),
-					100*float64(minute)/float64(st[d.Name].TPM), 100*d.Capacity.SyncReserve(time.Now()))
+				line += fmt.Sprintf("  %s %5.1f%% (Levee's view %5.1f%%, reserve %4.1f%%, background slots %d)", d.Name, 100*float64(st[d.Name].WindowTokens)/float64(st[d.Name].TPM),
+					100*float64(minute)/float64(st[d.Name].TPM), 100*d.Capacity.SyncReserve(time.Now()), d.Capacity.Slots(time.Now(), 30+jobMax))
 			}
 			fmt.Println(line)
 		}
@@ -472,5 +473,29 @@ func run(o options, reserve config.SyncReserve, sc scenario) (*result, error) {
 	r.goals = append(r.goals, goal{what: "jobs lost / completed twice = 0 / 0", measured: true, met: lost == 0 && twice == 0,
 		figure: fmt.Sprintf("%d / %d", lost, twice)})
 	fmt.Printf("  upstream 429s: %d of %d calls (%.2f %%); jobs lost %d, completed twice %d\n", up429, calls, share*100, lost, twice)
+	// Why the workers may have taken less than the reserve left them.
+	fmt.Printf("  workers: consumers found saturated (a pull unanswered for 50 ms, then skipped 2 s) %.0f times; jobs put back for no capacity %.0f times\n",
+		b.metric("levee_worker_saturated_consumers_total"), b.metric(`levee_job_retries_total{reason="no_capacity"}`))
 	return r, nil
+}
+
+// metric sums the samples of the gateway's /metrics whose name (with its
+// labels, if given) starts with prefix; -1 if /metrics cannot be read.
+func (b *bench) metric(prefix string) float64 {
+	resp, err := b.client.Get(b.s.BaseURL + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var sum float64
+	for _, line := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(line, prefix) {
+			var v float64
+			if _, err := fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v); err == nil {
+				sum += v
+			}
+		}
+	}
+	return sum
 }
