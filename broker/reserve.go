@@ -16,10 +16,11 @@ import (
 //
 // Capacity is a sliding minute charged on arrival: a background charge made
 // now holds its tokens for 60 s, and what frees room for synchronous calls
-// in the meantime is only what leaves the window. So the reserve is the
-// largest shortfall, over the horizons h up to the window's span, between
-// the synchronous demand forecast for the next h seconds and what the
-// window releases in them:
+// in the meantime is only what leaves the window. Two mechanisms share the
+// work. The reserve K, which background calls never take, covers the next
+// seconds: the largest shortfall, over horizons h up to reserveHorizon,
+// between the synchronous demand forecast for the next h seconds and what
+// the window releases in them:
 //
 //	K = clamp( max_h [ μ·h + z·σ·√(h·Δ) + c − E(h) ], floor·L, cap·L )
 //
@@ -31,7 +32,9 @@ import (
 // window. While background charges are spread over the minute (the pacer),
 // E(h) ≈ h·L/60 exceeds the demand and K sits at its floor; when the window
 // holds little that will expire (a cold start) or the demand outgrows what
-// expires (a spike), K grows to what synchronous calls will need.
+// expires (a spike), K grows to what synchronous calls will need. The
+// background pace covers the minute (sustainable, Capacity.refill): what
+// the window can take on at an even rate less the synchronous forecast.
 //
 // μ follows the demand up within a couple of seconds and down over half a
 // minute: of a deployment's own synchronous charges (this process's and,
@@ -56,20 +59,11 @@ const (
 // routedFor is how long a routed forecast counts after it was last set.
 const routedFor = 4 // buckets
 
-// tokenHorizons and requestHorizons are the horizons the reserve is
-// checked over, in buckets: up to the span of the minute and of the
-// 10-second window.
-var (
-	tokenHorizons   = []int{1, 2, 4, 8, 16, 32}
-	requestHorizons = []int{1, 2, 4, 8, 16, 32}
-)
-
-// tokenPaceHorizons and requestPaceHorizons are the horizons the pace is
-// sustainable over, in buckets: 1 s to the span of each window.
-var (
-	tokenPaceHorizons   = []int{4, 8, 16, 32, 60, 120, 240}
-	requestPaceHorizons = []int{4, 8, 16, 40}
-)
+// reserveHorizon is the longest horizon the reserve covers, in buckets
+// (doubling from one): beyond a few seconds the pace answers for the
+// demand, and a reserve sized for a whole minute of it kept a provisioned
+// deployment at its cap.
+const reserveHorizon = 32
 
 // reservePolicy is a deployment's reserve: fixed, or automatic within its
 // floor and cap.
@@ -149,7 +143,7 @@ func (d *demand) rate() float64 {
 // A deployment whose calls spill to another (spills) needs room only for
 // the mean: its bursts, and a call too large for what it has left, go on
 // to the next deployment, whose own forecast sees them.
-func (d *demand) need(win *window.Window, mu float64, spills bool, horizons []int) float64 {
+func (d *demand) need(win *window.Window, mu float64, spills bool) float64 {
 	dt := window.Width.Seconds()
 	// Calls arriving independently vary at least as a Poisson process of
 	// calls of the largest size at rate mu: that bound follows a rise at
@@ -159,7 +153,7 @@ func (d *demand) need(win *window.Window, mu float64, spills bool, horizons []in
 		sd, largest = 0, 0
 	}
 	var k float64
-	for _, n := range horizons {
+	for n := 1; n <= reserveHorizon; n *= 2 {
 		h := float64(n) * dt
 		k = max(k, mu*h+reserveZ*sd*math.Sqrt(h*dt)+largest-float64(win.Expiring(n)))
 	}
@@ -174,6 +168,8 @@ func (d *demand) need(win *window.Window, mu float64, spills bool, horizons []in
 // filled ahead by spreading the calls before it; a pulse about to leave is
 // replaced over the horizons after it, not at once. Synchronous calls take
 // their share of it (refill).
+//
+// horizons are in buckets, from a second to the window's span.
 func sustainable(win *window.Window, target int64, horizons []int) float64 {
 	room := float64(target - win.Total())
 	r := math.Inf(1)
@@ -239,10 +235,10 @@ func (c *Capacity) keep(b int64) (tokens, requests int64) {
 		clamp := func(k float64, limit int64) int64 {
 			return int64(math.Ceil(min(max(k, floor*float64(limit)), p.cap*float64(limit))))
 		}
-		c.keepTok = clamp(c.demTok.need(&c.tokens, muTok, spills, tokenHorizons), c.tokenLimit)
-		c.keepReq = clamp(c.demReq.need(&c.reqs, muReq, spills, requestHorizons), c.reqLimit)
-		c.paceTok = sustainable(&c.tokens, c.tokenLimit-c.keepTok, tokenPaceHorizons)
-		c.paceReq = sustainable(&c.reqs, c.reqLimit-c.keepReq, requestPaceHorizons)
+		c.keepTok = clamp(c.demTok.need(&c.tokens, muTok, spills), c.tokenLimit)
+		c.keepReq = clamp(c.demReq.need(&c.reqs, muReq, spills), c.reqLimit)
+		c.paceTok = sustainable(&c.tokens, c.tokenLimit-c.keepTok, []int{4, 8, 16, 32, 60, 120, 240})
+		c.paceReq = sustainable(&c.reqs, c.reqLimit-c.keepReq, []int{4, 8, 16, 40})
 	}
 	c.keepAt = b
 	return c.keepTok, c.keepReq
