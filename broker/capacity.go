@@ -53,6 +53,11 @@ type Capacity struct {
 	keepTok, keepReq     int64
 	paceTok, paceReq     float64
 
+	// added and addedReq count every token and request ever added to the
+	// windows, by this process or another: what a reservation may have
+	// been joined by before its deployment counted (Reservation.Observe).
+	added, addedReq int64
+
 	// chargedSync and chargedBackground count the tokens of committed
 	// calls, for metrics (a released call was never charged).
 	chargedSync, chargedBackground atomic.Int64
@@ -169,6 +174,8 @@ func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil 
 		bk := min(d.Bucket, b)
 		c.tokens.Add(bk, d.Tokens)
 		c.reqs.Add(bk, d.Requests)
+		c.added += max(d.Tokens, 0)
+		c.addedReq += max(d.Requests, 0)
 		c.syncTokens.Add(bk, d.SyncTokens)
 		c.syncReqs.Add(bk, d.SyncRequests)
 		if d.SyncRequests > 0 && d.SyncTokens > 0 {
@@ -222,8 +229,10 @@ type Reservation struct {
 	done       bool
 	foreground bool
 	// heldTok and heldReq are what the windows held right after the
-	// charge: the deployment's own counts in its answer are as of then.
-	heldTok, heldReq int64
+	// charge, and addedAt and addedReqAt the counts of what was added up
+	// to it: the deployment's own counts in its answer are as of then.
+	heldTok, heldReq    int64
+	addedAt, addedReqAt int64
 }
 
 // Tokens is the charged estimate.
@@ -282,6 +291,7 @@ func (c *Capacity) reserve(now time.Time, est int, background bool) (*Reservatio
 	}
 	c.tokens.Add(b, e)
 	c.reqs.Add(b, 1)
+	c.added, c.addedReq = c.added+e, c.addedReq+1
 	d := Delta{Bucket: b, Tokens: e, Requests: 1}
 	if background {
 		c.pacing = c.shared
@@ -295,7 +305,8 @@ func (c *Capacity) reserve(now time.Time, est int, background bool) (*Reservatio
 		c.demReq.add(b, 1, 1)
 	}
 	c.record(d)
-	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background, heldTok: c.tokens.Total(), heldReq: c.reqs.Total()}, true, time.Time{}
+	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background,
+		heldTok: c.tokens.Total(), heldReq: c.reqs.Total(), addedAt: c.added, addedReqAt: c.addedReq}, true, time.Time{}
 }
 
 // Commit reconciles the charge with the tokens the call really used. A
@@ -315,6 +326,7 @@ func (r *Reservation) Commit(actual int) {
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
 		r.c.tokens.Add(r.c.tokens.Last(), extra)
+		r.c.added += extra
 		r.c.record(Delta{Bucket: r.c.tokens.Last(), Tokens: extra})
 		r.c.mu.Unlock()
 	}
@@ -367,7 +379,8 @@ func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int
 // window meanwhile: compared with the view now, every stale count would
 // look like a charge this view missed, and the view would creep above the
 // deployment's. So they are compared with what the view held when the call
-// was charged.
+// was charged, plus all it was charged since (calls sent after this one
+// may reach the deployment before it).
 func (r *Reservation) Observe(now time.Time, remainingTokens, remainingRequests int64) {
 	if r == nil {
 		return
@@ -378,13 +391,15 @@ func (r *Reservation) Observe(now time.Time, remainingTokens, remainingRequests 
 	defer c.mu.Unlock()
 	c.advance(b)
 	if remainingTokens >= 0 {
-		if d := (c.tokenLimit - remainingTokens) - r.heldTok; d > 0 {
+		if d := (c.tokenLimit - remainingTokens) - r.heldTok - (c.added - r.addedAt); d > 0 {
 			c.tokens.Add(b, d)
+			c.added += d
 		}
 	}
 	if remainingRequests >= 0 {
-		if d := (c.reqLimit - remainingRequests) - r.heldReq; d > 0 {
+		if d := (c.reqLimit - remainingRequests) - r.heldReq - (c.addedReq - r.addedReqAt); d > 0 {
 			c.reqs.Add(b, d)
+			c.addedReq += d
 		}
 	}
 }

@@ -323,4 +323,15 @@ func TestObserveComparesWithTheViewWhenCharged(t *testing.T) {
 	if tok, _ := c.Headroom(answered.Add(time.Second)); tok != 6_000 {
 		t.Fatalf("headroom %d, want 6,000 after a count showing 2,000 more", tok)
 	}
+	// A call charged after r3 but reaching the deployment before it is in
+	// the deployment's count for r3: not a charge the view missed.
+	at := answered.Add(time.Second)
+	r3, _, _ := c.Reserve(at, 500)
+	if _, ok, _ := c.Reserve(at, 700); !ok {
+		t.Fatal("refused")
+	}
+	r3.Observe(at.Add(time.Second), 10_000-5_200, -1)
+	if tok, _ := c.Headroom(at.Add(time.Second)); tok != 4_800 {
+		t.Fatalf("headroom %d, want 4,800: a call overtaking another is no missed charge", tok)
+	}
 }
