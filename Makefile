@@ -51,7 +51,7 @@ bench: ## at 2,000 req/s: added p50/p99 against direct and a tcp hop, RSS, CPU a
 bench-jobs: ## end-to-end jobs/s: submit over HTTP to all succeeded (zero-latency simulator, no limits)
 	$(GO) run ./test/bench/jobs
 
-bench-levelling: ## queue-based load levelling: sync traffic at ~40% plus a job backlog on PTU 60k + standard 120k TPM
+bench-levelling: ## queue-based load levelling with the default config on PTU 60k + standard 120k TPM: steady 40% sync, a 10%→80% spike, night; PASS/MISS per goal (~12 min)
 	$(GO) run ./test/bench/levelling
 
 bench-levelling-responses: ## the same, with background responses (POST /v1/responses, background) as the backlog

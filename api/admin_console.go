@@ -193,7 +193,7 @@ func (s *Server) adminCapacity(c echo.Context) error {
 		background[d.Name] = bgTok
 		f := fails[d.Name]
 		out.Deployments = append(out.Deployments, capacityDeployment{Name: d.Name, Kind: string(d.Kind), Model: d.Model, Priority: d.Priority,
-			TPMLimit: tpm, RequestsPer10s: rp10, UsedTokens: used, SyncReserve: d.SyncReserve, HeadroomTokens: tok, HeadroomReqs: req,
+			TPMLimit: tpm, RequestsPer10s: rp10, UsedTokens: used, SyncReserve: d.Capacity.SyncReserve(now), HeadroomTokens: tok, HeadroomReqs: req,
 			ChargedSync: syncTok, ChargedBackground: bgTok, CircuitOpen: d.CircuitOpen(),
 			Upstream429s: f["429"], Upstream5xx: f["5xx"], UpstreamErrors: f["error"]})
 	}

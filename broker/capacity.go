@@ -41,6 +41,23 @@ type Capacity struct {
 	syncTokens, syncReqs window.Window
 	pace                 pacer
 
+	// The synchronous reserve (reserve.go): its policy, the forecast of
+	// synchronous demand, the rate the routing order sends here (as of
+	// bucket routedAt), and the reserve computed for bucket keepAt.
+	policy               reservePolicy
+	demTok, demReq       demand
+	routedAt             int64
+	routedTok, routedReq float64
+	routedSpills         bool
+	keepAt               int64
+	keepTok, keepReq     int64
+	paceTok, paceReq     float64
+
+	// added and addedReq count every token and request ever added to the
+	// windows, by this process or another: what a reservation may have
+	// been joined by before its deployment counted (Reservation.Observe).
+	added, addedReq int64
+
 	// chargedSync and chargedBackground count the tokens of committed
 	// calls, for metrics (a released call was never charged).
 	chargedSync, chargedBackground atomic.Int64
@@ -58,11 +75,31 @@ type pacer struct {
 // paceBurst is how many seconds of background rate may be taken at once.
 const paceBurst = 2.0
 
-// refill brings the pacer up to now and returns its rates per second.
-func (c *Capacity) refill(now time.Time, keep float64) (tokRate, reqRate float64) {
+// paceSlack is how far above the steady rate an automatic reserve's pacer
+// lets background calls go.
+const paceSlack = 1.25
+
+// refill brings the pacer up to now and returns its rates per second: what
+// the deployment can take beyond its reserve, less the current synchronous
+// rate. c.mu must be held and the windows advanced.
+func (c *Capacity) refill(now time.Time) (tokRate, reqRate float64) {
 	share := c.pacers(now)
-	tokRate = max(0, (1-keep)*float64(c.tokenLimit)/60-float64(c.syncTokens.Total())/10) / share
-	reqRate = max(0, (1-keep)*float64(c.reqLimit)/10-float64(c.syncReqs.Total())/10) / share
+	b := window.Bucket(now)
+	keepTok, keepReq := c.keep(b)
+	syncTok, syncReq := float64(c.syncTokens.Total())/10, float64(c.syncReqs.Total())/10
+	tokRate = max(0, float64(c.tokenLimit-keepTok)/60-syncTok) / share
+	reqRate = max(0, float64(c.reqLimit-keepReq)/10-syncReq) / share
+	if c.policy.auto {
+		// The sustainable rate (keep) instead of the steady one, less the
+		// synchronous rate forecast: what came lately, or what the
+		// routing order is about to send (the first tier of a group whose
+		// demand rises).
+		if rt, rr, ok := c.routed(b); ok {
+			syncTok, syncReq = rt, rr
+		}
+		tokRate = max(0, c.paceTok-syncTok) / share
+		reqRate = max(0, c.paceReq-syncReq) / share
+	}
 	if c.pace.at.IsZero() {
 		c.pace = pacer{tokens: tokRate * paceBurst, reqs: reqRate * paceBurst, at: now}
 		return
@@ -121,6 +158,8 @@ func (c *Capacity) advance(b int64) {
 	c.reqs.Advance(b)
 	c.syncTokens.Advance(b)
 	c.syncReqs.Advance(b)
+	c.demTok.advance(b)
+	c.demReq.advance(b)
 }
 
 // apply folds another process's charges into this view; pacing says that
@@ -135,8 +174,15 @@ func (c *Capacity) apply(now time.Time, origin string, ds []Delta, blockedUntil 
 		bk := min(d.Bucket, b)
 		c.tokens.Add(bk, d.Tokens)
 		c.reqs.Add(bk, d.Requests)
+		c.added += max(d.Tokens, 0)
+		c.addedReq += max(d.Requests, 0)
 		c.syncTokens.Add(bk, d.SyncTokens)
 		c.syncReqs.Add(bk, d.SyncRequests)
+		if d.SyncRequests > 0 && d.SyncTokens > 0 {
+			// Merged charges: their mean size stands for each call's.
+			c.demTok.add(b, float64(d.SyncTokens), float64(d.SyncTokens)/float64(d.SyncRequests))
+			c.demReq.add(b, float64(d.SyncRequests), 1)
+		}
 	}
 	if blockedUntil.After(c.blockedUntil) {
 		c.blockedUntil = blockedUntil
@@ -182,6 +228,11 @@ type Reservation struct {
 	tokens     int64
 	done       bool
 	foreground bool
+	// heldTok and heldReq are what the windows held right after the
+	// charge, and addedAt and addedReqAt the counts of what was added up
+	// to it: the deployment's own counts in its answer are as of then.
+	heldTok, heldReq    int64
+	addedAt, addedReqAt int64
 }
 
 // Tokens is the charged estimate.
@@ -190,25 +241,28 @@ func (r *Reservation) Tokens() int64 { return r.tokens }
 // Reserve charges est tokens and one request if both fit. When they do not, it
 // returns when they will (zero when est can never fit).
 func (c *Capacity) Reserve(now time.Time, est int) (*Reservation, bool, time.Time) {
-	return c.reserve(now, est, 0, false)
+	return c.reserve(now, est, false)
 }
 
-// ReserveBackground is Reserve for queue workers: it leaves a share (keep) of
-// the limits untouched for synchronous traffic, and it is paced so that
-// background calls take, per second, only what the deployment can serve
-// beyond that reserve and the current synchronous rate.
-func (c *Capacity) ReserveBackground(now time.Time, est int, keep float64) (*Reservation, bool, time.Time) {
-	return c.reserve(now, est, keep, true)
+// ReserveBackground is Reserve for queue workers: it leaves the synchronous
+// reserve (SetReserve) untouched, and it is paced so that background calls
+// take, per second, only what the deployment can serve beyond that reserve
+// and the current synchronous rate.
+func (c *Capacity) ReserveBackground(now time.Time, est int) (*Reservation, bool, time.Time) {
+	return c.reserve(now, est, true)
 }
 
-func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool) (*Reservation, bool, time.Time) {
+func (c *Capacity) reserve(now time.Time, est int, background bool) (*Reservation, bool, time.Time) {
 	b := window.Bucket(now)
 	e := int64(est)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	tokLimit := c.tokenLimit - int64(keep*float64(c.tokenLimit))
-	reqLimit := c.reqLimit - int64(keep*float64(c.reqLimit))
 	c.advance(b)
+	tokLimit, reqLimit := c.tokenLimit, c.reqLimit
+	if background {
+		keepTok, keepReq := c.keep(b)
+		tokLimit, reqLimit = tokLimit-keepTok, reqLimit-keepReq
+	}
 	if now.Before(c.blockedUntil) {
 		return nil, false, c.blockedUntil
 	}
@@ -219,7 +273,7 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 		// A call is let through while the balance is positive and pays its
 		// whole estimate, so the balance may go into debt: calls larger than
 		// the burst still pass, and the average rate stays bounded.
-		tokRate, reqRate := c.refill(now, keep)
+		tokRate, reqRate := c.refill(now)
 		if c.pace.tokens <= 0 || c.pace.reqs <= 0 {
 			wait := time.Second
 			if tokRate > 0 && reqRate > 0 {
@@ -237,6 +291,7 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 	}
 	c.tokens.Add(b, e)
 	c.reqs.Add(b, 1)
+	c.added, c.addedReq = c.added+e, c.addedReq+1
 	d := Delta{Bucket: b, Tokens: e, Requests: 1}
 	if background {
 		c.pacing = c.shared
@@ -246,9 +301,12 @@ func (c *Capacity) reserve(now time.Time, est int, keep float64, background bool
 		d.SyncTokens, d.SyncRequests = e, 1
 		c.syncTokens.Add(b, e)
 		c.syncReqs.Add(b, 1)
+		c.demTok.add(b, float64(e), float64(e))
+		c.demReq.add(b, 1, 1)
 	}
 	c.record(d)
-	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background}, true, time.Time{}
+	return &Reservation{c: c, bucket: b, tokens: e, foreground: !background,
+		heldTok: c.tokens.Total(), heldReq: c.reqs.Total(), addedAt: c.added, addedReqAt: c.addedReq}, true, time.Time{}
 }
 
 // Commit reconciles the charge with the tokens the call really used. A
@@ -268,6 +326,7 @@ func (r *Reservation) Commit(actual int) {
 	if extra := int64(actual) - r.tokens; extra > 0 {
 		r.c.mu.Lock()
 		r.c.tokens.Add(r.c.tokens.Last(), extra)
+		r.c.added += extra
 		r.c.record(Delta{Bucket: r.c.tokens.Last(), Tokens: extra})
 		r.c.mu.Unlock()
 	}
@@ -314,6 +373,37 @@ func (c *Capacity) Observe(now time.Time, remainingTokens, remainingRequests int
 	}
 }
 
+// Observe is Capacity.Observe for the remaining counts in the answer to r's
+// call. The deployment counted them when it admitted the call, and the
+// answer comes seconds later, when this view has let go of what left the
+// window meanwhile: compared with the view now, every stale count would
+// look like a charge this view missed, and the view would creep above the
+// deployment's. So they are compared with what the view held when the call
+// was charged, plus all it was charged since (calls sent after this one
+// may reach the deployment before it).
+func (r *Reservation) Observe(now time.Time, remainingTokens, remainingRequests int64) {
+	if r == nil {
+		return
+	}
+	c := r.c
+	b := window.Bucket(now)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.advance(b)
+	if remainingTokens >= 0 {
+		if d := (c.tokenLimit - remainingTokens) - r.heldTok - (c.added - r.addedAt); d > 0 {
+			c.tokens.Add(b, d)
+			c.added += d
+		}
+	}
+	if remainingRequests >= 0 {
+		if d := (c.reqLimit - remainingRequests) - r.heldReq - (c.addedReq - r.addedReqAt); d > 0 {
+			c.reqs.Add(b, d)
+			c.addedReq += d
+		}
+	}
+}
+
 // Penalize marks the deployment full until now+d (a 429's retry-after).
 func (c *Capacity) Penalize(now time.Time, d time.Duration) {
 	until := now.Add(d)
@@ -340,20 +430,24 @@ func (c *Capacity) Headroom(now time.Time) (tokens, requests int64) {
 	return c.tokenLimit - c.tokens.Total(), c.reqLimit - c.reqs.Total()
 }
 
-// Slots is how many background calls of est tokens fit now: above the kept
-// share of the windows, and within the background pace.
-func (c *Capacity) Slots(now time.Time, est int, keep float64) int {
-	tok, req := c.Headroom(now)
-	tokLimit, reqLimit := c.Limits()
-	tok -= int64(keep * float64(tokLimit))
-	req -= int64(keep * float64(reqLimit))
-	if tok < int64(est) || req < 1 {
-		return 0
-	}
+// Slots is how many background calls of est tokens fit now: above the
+// synchronous reserve, and within the background pace.
+func (c *Capacity) Slots(now time.Time, est int) int {
 	b := window.Bucket(now)
 	c.mu.Lock()
 	c.advance(b)
-	c.refill(now, keep)
+	if now.Before(c.blockedUntil) {
+		c.mu.Unlock()
+		return 0
+	}
+	keepTok, keepReq := c.keep(b)
+	tok := c.tokenLimit - c.tokens.Total() - keepTok
+	req := c.reqLimit - c.reqs.Total() - keepReq
+	if tok < int64(est) || req < 1 {
+		c.mu.Unlock()
+		return 0
+	}
+	c.refill(now)
 	pt, pr := c.pace.tokens, c.pace.reqs
 	c.mu.Unlock()
 	if pt <= 0 || pr <= 0 {
@@ -384,6 +478,7 @@ func (c *Capacity) Limits() (tokens, requestsPer10s int64) {
 func (c *Capacity) SetLimits(tpm, rpm int) {
 	c.mu.Lock()
 	c.tokenLimit, c.reqLimit = int64(tpm), int64(max((rpm+5)/6, 1))
+	c.keepAt = 0
 	c.mu.Unlock()
 }
 

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/levee-gw/levee/config"
 	"github.com/levee-gw/levee/window"
 )
 
@@ -162,11 +163,12 @@ func BenchmarkCapacityReserve(b *testing.B) {
 
 func TestBackgroundIsPacedAroundSyncTraffic(t *testing.T) {
 	c := NewCapacity(60_000, 60_000) // 1,000 tokens per second at full rate
+	c.SetReserve(0.05, 0, 0)
 	// Idle: background may take the reserve-less rate, 950 tokens/s, plus a
 	// two-second burst, but not the whole minute at once.
 	taken := 0
 	for {
-		if _, ok, _ := c.ReserveBackground(t0, 100, 0.05); !ok {
+		if _, ok, _ := c.ReserveBackground(t0, 100); !ok {
 			break
 		}
 		taken += 100
@@ -182,12 +184,12 @@ func TestBackgroundIsPacedAroundSyncTraffic(t *testing.T) {
 		}
 	}
 	now := t0.Add(10 * time.Second)
-	c.ReserveBackground(now, 1, 0.05) // refill up to now (bucket capped at its burst)
+	c.ReserveBackground(now, 1) // refill up to now (bucket capped at its burst)
 	got := 0
 	for s := 1; s <= 5; s++ {
 		at := now.Add(time.Duration(s) * time.Second)
 		for {
-			if _, ok, _ := c.ReserveBackground(at, 50, 0.05); !ok {
+			if _, ok, _ := c.ReserveBackground(at, 50); !ok {
 				break
 			}
 			got += 50
@@ -209,6 +211,8 @@ type linked struct{ a, b *Capacity }
 func newLinked(tpm, rpm int) *linked {
 	l := &linked{a: NewCapacity(tpm, rpm), b: NewCapacity(tpm, rpm)}
 	l.a.shared, l.b.shared = true, true
+	l.a.SetReserve(0.05, 0, 0)
+	l.b.SetReserve(0.05, 0, 0)
 	return l
 }
 
@@ -222,14 +226,15 @@ func (l *linked) share(now time.Time) {
 // TestProcessesSplitTheBackgroundPace: two worker processes pacing into one
 // deployment together take what one would, not twice that.
 func TestProcessesSplitTheBackgroundPace(t *testing.T) {
-	const keep, est = 0.05, 50
+	const keep, est = config.SyncReserve(0.05), 50
 	single := NewCapacity(60_000, 60_000) // 950 tokens/s beyond the reserve
+	single.SetReserve(keep, 0, 0)
 	l := newLinked(60_000, 60_000)
 	var alone, a, b int
 	for ms := 0; ms < 30_000; ms += 50 {
 		now := t0.Add(time.Duration(ms) * time.Millisecond)
 		for {
-			if _, ok, _ := single.ReserveBackground(now, est, keep); !ok {
+			if _, ok, _ := single.ReserveBackground(now, est); !ok {
 				break
 			}
 			alone += est
@@ -239,7 +244,7 @@ func TestProcessesSplitTheBackgroundPace(t *testing.T) {
 			n *int
 		}{{l.a, &a}, {l.b, &b}} {
 			for {
-				if _, ok, _ := p.c.ReserveBackground(now, est, keep); !ok {
+				if _, ok, _ := p.c.ReserveBackground(now, est); !ok {
 					break
 				}
 				*p.n += est
@@ -274,12 +279,12 @@ func TestAnotherProcessSyncTrafficSlowsThisPacer(t *testing.T) {
 		l.share(now)
 	}
 	now := t0.Add(10 * time.Second)
-	l.b.ReserveBackground(now, 1, 0.05) // start b's pacer
+	l.b.ReserveBackground(now, 1) // start b's pacer
 	got := 0
 	for s := 1; s <= 5; s++ {
 		at := now.Add(time.Duration(s) * time.Second)
 		for {
-			if _, ok, _ := l.b.ReserveBackground(at, 50, 0.05); !ok {
+			if _, ok, _ := l.b.ReserveBackground(at, 50); !ok {
 				break
 			}
 			got += 50
@@ -288,5 +293,45 @@ func TestAnotherProcessSyncTrafficSlowsThisPacer(t *testing.T) {
 	// 550/s once a's 400/s of sync is counted; 950/s if it were not.
 	if got > 3000+1100 {
 		t.Fatalf("b's background took %d tokens in 5 s beside a's 400/s of sync; want about 5 × 550", got)
+	}
+}
+
+// TestObserveComparesWithTheViewWhenCharged: a deployment's remaining
+// count is as of when it admitted the call. Read seconds later, after this
+// view let old charges go, it must not be taken for charges the view
+// missed; a count that shows what the view really missed still is.
+func TestObserveComparesWithTheViewWhenCharged(t *testing.T) {
+	c := NewCapacity(10_000, 60_000)
+	if _, ok, _ := c.Reserve(t0, 4_000); !ok {
+		t.Fatal("refused")
+	}
+	later := t0.Add(59 * time.Second)
+	r, ok, _ := c.Reserve(later, 1_000)
+	if !ok {
+		t.Fatal("refused")
+	}
+	// The deployment admitted the call holding both charges: 5,000 left.
+	// The answer comes 2 s later, when the first charge has left the view.
+	answered := later.Add(2 * time.Second)
+	r.Observe(answered, 5_000, -1)
+	if tok, _ := c.Headroom(answered); tok != 9_000 {
+		t.Fatalf("headroom %d after a stale count, want 9,000 (only the second call held)", tok)
+	}
+	// Another client's 2,000 tokens the view never saw are charged.
+	r2, _, _ := c.Reserve(answered, 1_000)
+	r2.Observe(answered.Add(time.Second), 6_000, -1)
+	if tok, _ := c.Headroom(answered.Add(time.Second)); tok != 6_000 {
+		t.Fatalf("headroom %d, want 6,000 after a count showing 2,000 more", tok)
+	}
+	// A call charged after r3 but reaching the deployment before it is in
+	// the deployment's count for r3: not a charge the view missed.
+	at := answered.Add(time.Second)
+	r3, _, _ := c.Reserve(at, 500)
+	if _, ok, _ := c.Reserve(at, 700); !ok {
+		t.Fatal("refused")
+	}
+	r3.Observe(at.Add(time.Second), 10_000-5_200, -1)
+	if tok, _ := c.Headroom(at.Add(time.Second)); tok != 4_800 {
+		t.Fatalf("headroom %d, want 4,800: a call overtaking another is no missed charge", tok)
 	}
 }

@@ -35,7 +35,7 @@ var (
 	headroomDesc     = prometheus.NewDesc("levee_deployment_headroom_tokens", "Tokens a deployment can still take in its sliding minute.", deploymentLabels, nil)
 	usedDesc         = prometheus.NewDesc("levee_deployment_used_tokens", "Tokens charged to a deployment in its sliding minute (this process's view, shared across processes when capacity sharing is on).", deploymentLabels, nil)
 	limitDesc        = prometheus.NewDesc("levee_deployment_limit_tokens", "A deployment's tokens-per-minute limit.", deploymentLabels, nil)
-	reserveDesc      = prometheus.NewDesc("levee_deployment_sync_reserve_ratio", "Share of a deployment's limits queue workers leave to synchronous calls.", deploymentLabels, nil)
+	reserveDesc      = prometheus.NewDesc("levee_deployment_sync_reserve_ratio", "Share of a deployment's tokens per minute queue workers leave to synchronous calls now (with sync_reserve auto, it follows the synchronous demand).", deploymentLabels, nil)
 	circuitDesc      = prometheus.NewDesc("levee_deployment_circuit_open", "1 while a deployment's circuit is open.", deploymentLabels, nil)
 	chargedDesc      = prometheus.NewDesc("levee_deployment_charged_tokens_total",
 		"Tokens this process charged to a deployment, by class: sync (calls served while the caller waits) or background (queue workers).",
@@ -66,7 +66,7 @@ func (c deploymentCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(headroomDesc, prometheus.GaugeValue, float64(tok), name, kind)
 		ch <- prometheus.MustNewConstMetric(usedDesc, prometheus.GaugeValue, float64(used), name, kind)
 		ch <- prometheus.MustNewConstMetric(limitDesc, prometheus.GaugeValue, float64(limit), name, kind)
-		ch <- prometheus.MustNewConstMetric(reserveDesc, prometheus.GaugeValue, d.SyncReserve, name, kind)
+		ch <- prometheus.MustNewConstMetric(reserveDesc, prometheus.GaugeValue, d.Capacity.SyncReserve(now), name, kind)
 		ch <- prometheus.MustNewConstMetric(circuitDesc, prometheus.GaugeValue, open, name, kind)
 		ch <- prometheus.MustNewConstMetric(chargedDesc, prometheus.CounterValue, float64(syncCharged), name, kind, "sync")
 		ch <- prometheus.MustNewConstMetric(chargedDesc, prometheus.CounterValue, float64(bgCharged), name, kind, "background")

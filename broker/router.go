@@ -40,6 +40,9 @@ type Group struct {
 	Name   string
 	Policy config.Model
 	tiers  [][]*Deployment
+	// routedAt is the bucket in which route last forecast the demand of
+	// the group's deployments.
+	routedAt atomic.Int64
 }
 
 // Deployments lists the group's deployments in priority order.
@@ -138,6 +141,7 @@ func (b *Broker) build(cfg *config.Config, old *routes) *routes {
 				d.Capacity.share(b.shareUrgent)
 			}
 		}
+		d.Capacity.SetReserve(dc.SyncReserve, cfg.Worker.SyncReserveFloor, cfg.Worker.SyncReserveCap)
 		r.deps[d.Name] = d
 		r.order = append(r.order, d)
 	}
@@ -258,11 +262,12 @@ func (b *Broker) Admit(op Op, body []byte, g *Group) (*Group, *Request, error) {
 // BackgroundSlots counts how many background calls of est tokens the group's
 // deployments could take now, above their synchronous reserves.
 func (g *Group) BackgroundSlots(now time.Time, est int) int {
+	g.route(now)
 	n := 0
 	for _, t := range g.tiers {
 		for _, d := range t {
 			if d.circuit.ready(now) {
-				n += d.Capacity.Slots(now, max(est, 1), d.SyncReserve)
+				n += d.Capacity.Slots(now, max(est, 1))
 			}
 		}
 	}
@@ -376,6 +381,10 @@ type Call struct {
 	// EstimateEncoding (for the caller's own limits): not counted again.
 	Estimated        int
 	EstimateEncoding string
+	// Charged, when set, is called once the call is charged to a
+	// deployment, before it is sent (a worker counts dispatched calls
+	// until the capacity view holds them).
+	Charged func()
 }
 
 // Estimate is what the call will be charged on the group's first
@@ -478,6 +487,10 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		}
 		tried = append(tried, d)
 		attempts++
+		if c.Charged != nil {
+			c.Charged()
+			c.Charged = nil
+		}
 		start := b.now()
 		send := b.client.Buffered
 		if c.Req.Stream || c.Background {
@@ -539,7 +552,7 @@ func (b *Broker) Do(ctx context.Context, c *Call) (*Result, error) {
 		if d.API == config.OpenAI {
 			rr = -1 // OpenAI's request count is per minute, not per 10 s
 		}
-		d.Capacity.Observe(b.now(), rt, rr)
+		res.Observe(b.now(), rt, rr)
 		if span != nil {
 			span.SetAttributes(tracing.AttrStatus.Int(resp.StatusCode))
 			trace.SpanFromContext(ctx).SetAttributes(tracing.AttrDeployment.String(d.Name), tracing.AttrAttempts.Int(attempts))
@@ -601,6 +614,9 @@ func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) 
 	now := b.now()
 	var soonest time.Time
 	var cands [8]*Deployment
+	if background {
+		g.route(now)
+	}
 	for _, tier := range g.tiers {
 		cs := cands[:0]
 		total := 0
@@ -629,7 +645,7 @@ func (b *Broker) pick(g *Group, tried []*Deployment, estimate func(*Deployment) 
 			var ok bool
 			var at time.Time
 			if background {
-				res, ok, at = d.Capacity.ReserveBackground(now, estimate(d), d.SyncReserve)
+				res, ok, at = d.Capacity.ReserveBackground(now, estimate(d))
 			} else {
 				res, ok, at = d.Capacity.Reserve(now, estimate(d))
 			}

@@ -270,9 +270,13 @@ type Worker struct {
 	Enabled bool `yaml:"enabled"`
 	// Concurrency bounds the calls one process's workers have in flight.
 	Concurrency int `yaml:"concurrency"`
-	// SyncReserve is the default share of each deployment's limits workers
-	// leave to synchronous traffic.
-	SyncReserve float64 `yaml:"sync_reserve"`
+	// SyncReserve is the default reserve of each deployment: what workers
+	// leave to synchronous traffic (default auto).
+	SyncReserve SyncReserve `yaml:"sync_reserve"`
+	// SyncReserveFloor and SyncReserveCap bound an automatic reserve, as
+	// shares of each deployment's limits.
+	SyncReserveFloor float64 `yaml:"sync_reserve_floor"`
+	SyncReserveCap   float64 `yaml:"sync_reserve_cap"`
 }
 
 // Pricing turns usage into cost. Every cost and money budget is in
@@ -332,9 +336,9 @@ type Deployment struct {
 	Timeout time.Duration `yaml:"timeout"`
 	// Encoding is the tokenizer used for estimates; derived from Model when empty.
 	Encoding string `yaml:"encoding"`
-	// SyncReserve is the share of TPM and RPM queue workers leave free for
-	// synchronous calls (default worker.sync_reserve).
-	SyncReserve float64 `yaml:"sync_reserve"`
+	// SyncReserve is what of its TPM and RPM queue workers leave free for
+	// synchronous calls: auto or a fixed share (default worker.sync_reserve).
+	SyncReserve SyncReserve `yaml:"sync_reserve"`
 }
 
 // Model is an alias clients use as `model` (or as the Azure deployment in the
@@ -543,10 +547,22 @@ func (c *Config) Validate() error {
 		c.Worker.Concurrency = 256
 	}
 	if c.Worker.SyncReserve == 0 {
-		c.Worker.SyncReserve = 0.2
+		c.Worker.SyncReserve = AutoReserve
 	}
-	if c.Worker.SyncReserve < 0 || c.Worker.SyncReserve >= 1 {
-		return &FieldError{"worker.sync_reserve", "must be in [0, 1)"}
+	if !c.Worker.SyncReserve.valid() {
+		return &FieldError{"worker.sync_reserve", "must be auto or in (0, 1)"}
+	}
+	if c.Worker.SyncReserveFloor == 0 {
+		c.Worker.SyncReserveFloor = DefaultSyncReserveFloor
+	}
+	if c.Worker.SyncReserveCap == 0 {
+		c.Worker.SyncReserveCap = DefaultSyncReserveCap
+	}
+	if c.Worker.SyncReserveFloor < 0 || c.Worker.SyncReserveFloor >= 1 {
+		return &FieldError{"worker.sync_reserve_floor", "must be in [0, 1)"}
+	}
+	if c.Worker.SyncReserveCap < c.Worker.SyncReserveFloor || c.Worker.SyncReserveCap >= 1 {
+		return &FieldError{"worker.sync_reserve_cap", "must be in [sync_reserve_floor, 1)"}
 	}
 	if len(c.Deployments) == 0 {
 		return &FieldError{"deployments", "at least one deployment is required"}
@@ -619,8 +635,8 @@ func (c *Config) Validate() error {
 		if d.SyncReserve == 0 {
 			d.SyncReserve = c.Worker.SyncReserve
 		}
-		if d.SyncReserve < 0 || d.SyncReserve >= 1 {
-			return &FieldError{f("sync_reserve"), "must be in [0, 1)"}
+		if !d.SyncReserve.valid() {
+			return &FieldError{f("sync_reserve"), "must be auto or in (0, 1)"}
 		}
 		if d.Encoding != "o200k_base" && d.Encoding != "cl100k_base" {
 			return &FieldError{f("encoding"), fmt.Sprintf("%q: must be o200k_base or cl100k_base", d.Encoding)}

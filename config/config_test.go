@@ -1,11 +1,12 @@
 package config
 
 import (
-	"time"
-
 	"errors"
 	"strings"
 	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -104,6 +105,51 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if len(c.Auth.OIDC.Issuers) != 1 || len(c.Auth.OIDC.Issuers[0].Grants) != 2 || c.Responses.Retention != 720*time.Hour {
 		t.Fatalf("%+v %+v", c.Auth.OIDC, c.Responses)
+	}
+	if !c.Worker.SyncReserve.Auto() || c.Worker.SyncReserveFloor != 0.02 || c.Worker.SyncReserveCap != 0.5 || !c.Deployments[0].SyncReserve.Auto() {
+		t.Fatalf("reserve %v floor %v cap %v, deployment %v", c.Worker.SyncReserve, c.Worker.SyncReserveFloor, c.Worker.SyncReserveCap, c.Deployments[0].SyncReserve)
+	}
+}
+
+func TestSyncReserve(t *testing.T) {
+	const deps = "deployments:\n  - {name: a, model: gpt-4o, endpoint: 'http://127.0.0.1:1', credential_env: K, tpm: 1000}\n  - {name: b, model: gpt-4o, endpoint: 'http://127.0.0.1:1', credential_env: K, tpm: 1000, sync_reserve: 0.3}\n"
+	keys := env(map[string]string{"K": "k"})
+	for _, tc := range []struct {
+		name, worker string
+		want         [2]SyncReserve // deployments a and b
+		floor, cap   float64
+		err          string
+	}{
+		{"default: auto", "", [2]SyncReserve{AutoReserve, 0.3}, 0.02, 0.5, ""},
+		{"auto spelled out, with bounds", "worker: {sync_reserve: auto, sync_reserve_floor: 0.05, sync_reserve_cap: 0.4}\n", [2]SyncReserve{AutoReserve, 0.3}, 0.05, 0.4, ""},
+		{"a fixed default", "worker: {sync_reserve: 0.2}\n", [2]SyncReserve{0.2, 0.3}, 0.02, 0.5, ""},
+		{"a share of 1", "worker: {sync_reserve: 1}\n", [2]SyncReserve{}, 0, 0, "worker.sync_reserve"},
+		{"a negative share", "worker: {sync_reserve: -0.1}\n", [2]SyncReserve{}, 0, 0, "sync_reserve"},
+		{"a word", "worker: {sync_reserve: adaptive}\n", [2]SyncReserve{}, 0, 0, "sync_reserve"},
+		{"a cap below the floor", "worker: {sync_reserve_floor: 0.1, sync_reserve_cap: 0.05}\n", [2]SyncReserve{}, 0, 0, "worker.sync_reserve_cap"},
+		{"a floor of 1", "worker: {sync_reserve_floor: 1}\n", [2]SyncReserve{}, 0, 0, "worker.sync_reserve_floor"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse([]byte(tc.worker+deps), keys)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err %v, want one naming %s", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := [2]SyncReserve{c.Deployments[0].SyncReserve, c.Deployments[1].SyncReserve}; got != tc.want {
+				t.Errorf("reserves %v, want %v", got, tc.want)
+			}
+			if c.Worker.SyncReserveFloor != tc.floor || c.Worker.SyncReserveCap != tc.cap {
+				t.Errorf("floor %v cap %v, want %v %v", c.Worker.SyncReserveFloor, c.Worker.SyncReserveCap, tc.floor, tc.cap)
+			}
+		})
+	}
+	if out, _ := yaml.Marshal(struct{ R SyncReserve }{AutoReserve}); !strings.Contains(string(out), "auto") {
+		t.Errorf("auto marshals as %q", out)
 	}
 }
 

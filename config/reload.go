@@ -20,8 +20,11 @@ func RestartOnly(running, next *Config) []string {
 	a.Pricing.Prices, b.Pricing.Prices = nil, nil
 	a.Circuit, b.Circuit = Circuit{}, Circuit{}
 	// The per-deployment sync_reserve comes from worker.sync_reserve
-	// when unset, and deployments are reloaded.
+	// when unset, and deployments are reloaded; so are the bounds of
+	// automatic reserves, which the broker reads with them.
 	a.Worker.SyncReserve, b.Worker.SyncReserve = 0, 0
+	a.Worker.SyncReserveFloor, b.Worker.SyncReserveFloor = 0, 0
+	a.Worker.SyncReserveCap, b.Worker.SyncReserveCap = 0, 0
 	var out []string
 	diff(reflect.ValueOf(a), reflect.ValueOf(b), "", &out)
 	return out

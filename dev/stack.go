@@ -57,7 +57,7 @@ type FileDeployment struct {
 	Weight   int           `yaml:"weight"`
 	Timeout  time.Duration `yaml:"timeout"`
 	// SyncReserve overrides worker.sync_reserve for this deployment.
-	SyncReserve float64 `yaml:"sync_reserve"`
+	SyncReserve config.SyncReserve `yaml:"sync_reserve"`
 	// Sim is the simulator's side; its TPM/RPM default to the deployment's.
 	Sim sim.Deployment `yaml:"sim"`
 }

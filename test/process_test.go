@@ -26,7 +26,7 @@ func processConfig(t *testing.T, env *harness.Env, listen, extra string) (string
 	var b strings.Builder
 	fmt.Fprintf(&b, "listen: %s\ndatabase_url: %s\nnats_url: %s\ndeployments:\n", listen, env.DatabaseURL, env.NATSURL)
 	for _, d := range env.Config.Deployments {
-		fmt.Fprintf(&b, "  - {name: %s, model: %s, endpoint: %q, credential_env: LEVEE_SIM_KEY, kind: %s, tpm: %d, rpm: %d, priority: %d, sync_reserve: %g}\n",
+		fmt.Fprintf(&b, "  - {name: %s, model: %s, endpoint: %q, credential_env: LEVEE_SIM_KEY, kind: %s, tpm: %d, rpm: %d, priority: %d, sync_reserve: %v}\n",
 			d.Name, d.Model, d.Endpoint, d.Kind, d.TPM, d.RPM, d.Priority, d.SyncReserve)
 	}
 	b.WriteString("models:\n")

@@ -63,6 +63,17 @@ func (w *Window) Add(bucket, v int64) {
 	w.total += v
 }
 
+// Expiring is what leaves the window within the next n buckets, assuming
+// nothing new arrives: the sum of its n oldest buckets.
+func (w *Window) Expiring(n int) int64 {
+	size := int64(len(w.buckets))
+	var sum int64
+	for b, i := w.last-size+1, 0; i < n && b <= w.last; b, i = b+1, i+1 {
+		sum += w.buckets[((b%size)+size)%size]
+	}
+	return sum
+}
+
 // FreeAt returns the earliest time at which the total will have fallen to
 // at most target, assuming nothing new arrives (zero if it already has).
 func (w *Window) FreeAt(target int64) time.Time {

@@ -59,3 +59,24 @@ func TestFreeAt(t *testing.T) {
 		}
 	}
 }
+
+func TestExpiring(t *testing.T) {
+	w := New(2 * time.Second) // buckets 4..12 are in the window at 12
+	w.Advance(10)
+	w.Add(10, 4)
+	w.Advance(12)
+	w.Add(12, 6)
+	for _, tt := range []struct {
+		n    int
+		want int64
+	}{
+		{0, 0}, {6, 0}, // buckets 4..9 hold nothing
+		{7, 4},  // bucket 10 leaves within 7 buckets
+		{9, 10}, // and bucket 12 within 9: everything
+		{100, 10},
+	} {
+		if got := w.Expiring(tt.n); got != tt.want {
+			t.Errorf("Expiring(%d) = %d, want %d", tt.n, got, tt.want)
+		}
+	}
+}

@@ -534,6 +534,10 @@ func (w *Worker) process(ctx context.Context, msg jetstream.Msg, model string, d
 		return
 	}
 	bc := &broker.Call{Group: g, Req: req, Body: job.Body, Header: http.Header{}, Background: true}
+	// Once charged, the capacity view holds the call: counting it as
+	// dispatched until its answer too would keep its tokens from the
+	// workers twice over for the length of the call.
+	bc.Charged = func() { dispatched.Add(-unreserved); unreserved = 0 }
 	// A response continuing a stored one: charged for the conversation it
 	// carries, and naming it as its deployment knows it (a background
 	// response's id is Levee's). Looked up now, not at submit: it may have
