@@ -529,12 +529,7 @@ func sweepTenants(ctx context.Context, counts []int, jobs int) error {
 	for _, n := range counts {
 		t.points = append(t.points, fmt.Sprintf("%d tenants", n))
 	}
-	rows := []struct {
-		name   string
-		f      func(tenantPoint) float64
-		format func(float64) string
-		ratio  bool
-	}{
+	rows := []figure[tenantPoint]{
 		{"submit jobs/s (32 clients, workers off)", func(p tenantPoint) float64 { return p.submitRate }, fmtN, true},
 		{"submit p50", func(p tenantPoint) float64 { return p.submitP50 }, fmtMS, true},
 		{"submit p99", func(p tenantPoint) float64 { return p.submitP99 }, fmtMS, true},
@@ -851,24 +846,7 @@ type depthPoint struct {
 
 func sweepDepth(ctx context.Context, depths []int) error {
 	fmt.Printf("\n== depth: N queued low-priority jobs of one tenant (COPY into Postgres + asynchronous publishes to JetStream), then new jobs of other tenants\n")
-	var pts []depthPoint
-	for _, n := range depths {
-		p, err := depthRun(ctx, n)
-		if err != nil {
-			return fmt.Errorf("%d queued: %w", n, err)
-		}
-		pts = append(pts, *p)
-	}
-	t := &table{title: "depth sweep (ratio to the first point)"}
-	for _, n := range depths {
-		t.points = append(t.points, fmt.Sprintf("%d queued", n))
-	}
-	rows := []struct {
-		name   string
-		f      func(depthPoint) float64
-		format func(float64) string
-		ratio  bool
-	}{
+	rows := []figure[depthPoint]{
 		{"gateway process RSS with the backlog (idle)", func(p depthPoint) float64 { return p.rssMB }, fmtMB, true},
 		{"  Go heap in use", func(p depthPoint) float64 { return p.heapMB }, fmtMB, true},
 		{"NATS RSS with the backlog", func(p depthPoint) float64 { return p.natsMB }, fmtMB, true},
@@ -888,14 +866,7 @@ func sweepDepth(ctx context.Context, depths []int) error {
 		{"gateway+workers RSS after 10 s of draining", func(p depthPoint) float64 { return p.rssDrainMB }, fmtMB, true},
 		{"NATS RSS after 10 s of draining", func(p depthPoint) float64 { return p.natsDrainMB }, fmtMB, true},
 	}
-	for _, r := range rows {
-		x := t.add(r.name, r.format, r.ratio)
-		for _, p := range pts {
-			x.vals = append(x.vals, r.f(p))
-		}
-	}
-	t.print()
-	return nil
+	return sweep(ctx, depths, "queued", "depth sweep (ratio to the first point)", depthRun, rows)
 }
 
 // v7 is a UUIDv7 at t (job ids sort by creation).
@@ -1129,24 +1100,7 @@ type depPoint struct {
 
 func sweepDeployments(ctx context.Context, counts []int) error {
 	fmt.Printf("\n== deployments: N standard deployments at one priority behind one model (each call a weighted draw over all of them)\n")
-	var pts []depPoint
-	for _, n := range counts {
-		p, err := depRun(ctx, n)
-		if err != nil {
-			return fmt.Errorf("%d deployments: %w", n, err)
-		}
-		pts = append(pts, *p)
-	}
-	t := &table{title: "deployments sweep (ratio to the first point)"}
-	for _, n := range counts {
-		t.points = append(t.points, fmt.Sprintf("%d deployments", n))
-	}
-	rows := []struct {
-		name   string
-		f      func(depPoint) float64
-		format func(float64) string
-		ratio  bool
-	}{
+	rows := []figure[depPoint]{
 		{"serial sync call straight to the simulator p50", func(p depPoint) float64 { return p.directP50 }, fmtMS, true},
 		{"  through Levee p50", func(p depPoint) float64 { return p.leveeP50 }, fmtMS, true},
 		{"  added by Levee p50 (median of rounds)", func(p depPoint) float64 { return p.addedP50 }, fmtMS, true},
@@ -1158,6 +1112,31 @@ func sweepDeployments(ctx context.Context, counts []int) error {
 		{"  of which submits accepted/s", func(p depPoint) float64 { return p.jobsSubmitRate }, fmtN, true},
 		{"  capacity-sharing msgs/s meanwhile", func(p depPoint) float64 { return p.jobsShareMsgs }, fmtN, true},
 		{"gateway+workers RSS, peak", func(p depPoint) float64 { return p.rssMB }, fmtMB, true},
+	}
+	return sweep(ctx, counts, "deployments", "deployments sweep (ratio to the first point)", depRun, rows)
+}
+
+// figure is one line of a sweep's table: a value of each point.
+type figure[P any] struct {
+	name   string
+	f      func(P) float64
+	format func(float64) string
+	ratio  bool
+}
+
+// sweep measures each point once with run and prints rows over them.
+func sweep[P any](ctx context.Context, ns []int, unit, title string, run func(context.Context, int) (*P, error), rows []figure[P]) error {
+	var pts []P
+	for _, n := range ns {
+		p, err := run(ctx, n)
+		if err != nil {
+			return fmt.Errorf("%d %s: %w", n, unit, err)
+		}
+		pts = append(pts, *p)
+	}
+	t := &table{title: title}
+	for _, n := range ns {
+		t.points = append(t.points, fmt.Sprintf("%d %s", n, unit))
 	}
 	for _, r := range rows {
 		x := t.add(r.name, r.format, r.ratio)
