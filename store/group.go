@@ -20,7 +20,11 @@ type groupCommit[In, Out any] struct {
 	// flush runs one statement for all of in and returns one Out per In.
 	// An error fails the whole statement; each call is then flushed
 	// alone, so one bad row cannot fail the others.
-	flush   func(ctx context.Context, in []In) ([]Out, error)
+	flush func(ctx context.Context, in []In) ([]Out, error)
+	// key, when set, names what a call acts on: two calls of one key never
+	// share a statement (the second waits for the next), so a statement
+	// never sees one row twice.
+	key     func(In) any
 	max     int
 	limit   int
 	timeout time.Duration
@@ -83,13 +87,7 @@ func (g *groupCommit[In, Out]) run(own *groupCall[In, Out]) {
 			g.mu.Unlock()
 			return
 		}
-		batch := make([]*groupCall[In, Out], n)
-		copy(batch, g.pending)
-		clear(g.pending[:n])
-		g.pending = g.pending[n:]
-		if len(g.pending) == 0 {
-			g.pending = nil
-		}
+		batch := g.take(n)
 		g.mu.Unlock()
 		g.exec(batch)
 		if own != nil {
@@ -101,6 +99,36 @@ func (g *groupCommit[In, Out]) run(own *groupCall[In, Out]) {
 			}
 		}
 	}
+}
+
+// take removes up to n calls from pending, in order, for one statement:
+// with g.key set, a call whose key is already taken stays for the next.
+// g.mu must be held.
+func (g *groupCommit[In, Out]) take(n int) []*groupCall[In, Out] {
+	batch := make([]*groupCall[In, Out], 0, n)
+	var seen map[any]bool
+	if g.key != nil {
+		seen = make(map[any]bool, n)
+	}
+	rest := g.pending[:0]
+	for _, c := range g.pending {
+		if len(batch) < n && seen == nil {
+			batch = append(batch, c)
+			continue
+		}
+		if len(batch) < n && !seen[g.key(c.in)] {
+			seen[g.key(c.in)] = true
+			batch = append(batch, c)
+			continue
+		}
+		rest = append(rest, c)
+	}
+	clear(g.pending[len(rest):])
+	g.pending = rest
+	if len(g.pending) == 0 {
+		g.pending = nil
+	}
+	return batch
 }
 
 func (g *groupCommit[In, Out]) exec(all []*groupCall[In, Out]) {

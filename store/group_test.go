@@ -147,3 +147,49 @@ func TestGroupCommitDropsCallsGivenUp(t *testing.T) {
 		t.Fatalf("the call given up ran: %v", ran)
 	}
 }
+
+// Two calls of one key never share a statement.
+func TestGroupCommitKeepsOneKeyPerStatement(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var batches [][]int
+	g := &groupCommit[int, int]{max: 64, limit: 1, timeout: time.Second, key: func(v int) any { return v % 3 },
+		flush: func(_ context.Context, in []int) ([]int, error) {
+			mu.Lock()
+			first := len(batches) == 0
+			batches = append(batches, slices.Clone(in))
+			mu.Unlock()
+			if first {
+				<-release
+			}
+			return in, nil
+		}}
+	var wg sync.WaitGroup
+	for i := range 7 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if got, err := g.do(context.Background(), i); err != nil || got != i {
+				t.Errorf("call %d: %d %v", i, got, err)
+			}
+		}()
+		if i == 0 {
+			waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(batches) == 1 })
+		}
+	}
+	waitFor(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.pending) == 6 })
+	close(release)
+	wg.Wait()
+	for _, b := range batches {
+		keys := map[int]bool{}
+		for _, v := range b {
+			if keys[v%3] {
+				t.Fatalf("key %d twice in one statement: %v", v%3, batches)
+			}
+			keys[v%3] = true
+		}
+	}
+	if len(batches) != 3 { // [0], then 1..6 as keys 1,2,0 and again 1,2,0
+		t.Fatalf("statements %v, want 3", batches)
+	}
+}

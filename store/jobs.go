@@ -423,19 +423,13 @@ type started struct {
 
 func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error) {
 	out := make([]started, len(in))
-	// Two deliveries of one job in one statement would both seem to
-	// claim it: the second goes alone, after, and finds it leased.
-	var ids [][16]byte
-	var leases []string
-	at := map[uuid.UUID]int{}
-	var again []int
+	// No job is in one statement twice (s.starts is keyed by job): two
+	// deliveries of one job would both seem to claim it.
+	ids, leases := make([][16]byte, len(in)), make([]string, len(in))
+	at := make(map[uuid.UUID]int, len(in))
 	for i, c := range in {
-		if _, dup := at[c.id]; dup {
-			again = append(again, i)
-			continue
-		}
 		at[c.id] = i
-		ids, leases = append(ids, c.id), append(leases, c.lease.String())
+		ids[i], leases[i] = c.id, c.lease.String()
 	}
 	// A started job's message was published: its start is its publish
 	// mark too, so most jobs need no separate mark (MarkPublishedSoon).
@@ -480,13 +474,6 @@ func (s *Store) startJobs(ctx context.Context, in []startCall) ([]started, error
 		for _, i := range at {
 			out[i].err = ErrNotFound
 		}
-	}
-	for _, i := range again {
-		r, err := s.startJobs(ctx, in[i:i+1])
-		if err != nil {
-			return nil, err
-		}
-		out[i] = r[0]
 	}
 	return out, nil
 }
@@ -560,15 +547,10 @@ func (s *Store) finishJobs(ctx context.Context, ps []*FinishJobParams) ([]bool, 
 		latencies, costs                                     = make([]int64, 0, n), make([]int64, 0, n)
 		bodies                                               = make([][]byte, 0, n)
 		at                                                   = make(map[uuid.UUID]int, n)
-		again                                                []int
 	)
 	for i, p := range ps {
-		// A second outcome of one job in one statement must not seem
-		// applied too: it goes alone, after, and finds the job ended.
-		if _, dup := at[p.ID]; dup {
-			again = append(again, i)
-			continue
-		}
+		// No job is in one statement twice (s.finishes is keyed by job):
+		// a second outcome of one job must not seem applied too.
 		at[p.ID] = i
 		status := p.ResultStatus
 		if status == 0 && p.Status == JobFailed {
@@ -634,13 +616,6 @@ func (s *Store) finishJobs(ctx context.Context, ps []*FinishJobParams) ([]bool, 
 	out := make([]bool, n)
 	for _, id := range ended {
 		out[at[id]] = true
-	}
-	for _, i := range again {
-		r, err := s.finishJobs(ctx, ps[i:i+1])
-		if err != nil {
-			return nil, err
-		}
-		out[i] = r[0]
 	}
 	return out, nil
 }

@@ -66,8 +66,10 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 	}
 	s := &Store{pool: pool}
 	s.inserts = &groupCommit[*InsertJobParams, InsertedJob]{flush: s.insertJobs, max: groupMax, limit: insertFlushes, timeout: groupTimeout}
-	s.starts = &groupCommit[startCall, started]{flush: s.startJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
-	s.finishes = &groupCommit[*FinishJobParams, bool]{flush: s.finishJobs, max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	s.starts = &groupCommit[startCall, started]{flush: s.startJobs, key: func(c startCall) any { return c.id },
+		max: groupMax, limit: groupFlushes, timeout: groupTimeout}
+	s.finishes = &groupCommit[*FinishJobParams, bool]{flush: s.finishJobs, key: func(p *FinishJobParams) any { return p.ID },
+		max: groupMax, limit: groupFlushes, timeout: groupTimeout}
 	return s, nil
 }
 
