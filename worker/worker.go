@@ -83,16 +83,17 @@ type Worker struct {
 	wake       chan struct{}
 	saturated  map[string]time.Time // consumers to skip until then (see fetch)
 	// held counts, per consumer, the messages this process has fetched and
-	// not yet answered: a consumer's MaxAckPending counts them, so fetching
-	// past it would only stall the pull (and set the tenant aside).
-	held map[string]*atomic.Int64
+	// not yet answered (guarded by mu; a consumer's entry goes at zero): a
+	// consumer's MaxAckPending counts them, so fetching past it would only
+	// stall the pull (and set the tenant aside).
+	held map[string]int
 }
 
 // New builds a worker pool; reg may be nil.
 func New(q *queue.Queue, st *store.Store, b *broker.Broker, qt *quota.Quota, prices *quota.Prices, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Worker {
 	w := &Worker{q: q, st: st, b: b, quota: qt, prices: prices, cfg: cfg, log: log, groups: map[string]*broker.Group{},
 		sem: make(chan struct{}, cfg.Concurrency), cursor: map[string]int{}, typical: map[string]int{},
-		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}, held: map[string]*atomic.Int64{}}
+		unreserved: map[string]*atomic.Int64{}, wake: make(chan struct{}, 1), saturated: map[string]time.Time{}, running: map[uuid.UUID]context.CancelCauseFunc{}, held: map[string]int{}}
 	w.refreshGroups()
 	w.m = newMetrics(reg, st)
 	if reg != nil {
@@ -206,15 +207,25 @@ func (w *Worker) Run(ctx context.Context) error {
 func (w *Worker) anyRoom() bool {
 	now := time.Now()
 	for model, g := range w.groups {
-		est := w.estimate(model)
-		w.mu.Lock()
-		unreserved := w.unreserved[model]
-		w.mu.Unlock()
-		if unreserved != nil && g.BackgroundSlots(now, est)-int(unreserved.Load())/est > 0 {
+		if slots, _, _ := w.slots(now, model, g); slots > 0 {
 			return true
 		}
 	}
 	return false
+}
+
+// slots is how many background calls of a model its deployments could take
+// now, less the calls dispatched but not yet charged (which still take
+// their share), with the estimate of one and that count.
+func (w *Worker) slots(now time.Time, model string, g *broker.Group) (int, int, *atomic.Int64) {
+	est := w.estimate(model)
+	w.mu.Lock()
+	unreserved := w.unreserved[model]
+	w.mu.Unlock()
+	if unreserved == nil {
+		return 0, est, nil
+	}
+	return g.BackgroundSlots(now, est) - int(unreserved.Load())/est, est, unreserved
 }
 
 // dispatch takes at most one message per model with room, from the highest
@@ -242,12 +253,7 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 		if g == nil {
 			continue // a model no longer configured: its jobs wait for it
 		}
-		est := w.estimate(model)
-		w.mu.Lock()
-		unreserved := w.unreserved[model]
-		w.mu.Unlock()
-		// Calls dispatched but not yet charged still take their share.
-		slots := g.BackgroundSlots(now, est) - int(unreserved.Load())/est
+		slots, est, unreserved := w.slots(now, model, g)
 		if slots <= 0 {
 			continue
 		}
@@ -278,14 +284,9 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					return dispatched
 				}
 				ck := saturationKey(prio, model, tenants[i])
-				held := w.held[ck]
-				if held == nil {
-					held = &atomic.Int64{}
-					w.held[ck] = held
-				}
 				// Up to maxBatch messages a turn: few enough that tenants
 				// still alternate, many enough to save round trips.
-				want := min(slots, maxBatch, cap(w.sem)-len(w.sem), room, w.q.MaxAckPending()-int(held.Load()))
+				want := min(slots, maxBatch, cap(w.sem)-len(w.sem), room, w.q.MaxAckPending()-w.hold(ck, 0))
 				if want <= 0 {
 					continue // its messages in flight here end soon
 				}
@@ -294,13 +295,13 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					continue
 				}
 				w.cursor[key] = i + 1
-				held.Add(int64(len(msgs)))
+				w.hold(ck, len(msgs))
 				for _, msg := range msgs {
 					select {
 					case w.sem <- struct{}{}:
 					case <-ctx.Done():
 						_ = msg.Nak()
-						held.Add(-1)
+						w.hold(ck, -1)
 						continue
 					}
 					unreserved.Add(int64(est))
@@ -308,7 +309,7 @@ func (w *Worker) dispatch(ctx, work context.Context, pending map[string]uint64, 
 					go func() {
 						defer wg.Done()
 						defer func() { <-w.sem }()
-						defer held.Add(-1)
+						defer w.hold(ck, -1)
 						w.process(work, msg, model, est, unreserved)
 					}()
 					dispatched++
@@ -399,6 +400,20 @@ func (w *Worker) atMaxAckPending(ctx context.Context, c jetstream.Consumer) bool
 		return true
 	}
 	return info.Config.MaxAckPending > 0 && info.NumAckPending >= info.Config.MaxAckPending
+}
+
+// hold adds n to the messages this process holds of a consumer and returns
+// how many it holds now.
+func (w *Worker) hold(consumer string, n int) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	h := w.held[consumer] + n
+	if h == 0 {
+		delete(w.held, consumer)
+	} else {
+		w.held[consumer] = h
+	}
+	return h
 }
 
 func saturationKey(prio, model string, tenant uuid.UUID) string {
