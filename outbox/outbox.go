@@ -87,10 +87,7 @@ func (r *Relay) PublishMany(ctx context.Context, jobs []*store.Job) int {
 		r.Wake()
 		return 0
 	}
-	refs := make([]queue.JobRef, len(jobs))
-	for i, j := range jobs {
-		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
-	}
+	refs := refsOf(jobs)
 	epoch := r.st.PublishEpoch()
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), inlineWait)
 	done, err := r.q.PublishMany(pctx, refs)
@@ -103,6 +100,15 @@ func (r *Relay) PublishMany(ctx context.Context, jobs []*store.Job) int {
 		r.Wake()
 	}
 	return len(done)
+}
+
+// refsOf names jobs to publish.
+func refsOf(jobs []*store.Job) []queue.JobRef {
+	refs := make([]queue.JobRef, len(jobs))
+	for i, j := range jobs {
+		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
+	}
+	return refs
 }
 
 // Wake makes the relay look for unpublished jobs now.
@@ -141,10 +147,7 @@ func (r *Relay) relay(ctx context.Context) int {
 	if len(jobs) == 0 {
 		return 0
 	}
-	refs := make([]queue.JobRef, len(jobs))
-	for i, j := range jobs {
-		refs[i] = queue.JobRef{ID: j.ID, Priority: j.Priority, Model: j.Model, Tenant: j.TenantID}
-	}
+	refs := refsOf(jobs)
 	epoch := r.st.PublishEpoch()
 	pctx, cancel := context.WithTimeout(ctx, relayClaim)
 	done, perr := r.q.PublishMany(pctx, refs)
